@@ -1,0 +1,23 @@
+"""Entry-point wrapper for stages: a user error prints one clear line and exits 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from beyondlm.config import ConfigError
+
+
+def run(main: Callable[[], None]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import datasets
+
+    datasets.disable_progress_bars()  # one bar per Parquet write is noise in stage logs
+    try:
+        main()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

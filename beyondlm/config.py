@@ -1,0 +1,304 @@
+"""Typed params: one frozen dataclass per ``params.yaml`` section, loaded strictly.
+
+``load_section(Cls, raw, "sft")`` builds ``Cls`` from a plain dict: unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError` naming the full key (``sft.model.n_head``), the value
+and what is allowed. Only these dataclasses enter library code; stages never pass raw dicts on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from beyondlm.data.synthetic import LanguageSpec
+
+
+class ConfigError(ValueError):
+    """A params or input problem the user can fix; the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class LocalSourceConfig:
+    """``prepare.local``: text files on disk (jsonl, json, csv, tsv, parquet, txt)."""
+
+    train: str | None = None
+    valid: str | None = None  # if null, carved out of train by valid_fraction
+    test: str | None = None  # if null, carved out of train by test_fraction
+    text_column: str = "text"
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class HubSourceConfig:
+    """``prepare.hub``: ``datasets.load_dataset(name, config, revision=...)``."""
+
+    name: str | None = None
+    config: str | None = None
+    revision: str | None = None
+    text_column: str = "text"
+    train_split: str = "train"
+    valid_split: str | None = "validation"
+    test_split: str | None = "test"
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """``prepare.tokenizer``. ``auto``: the exact word vocabulary for synthetic data, a byte-level
+    BPE trained on the train split otherwise, or the model's own tokenizer when ``name_or_path``
+    is set."""
+
+    kind: str = "auto"  # auto | word | bpe | pretrained
+    vocab_size: int = 4000
+    name_or_path: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("prepare.tokenizer.kind", self.kind, ("auto", "word", "bpe", "pretrained"))
+        _check_range("prepare.tokenizer.vocab_size", self.vocab_size, 64, 1_000_000)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: str = "synthetic"  # synthetic | local | hub
+    out_dir: str = "data/prepared"
+    seed: int = 0
+    n_train: int = 20000  # synthetic sizes; local/hub: caps (0 = all)
+    n_valid: int = 1000
+    n_test: int = 2000
+    max_len: int = 64  # tokens per text incl. EOS (synthetic: the language's max length)
+    prompt_len: int = 8
+    n_prompts: int = 256
+    synthetic: LanguageSpec = field(default_factory=LanguageSpec)
+    local: LocalSourceConfig = field(default_factory=LocalSourceConfig)
+    hub: HubSourceConfig = field(default_factory=HubSourceConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("prepare.source", self.source, ("synthetic", "local", "hub"))
+        _check_range("prepare.max_len", self.max_len, 4, 1_000_000)
+        _check_range("prepare.prompt_len", self.prompt_len, 1, self.max_len - 1)
+        for key in ("n_train", "n_valid", "n_test", "n_prompts"):
+            _check_range(f"prepare.{key}", getattr(self, key), 0, 10**9)
+        if self.source == "synthetic" and self.synthetic.max_len != self.max_len:
+            raise ConfigError(
+                f"prepare.synthetic.max_len={self.synthetic.max_len} differs from "
+                f"prepare.max_len={self.max_len}: set them equal (the language is defined "
+                "conditioned on length <= max_len)"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``sft.model``: a tiny GPT-2 from this config, or any causal LM by ``name_or_path``."""
+
+    name_or_path: str | None = None
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    n_positions: int = 128
+    dropout: float = 0.0
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"sft.model.n_embd={self.n_embd} is not divisible by sft.model.n_head="
+                f"{self.n_head}: choose n_embd a multiple of n_head"
+            )
+        _check_range("sft.model.dropout", self.dropout, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The shared training loop's knobs (sft, and later reward/align/vq)."""
+
+    lr: float = 3e-3
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 600  # optimizer steps
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    ckpt_every: int = 200  # steps between resumable checkpoints (0 = only at the end)
+    log_every: int = 10
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("lr", self.lr, 0.0, 10.0)
+        for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
+            _check_range(key, getattr(self, key), 1, 10**9)
+        _check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
+        _check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """One ``sft@<variant>-<seed>`` stage: the model, the loop and one objective."""
+
+    variant: str
+    objective: str
+    hyperparams: Mapping[str, float]
+    model: ModelConfig
+    train: TrainConfig
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``evaluate``: test perplexity, exact distributional metrics, sample metrics."""
+
+    n_samples: int = 2000  # unconditional samples from the model (pure ancestral, T = 1)
+    batch_size: int = 256
+    max_test: int = 0  # 0 = the whole test split
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("evaluate.n_samples", self.n_samples, 2, 10**7)
+        _check_range("evaluate.batch_size", self.batch_size, 1, 10**6)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    n_examples: int = 5  # sample texts shown per variant
+
+
+# ----------------------------------------------------------------------------- loading
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run from the project root (where dvc.yaml is)")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def section(params: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """``params[name]`` or ``{}``; a non-mapping section is an error."""
+    value = params.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"params.yaml: section '{name}' must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def load_section(cls: type, raw: Mapping[str, Any] | None, prefix: str):
+    """Build dataclass ``cls`` from ``raw`` strictly (unknown key, wrong type → ConfigError)."""
+    raw = dict(raw or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(
+            f"params.yaml: unknown key '{key}'. Allowed keys in '{prefix}': {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
+        for name, value in raw.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # __post_init__ validation (ours or LanguageSpec's)
+        raise ConfigError(f"{err} (in params section '{prefix}')") from err
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"params.yaml: '{key}' must be a mapping, got {value!r}")
+        return load_section(tp, value, key)
+    if origin in (dict, Mapping, typing.Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"params.yaml: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"params.yaml: '{key}' must be a list, got {value!r}")
+        return tuple(value) if (origin or tp) is tuple else list(value)
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(
+        f"params.yaml: '{key}' must be {tp.__name__}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"params.yaml: '{key}'={value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"params.yaml: '{key}'={value!r} must be between {low} and {high}")
+
+
+# ----------------------------------------------------------------------------- sft section
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "seed")
+SFT_KEYS = ("variants", "seeds", "objectives", "model", *TRAIN_KEYS)
+
+
+def sft_config(sft: Mapping[str, Any], variant: str, seed: int) -> SFTConfig:
+    """The config of stage ``sft@<variant>-<seed>``: ``sft.objectives[variant]`` names the
+    objective and its hyperparameters; training keys sit directly under ``sft``."""
+    from beyondlm.objectives import resolve_objective
+
+    unknown = sorted(set(sft) - set(SFT_KEYS))
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key 'sft.{unknown[0]}'. Allowed: {', '.join(SFT_KEYS)}")
+    variants = sft.get("objectives") or {}
+    if variant not in variants:
+        raise ConfigError(
+            f"params.yaml: sft.objectives has no entry '{variant}' (entries: "
+            f"{', '.join(variants) or 'none'}); add it or drop it from sft.variants"
+        )
+    entry = dict(variants[variant] or {})
+    objective = entry.pop("objective", variant)
+    try:
+        _, hyperparams = resolve_objective(objective, entry)
+    except ValueError as err:
+        raise ConfigError(f"params.yaml: sft.objectives.{variant}: {err}") from err
+    train = load_section(TrainConfig, {**{k: sft[k] for k in TRAIN_KEYS if k in sft}, "seed": seed}, "sft")
+    model = load_section(ModelConfig, sft.get("model"), "sft.model")
+    return SFTConfig(variant=variant, objective=objective, hyperparams=hyperparams, model=model, train=train)

@@ -1,0 +1,160 @@
+"""Assemble ``reports/report.md`` and its figures from what the stages wrote.
+
+Inputs: ``reports/metrics/{prepare.json, sft/*.json, evaluate/*.json}``, the dvclive training
+curves ``reports/live/sft/<run>/plots/metrics/train/loss.tsv`` and ``reports/samples/<run>.jsonl``.
+Runs are named ``<variant>-s<seed>``; tables aggregate seeds as mean ± std (n = seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from beyondlm.io import write_text  # noqa: E402
+
+RUN = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
+
+# (column title, path in the evaluate JSON, format)
+EVAL_COLUMNS = [
+    ("test PPL", "test.perplexity", ".3f"),
+    ("fwd KL (nats/seq)", "exact.forward_kl", ".3f"),
+    ("rev KL (nats/seq)", "exact.reverse_kl", ".3f"),
+    ("impossible", "exact.impossible_frac", ".3f"),
+    ("TVD", "exact.tvd", ".3f"),
+    ("distinct-2", "samples.distinct_2", ".3f"),
+    ("rep-2", "samples.rep_2", ".3f"),
+    ("length", "samples.mean_length", ".1f"),
+    ("unfinished", "samples.unfinished_frac", ".3f"),
+    ("oracle r*", "samples.oracle_reward", ".2f"),
+]
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def load_runs(directory: Path) -> dict[str, dict[int, dict]]:
+    """``{variant: {seed: metrics}}`` from ``<directory>/<variant>-s<seed>.json``."""
+    runs: dict[str, dict[int, dict]] = defaultdict(dict)
+    for path in sorted(directory.glob("*.json")):
+        if m := RUN.match(path.stem):
+            runs[m["variant"]][int(m["seed"])] = json.loads(path.read_text())
+    return dict(runs)
+
+
+def mean_std(values: list[float | None], fmt: str) -> str:
+    vals = np.array([v for v in values if v is not None], dtype=float)
+    if vals.size == 0:
+        return "–"
+    if vals.size == 1:
+        return f"{vals[0]:{fmt}}"
+    return f"{vals.mean():{fmt}} ± {vals.std(ddof=1):{fmt}}"
+
+
+def eval_table(runs: dict[str, dict[int, dict]]) -> str:
+    cols = [c for c in EVAL_COLUMNS if any(_get(m, c[1]) is not None for s in runs.values() for m in s.values())]
+    head = "| variant | seeds | " + " | ".join(c[0] for c in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    for variant, seeds in runs.items():
+        cells = [mean_std([_get(m, path) for m in seeds.values()], fmt) for _, path, fmt in cols]
+        lines.append(f"| {variant} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reference_row(runs: dict[str, dict[int, dict]]) -> str:
+    any_run = next((m for s in runs.values() for m in s.values()), None)
+    if any_run is None:
+        return ""
+    ref, exact = any_run.get("reference", {}), any_run.get("exact", {})
+    parts = [f"distinct-2 {ref.get('distinct_2', float('nan')):.3f}", f"rep-2 {ref.get('rep_2', float('nan')):.3f}",
+             f"length {ref.get('mean_length', float('nan')):.1f}"]
+    if "data_entropy_rate" in exact:
+        parts.insert(0, f"entropy-rate floor of test PPL {np.exp(exact['data_entropy_rate']):.3f}")
+    return "Reference (the test data itself): " + ", ".join(parts) + "."
+
+
+def plot_losses(live_root: Path, out: Path) -> Path | None:
+    curves = sorted(live_root.glob("*/plots/metrics/train/loss.tsv"))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for tsv in curves:
+        rows = [ln.split("\t") for ln in tsv.read_text().splitlines()[1:]]
+        header = tsv.read_text().splitlines()[0].split("\t")
+        s, v = header.index("step"), header.index("loss")
+        ax.plot([float(r[s]) for r in rows], [float(r[v]) for r in rows], label=tsv.parents[3].name, lw=1)
+    ax.set(xlabel="optimizer step", ylabel="training loss (nats/token)", title="SFT training curves")
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_kl(runs: dict[str, dict[int, dict]], out: Path) -> Path | None:
+    """Reverse KL (quality) against forward KL (coverage), mean ± std over seeds per variant."""
+    points = {v: [(_get(m, "exact.forward_kl"), _get(m, "exact.reverse_kl")) for m in s.values()] for v, s in runs.items()}
+    points = {v: np.array([p for p in ps if None not in p], dtype=float) for v, ps in points.items()}
+    points = {v: p for v, p in points.items() if p.size}
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for variant, p in points.items():
+        err = p.std(0, ddof=1) if len(p) > 1 else None
+        ax.errorbar(p[:, 0].mean(), p[:, 1].mean(), xerr=None if err is None else err[0],
+                    yerr=None if err is None else err[1], fmt="o", capsize=3, label=variant)
+    ax.set(xlabel="forward KL(p_d‖p_θ) nats/seq  (coverage ←)", ylabel="reverse KL(p_θ‖p_d) nats/seq  (quality ←)",
+           title="Exact divergences on the synthetic language")
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def sample_section(samples_dir: Path, n: int) -> str:
+    parts = []
+    for path in sorted(samples_dir.glob("*.jsonl")):
+        texts = [json.loads(ln)["text"] for ln in path.read_text().splitlines()[:n]]
+        parts.append(f"**{path.stem}**\n\n" + "\n".join(f"- {t}" for t in texts))
+    return "\n\n".join(parts)
+
+
+def build_report(reports: Path, n_examples: int) -> str:
+    metrics = reports / "metrics"
+    plots = reports / "plots" / "report"
+    prep = json.loads((metrics / "prepare.json").read_text()) if (metrics / "prepare.json").exists() else {}
+    runs = load_runs(metrics / "evaluate")
+    out = ["# beyondlm report", ""]
+    if prep:
+        t = prep.get("train", {})
+        out += ["## Data", "", f"Vocabulary {prep.get('vocab_size')} tokens; train {t.get('n_texts')} texts, "
+                f"{t.get('n_tokens')} tokens (mean length {t.get('mean_length', 0):.1f}).", ""]
+    out += ["## Evaluation", "", "Mean ± std over seeds. KL and TVD are exact-likelihood Monte Carlo estimates "
+            "against the known data distribution (nats per sequence); 'impossible' is the fraction of model "
+            "samples the language cannot produce (excluded from reverse KL, which is infinite when it is > 0).",
+            "", eval_table(runs) if runs else "_no evaluated runs_", "", reference_row(runs), ""]
+    for title, path in (("Training curves", plot_losses(reports / "live" / "sft", plots / "loss.png")),
+                        ("Coverage vs quality", plot_kl(runs, plots / "kl.png"))):
+        if path is not None:
+            out += [f"## {title}", "", f"![{title}]({path.relative_to(reports).as_posix()})", ""]
+    if samples := sample_section(reports / "samples", n_examples):
+        out += ["## Samples", "", samples, ""]
+    text = "\n".join(out)
+    write_text(reports / "report.md", text)
+    return text

@@ -1,0 +1,281 @@
+"""Mirror what DVC stages wrote into MLflow: a parent run per pipeline run, a nested run per stage.
+
+- parent (``start_pipeline``): name = pipeline, params flattened, tags = git commit + caller's.
+- stage (``log_stage``): name = stage, tag ``mlflow.parentRunId``; params flattened; metrics =
+  numeric leaves of the metrics JSONs (step 0) + dvclive ``plots/metrics/**/*.tsv`` histories;
+  tags = ``stage``, git commit, ``dvc/dep:<path>``/``dvc/out:<path>`` md5s from dvc.lock;
+  artifacts at their path relative to the project root.
+
+Only ``MlflowClient`` with explicit run ids (no global active run): stages may log from threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
+                                     MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH,
+                                     MAX_TAG_VAL_LENGTH)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"  # relative to the project root; MLflow >= 3.13 refuses ./mlruns
+# Health check only: fail in seconds instead of MLflow's default 7 retries x 120 s timeout.
+_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed charset for metric/param/tag keys
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else an absolute ``sqlite:///<root>/mlflow.db``."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(root or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def flatten(d: Mapping, sep: str = "/") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``; non-mapping values are kept as they are."""
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}{sep}{k}": v for k, v in flatten(value, sep).items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def git_commit(root: Path) -> str | None:
+    """HEAD sha of the git repository holding ``root``; None outside git or before a commit."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
+
+
+def dvc_lock_hashes(stage: str, lock_path: Path) -> dict[str, str]:
+    """``{"dep:<path>": md5, "out:<path>": md5}`` for ``stage`` in dvc.lock; {} if absent.
+
+    In DVC 3 locks ``hash`` names the algorithm (``hash: md5``) and ``md5`` holds the value.
+    """
+    try:
+        lock = yaml.safe_load(Path(lock_path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    entry = (lock.get("stages") or {}).get(stage) or {}
+    hashes = {}
+    for kind in ("deps", "outs"):
+        for item in entry.get(kind) or []:
+            value = item.get("md5") or item.get("checksum") or item.get("etag")
+            if value:
+                hashes[f"{kind[:-1]}:{item['path']}"] = str(value)
+    return hashes
+
+
+def _key(name: str) -> str:
+    """A valid MLflow key: allowed charset, no empty/'.'/'..' segments, ≤ 250 chars."""
+    parts = [p for p in _BAD_KEY_CHARS.sub("_", str(name)).split("/") if p not in ("", ".", "..")]
+    return "/".join(parts)[:MAX_ENTITY_KEY_LENGTH] or "_"
+
+
+def _read_history(tsv: Path, key: str) -> list[Metric]:
+    """One Metric per row of a dvclive tsv (``[timestamp\\t]step\\t<name>``); bad rows skipped."""
+    with open(tsv, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        value_cols = [c for c in reader.fieldnames or [] if c not in ("step", "timestamp")]
+        if len(value_cols) != 1:
+            return []
+        points, now = [], int(time.time() * 1000)
+        for row in reader:
+            try:
+                ts = int(float(row["timestamp"])) if row.get("timestamp") else now
+                points.append(Metric(key, float(row[value_cols[0]]), ts, int(float(row["step"]))))
+            except (KeyError, TypeError, ValueError):
+                continue
+    return points
+
+
+@contextmanager
+def _fast_http():
+    """Set short HTTP retry/timeout env vars where unset; restore the environment afterwards."""
+    added = [k for k in _FAST_HTTP if k not in os.environ]
+    os.environ.update({k: _FAST_HTTP[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _safe(method):
+    """No-op (None) once disabled; the first exception disables the tracker with one warning."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self._client is None:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- tracking must never crash the pipeline
+            self._disable(exc)
+            return None
+
+    return wrapper
+
+
+class Tracker:
+    """Thin MLflow client wrapper that never crashes the pipeline: on the first MLflow error it
+    warns once (naming the URI and the fix) and every later call is a no-op returning None."""
+
+    def __init__(self, uri: str | None = None, experiment: str = "beyondlm",
+                 root: Path | None = None):
+        self.root = Path(root or Path.cwd()).resolve()
+        self.uri = uri or tracking_uri(self.root)
+        self._parent: str | None = None
+        self._commit = git_commit(self.root)
+        self._client: MlflowClient | None = None
+        self._lock = threading.Lock()
+        try:
+            self._client = MlflowClient(tracking_uri=self.uri)
+            with _fast_http():
+                self._experiment_id = self._experiment(experiment)
+        except Exception as exc:  # noqa: BLE001
+            self._disable(exc)
+
+    def _experiment(self, name: str) -> str:
+        """Id of experiment ``name``, created if missing (sqlite: artifacts in root/mlartifacts)."""
+        exp = self._client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = (self.root / "mlartifacts").as_uri() if self.uri.startswith("sqlite") else None
+        return self._client.create_experiment(name, artifact_location=location)
+
+    def _disable(self, exc: BaseException) -> None:
+        with self._lock:  # warn once even when several stage threads fail together
+            if self._client is None:
+                return
+            self._client = None
+        log.warning("MLflow tracking at %s failed (%s: %s); tracking is off for the rest of this "
+                    "run. Fix: start the server (`mlflow server --host 127.0.0.1 --port 5000`) or "
+                    "set MLFLOW_TRACKING_URI (default %s).", self.uri, type(exc).__name__,
+                    str(exc)[:300], tracking_uri(self.root))
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self._parent
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def _base_tags(self, tags: Mapping | None) -> dict[str, str]:
+        base = {MLFLOW_GIT_COMMIT: self._commit} if self._commit else {}
+        return {**base, **{_key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in (tags or {}).items()}}
+
+    def _log_params(self, run_id: str, params: Mapping | None) -> None:
+        """Flattened params, values stringified and cut to MLflow's 6000-char limit."""
+        flat = {_key(k): str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in flatten(params or {}).items()}
+        items = [Param(k, v) for k, v in flat.items()]  # dict first: sanitized keys may collide
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(run_id, params=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def _log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):  # 1000 a request
+            self._client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+
+    def _path(self, p: Path) -> Path:
+        p = Path(p)
+        return p if p.is_absolute() else self.root / p
+
+    @_safe
+    def start_pipeline(self, name: str, params: Mapping | None = None,
+                       tags: Mapping | None = None) -> str | None:
+        """Create the parent run (RUNNING) with params and tags (git commit included)."""
+        run = self._client.create_run(self._experiment_id, run_name=name,
+                                      tags={"pipeline": name, **self._base_tags(tags)})
+        self._parent = run.info.run_id
+        self._log_params(self._parent, params)
+        return self._parent
+
+    @_safe
+    def log_stage(self, stage: str, *, params: Mapping | None = None,
+                  metrics_files: Sequence[Path] = (), history_dirs: Sequence[Path] = (),
+                  artifacts: Sequence[Path] = (), tags: Mapping | None = None,
+                  status: str = "FINISHED") -> str | None:
+        """One run named ``stage`` (nested under the parent if any) holding what the stage wrote.
+
+        Missing files are skipped, so a crashed stage (``status="FAILED"``) logs what exists.
+        """
+        dvc = dvc_lock_hashes(stage, self.root / "dvc.lock")
+        run_tags = {"stage": stage, **{f"dvc/{k}": v for k, v in dvc.items()}, **(tags or {})}
+        if self._parent:
+            run_tags[MLFLOW_PARENT_RUN_ID] = self._parent
+        run_id = self._client.create_run(self._experiment_id, run_name=stage,
+                                         tags=self._base_tags(run_tags)).info.run_id
+        self._log_params(run_id, params)
+        self._log_metrics(run_id, self._json_metrics(metrics_files) + self._histories(history_dirs))
+        for art in map(self._path, artifacts):
+            self._log_artifact(run_id, art)
+        self._client.set_terminated(run_id, status=status)
+        return run_id
+
+    def _json_metrics(self, files: Sequence[Path]) -> list[Metric]:
+        """Numeric leaves at step 0, key ``<json stem>/<flat key>`` (``<flat key>`` if 1 file)."""
+        metrics, now = [], int(time.time() * 1000)
+        for path in (p for p in map(self._path, files) if p.is_file()):
+            prefix = f"{path.stem}/" if len(files) > 1 else ""
+            try:  # a crashed stage may leave a truncated file: skip it, keep logging the rest
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("skipping unreadable metrics file %s: %s", path, exc)
+                continue
+            for k, v in flatten(data).items():
+                # bools/strings skipped; NaN is kept, MLflow stores ±inf as ±1.8e308
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    metrics.append(Metric(_key(prefix + k), float(v), now, 0))
+        return metrics
+
+    def _histories(self, dirs: Sequence[Path]) -> list[Metric]:
+        """``<dir>/plots/metrics/<name>.tsv`` -> history ``<name>`` (``<dir>/<name>`` if >1 dir)."""
+        metrics = []
+        for d in map(self._path, dirs):
+            base = d / "plots" / "metrics"
+            for tsv in sorted(base.rglob("*.tsv")) if base.is_dir() else []:
+                name = tsv.relative_to(base).with_suffix("").as_posix()
+                metrics += _read_history(tsv, _key(f"{d.name}/{name}" if len(dirs) > 1 else name))
+        return metrics
+
+    def _log_artifact(self, run_id: str, path: Path) -> None:
+        """A file goes under its parent dir, a directory under itself, both relative to root."""
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            rel = Path(path.name)
+        if path.is_dir():
+            self._client.log_artifacts(run_id, str(path), artifact_path=rel.as_posix())
+        elif path.is_file():
+            parent = rel.parent.as_posix()
+            self._client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+    @_safe
+    def end_pipeline(self, status: str = "FINISHED") -> None:
+        """Terminate the parent run with ``status`` (FINISHED, FAILED or KILLED)."""
+        if self._parent:
+            self._client.set_terminated(self._parent, status=status)

@@ -1,0 +1,54 @@
+"""Stage ``evaluate@<run>``: perplexity, exact KL/TVD on the synthetic language, sample metrics.
+
+params: prepare.out_dir, prepare.max_len, evaluate.*
+deps:   stages/evaluate.py, beyondlm/ (evaluation, metrics, sampling, logprobs), the model dir,
+        ${prepare.out_dir}
+outs:   --samples (jsonl of the model's samples: text, ids, log p_θ, log p_d)
+metrics: --metrics
+plots:  --plot (TSV: log p_d vs log p_θ per possible sample, for ``dvc plots``)
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from beyondlm import cli
+from beyondlm.config import EvaluateConfig, load_section, read_params, section
+from beyondlm.data.prepare import load_split
+from beyondlm.data.synthetic import SyntheticLanguage
+from beyondlm.evaluation import evaluate_lm
+from beyondlm.io import atomic_path, write_json, write_text
+from beyondlm.models import load_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    for arg in ("--model", "--metrics", "--samples", "--plot"):
+        p.add_argument(arg, type=Path, required=True)
+    args = p.parse_args()
+    params = read_params()
+    cfg = load_section(EvaluateConfig, section(params, "evaluate"), "evaluate")
+    prep = section(params, "prepare")
+    data_dir = Path(prep.get("out_dir", "data/prepared"))
+    test = load_split(data_dir, "test")
+    lang_path = data_dir / "language.json"
+    language = SyntheticLanguage.load(lang_path) if lang_path.exists() else None
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    metrics, records = evaluate_lm(
+        load_model(args.model), tokenizer, test["input_ids"], cfg, max_len=prep.get("max_len", 64),
+        language=language, test_logp_data=test["logp_data"] if language else None,
+    )
+    write_json(args.metrics, metrics)
+    with atomic_path(args.samples) as tmp:
+        tmp.write_text("".join(json.dumps({"text": tokenizer.decode(r["ids"], skip_special_tokens=True), **r}) + "\n"
+                               for r in records))
+    rows = [f"{i}\t{r['logp_model']:.4f}\t{r['logp_data']:.4f}\t{len(r['ids'])}"
+            for i, r in enumerate(records) if r.get("logp_data") is not None]
+    write_text(args.plot, "\n".join(["sample\tlogp_model\tlogp_data\tlength", *rows]) + "\n")
+
+
+if __name__ == "__main__":
+    cli.run(main)

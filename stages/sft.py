@@ -1,0 +1,33 @@
+"""Stage ``sft@<variant>-<seed>``: train a causal LM with one objective of the table.
+
+params: prepare.out_dir, sft.model, sft.objectives.<variant>, sft.<training keys>
+deps:   stages/sft.py, beyondlm/ (models, training, objectives, logprobs), ${prepare.out_dir}
+outs:   --out (HF dir, safetensors), --ckpt (resumable states; persist), --live (dvclive curves)
+metrics: --metrics
+"""
+
+import argparse
+from pathlib import Path
+
+from beyondlm import cli
+from beyondlm.config import read_params, section, sft_config
+from beyondlm.io import write_json
+from beyondlm.sft import run_sft
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    for arg in ("--out", "--ckpt", "--live", "--metrics"):
+        p.add_argument(arg, type=Path, required=True)
+    args = p.parse_args()
+    params = read_params()
+    cfg = sft_config(section(params, "sft"), args.variant, args.seed)
+    data_dir = Path(section(params, "prepare").get("out_dir", "data/prepared"))
+    metrics = run_sft(cfg, data_dir, out_dir=args.out, ckpt_dir=args.ckpt, live_dir=args.live)
+    write_json(args.metrics, metrics)
+
+
+if __name__ == "__main__":
+    cli.run(main)
