@@ -123,7 +123,8 @@ def _truncate_history(live_dir: Path, step: int) -> None:
     """After resuming at ``step``, drop curve rows logged after the checkpoint (they are redone)."""
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
         lines = tsv.read_text().splitlines()
-        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[1]) <= step]
+        col = lines[0].split("\t").index("step")
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= step]
         tsv.write_text("\n".join(kept) + "\n")
 
 

@@ -1,44 +1,40 @@
 """A synthetic English-like review language p_d whose exact sequence probability is known.
 
 Generative story (a seeded mixture of hidden Markov models):
-1. Draw a latent component c = (sentiment s, topic z) once, uniformly over the C = 2 * n_topics
-   components (c = s * n_topics + z, s = 0 negative, s = 1 positive). It persists through the whole
-   review: the long-range dependency a small language model cannot fully capture.
-2. Given c, run a chain of hidden grammar slots g_1, g_2, ... (DET, PRON, ADJ, NOUN, COPULA, ...,
-   END, EOS; see `SLOTS`) with initial distribution init[c] and transitions trans[c]. Each slot
-   emits one token from emit[c, g]. The base grammar `_BASE_TRANS` has many structural zeros
-   (DET -> VERB is impossible); each component's grammar is a Dirichlet perturbation of it on the
-   same support (zeros stay zeros), except END -> EOS, pinned to 1 / mean_sentences so that the
-   number of sentences is geometric with mean `mean_sentences`. EOS is absorbing and emits only
-   the end-of-text token; the text is the tokens up to and including the first EOS.
-3. Emissions: NOUN slots emit topic nouns (weight 0.85) or generic nouns; adjective and verb slots
-   emit words of the component's sentiment with weight `sentiment_strength`, neutral words
-   otherwise; other slots emit their own class. Within a class, Zipf weights rank^-zipf_exponent
-   over a seeded permutation give a long tail of rare words.
-4. Length conditioning: p_d is this HMM conditioned on length <= max_len tokens (EOS included),
-   log p_d(x) = log p_hmm(x) - log Z with Z = sum_c pi_c P(EOS slot reached within max_len steps | c).
+1. A latent component c = (sentiment s, topic z), c = s * n_topics + z (s = 0 negative, 1
+   positive), is drawn uniformly once and persists through the whole review: the long-range
+   dependency a small language model cannot fully capture.
+2. Given c, a chain of grammar slots (`SLOTS`: DET, PRON, ADJ, NOUN, COPULA, ..., END, EOS) runs
+   with init[c] and trans[c]; each slot emits one token from emit[c, slot]. trans[c] is a
+   Dirichlet perturbation of the hand-made `_BASE_TRANS` on its support (structural zeros such as
+   DET -> VERB stay zero), except END -> EOS = 1 / mean_sentences in every component, so the number
+   of sentences is geometric with that mean. EOS is absorbing and emits only the EOS token; a text
+   is the tokens up to and including the first EOS.
+3. NOUN slots emit topic nouns (weight 0.85) or generic nouns; adjective and verb slots emit words
+   of the component's sentiment (weight sentiment_strength) or neutral ones, never words of the
+   other sentiment (mixed reviews are gold zeros); other slots emit their own class. Within a class,
+   Zipf weights rank^-zipf_exponent over a seeded permutation give a long tail of rare words.
+4. p_d is the HMM conditioned on length <= max_len tokens (EOS included): log p_d(x) =
+   log p_hmm(x) - log Z, Z = sum_c pi_c P(EOS slot reached within max_len steps | c).
 
-Exactness guarantees:
-- `log_prob` is exact up to float64 rounding: a scaled forward recursion per component, batched
-  over sequences and components (O(length * C * G^2)); combined with logsumexp over components.
-  Sequences that the language cannot produce (no final EOS, EOS before the end, longer than
-  max_len, an unemittable token such as <unk>) get exactly -inf.
-- Z is exact: emissions do not affect length, so Z comes from powers of the slot chains alone.
-- `sample` is exact: ancestral sampling of slot paths with rejection of paths longer than max_len
-  (which is exactly conditioning on the length event), then emissions.
-Tests check forward == brute-force enumeration of slot paths, sum over all sequences == 1 on a tiny
-instance, and sample frequencies == exp(log_prob).
+Exactness: `log_prob` is exact up to float64 rounding (scaled forward recursion per component,
+batched over sequences and components, O(length * C * edges); logsumexp over components), with
+exactly -inf for texts the language cannot produce (no final EOS, EOS before the end, longer than
+max_len, <unk> or any unemittable token). Z is exact from powers of the slot chains (emissions do
+not affect length). `sample` is exact: ancestral sampling with rejection of (component, slot path)
+pairs longer than max_len, which is exactly the length conditioning, then emissions.
 
 Oracle reward: r*(x) = log P(s=pos | x) - log P(s=neg | x) under the uniform prior and emissions
-smoothed as (1 - eps) * emit + eps / V, so it is finite for any token sequence.
+smoothed to (1 - eps) * emit + eps / V, so it is finite for any token sequence.
 
-Entropy-rate estimator: H = -sum_i log p_d(x_i) / sum_i |x_i| over x_i ~ p_d (nats per token, EOS
-counted as a token), a ratio estimator whose standard error is by the delta method:
+Entropy rate (the floor no model can beat): H = -sum_i log p_d(x_i) / sum_i |x_i| over n samples
+x_i ~ p_d, in nats per token with EOS counted; a ratio estimator with delta-method standard error
 se = sqrt(Var(a_i - H * L_i) / n) / mean(L_i), a_i = -log p_d(x_i), L_i = |x_i|.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -56,12 +52,14 @@ _S = {name: i for i, name in enumerate(SLOTS)}
 G = len(SLOTS)
 EOS_SLOT = _S["EOS"]
 TOPIC_NOUN_WEIGHT = 0.85  # rest of a NOUN slot's mass goes to generic nouns
-MAX_WORDS_PER_CLASS = max(len(v) for k, v in vars(W).items() if k.isupper() and isinstance(v, tuple))
-_CHUNK = 1024  # sequences per forward pass: (C, G, chunk) float64 arrays stay in cache
+MAX_WORDS_PER_CLASS = max(len(v) for k, v in vars(W).items()
+                          if k.isupper() and isinstance(v, tuple))
+_CHUNK = 4096  # sequences per forward pass: (C, G, chunk) float64 arrays stay in cache
 MIN_LEN = 5  # shortest review: PRON COPULA PRED_ADJ END EOS ("i was great . <eos>")
 
 _BASE_INIT = {"DET": 0.6, "PRON": 0.4}
-# Hand-made review grammar; absent entries are structural zeros. END's row is set from mean_sentences.
+# Hand-made review grammar; absent entries are structural zeros. The END row is scaled by
+# 1 - 1/mean_sentences and END -> EOS set to 1/mean_sentences in `_build_grammar`.
 _BASE_TRANS = {
     "DET": {"ADJ": 0.3, "NOUN": 0.7},
     "PRON": {"VERB": 0.65, "COPULA": 0.35},
@@ -76,7 +74,7 @@ _BASE_TRANS = {
     "PREP": {"ODET": 1.0},
     "CONJ": {"DET": 0.55, "PRON": 0.45},
     "COMMA": {"CONJ": 0.8, "DET": 0.1, "PRON": 0.1},
-    "END": {"DET": 0.6, "PRON": 0.4},  # scaled by 1 - 1/mean_sentences; END -> EOS = 1/mean_sentences
+    "END": {"DET": 0.6, "PRON": 0.4},
     "EOS": {"EOS": 1.0},
 }
 
@@ -97,20 +95,23 @@ class LanguageSpec:
     def __post_init__(self):
         n_max = len(W.TOPIC_NOUNS)
         _check_int("n_topics", self.n_topics, 1, n_max, "topics defined in wordlists")
-        _check_int("words_per_class", self.words_per_class, 1, MAX_WORDS_PER_CLASS, "longest word list")
+        _check_int("words_per_class", self.words_per_class, 1, MAX_WORDS_PER_CLASS,
+                   "longest word list")
         _check_int("max_len", self.max_len, MIN_LEN, 100_000, "the shortest review has 5 tokens")
         _check_int("seed", self.seed, 0, 2**63 - 1, "numpy seeds are non-negative")
         _check_float("zipf_exponent", self.zipf_exponent, 0.0, 20.0)
         _check_float("sentiment_strength", self.sentiment_strength, 0.0, 1.0)
         _check_float("mean_sentences", self.mean_sentences, 1.0, 1e6)
         _check_float("transition_concentration", self.transition_concentration, 0.0, math.inf,
-                     lo_open=True)
-        _check_float("reward_smoothing", self.reward_smoothing, 0.0, 1.0, lo_open=True, hi_open=True)
+                     lo_open=True, hi_open=True)
+        _check_float("reward_smoothing", self.reward_smoothing, 0.0, 1.0,
+                     lo_open=True, hi_open=True)
 
 
 def _check_int(name, value, lo, hi, why):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise ValueError(f"synthetic.{name}={value!r}: must be an integer between {lo} and {hi} ({why})")
+        raise ValueError(
+            f"synthetic.{name}={value!r}: must be an integer between {lo} and {hi} ({why})")
 
 
 def _check_float(name, value, lo, hi, lo_open=False, hi_open=False):
@@ -131,7 +132,7 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _dirichlet_rows(rng, base: np.ndarray, concentration: float) -> np.ndarray:
-    """Rows ~ Dirichlet(concentration * base_row) on each row's support; zeros stay zeros. (R, G)."""
+    """Rows (..., G) ~ Dirichlet(concentration * base_row) on each row's support; zeros stay 0."""
     support = base > 0
     shape = np.where(support, concentration * base, 1.0)
     g = np.where(support, rng.gamma(shape), 0.0)
@@ -140,28 +141,20 @@ def _dirichlet_rows(rng, base: np.ndarray, concentration: float) -> np.ndarray:
     return g / g.sum(axis=-1, keepdims=True)
 
 
-def _base_grammar() -> tuple[np.ndarray, np.ndarray]:
-    """The hand-made base grammar: init (G,) and transitions (G, G), END row before pinning."""
-    init = np.zeros(G)
+def _build_grammar(spec: LanguageSpec, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Per-component init (C, G) and transitions (C, G, G) around the hand-made base grammar."""
+    init0, trans0 = np.zeros(G), np.zeros((G, G))
     for name, p in _BASE_INIT.items():
-        init[_S[name]] = p
-    trans = np.zeros((G, G))
+        init0[_S[name]] = p
     for src, row in _BASE_TRANS.items():
         for dst, p in row.items():
-            trans[_S[src], _S[dst]] = p
-    return init, trans
-
-
-def _build_grammar(spec: LanguageSpec, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Per-component init (C, G) and transitions (C, G, G)."""
-    n_comp = 2 * spec.n_topics
-    init0, trans0 = _base_grammar()
-    init = _dirichlet_rows(rng, np.broadcast_to(init0, (n_comp, G)), spec.transition_concentration)
-    trans = _dirichlet_rows(rng, np.broadcast_to(trans0, (n_comp, G, G)), spec.transition_concentration)
+            trans0[_S[src], _S[dst]] = p
+    n_comp, conc = 2 * spec.n_topics, spec.transition_concentration
+    init = _dirichlet_rows(rng, np.broadcast_to(init0, (n_comp, G)), conc)
+    trans = _dirichlet_rows(rng, np.broadcast_to(trans0, (n_comp, G, G)), conc)
     q = 1.0 / spec.mean_sentences  # END -> EOS: sentences ~ Geometric(q), mean 1/q
-    end = _S["END"]
-    trans[:, end, :] *= 1.0 - q  # END row's base has no EOS entry, so it still sums to 1 - q
-    trans[:, end, EOS_SLOT] = q
+    trans[:, _S["END"], :] *= 1.0 - q  # END's base row has no EOS entry: it now sums to 1 - q
+    trans[:, _S["END"], EOS_SLOT] = q
     return init, trans
 
 
@@ -197,9 +190,9 @@ def _build_emissions(spec: LanguageSpec, rng) -> tuple[list[str], np.ndarray]:
     emit = np.zeros((2 * spec.n_topics, G, len(vocab)))
     for c in range(2 * spec.n_topics):
         sgn, z = ("+" if c >= spec.n_topics else "-"), c % spec.n_topics
-        rows = {"DET": dist["det"], "ODET": dist["det"], "PRON": dist["pron"], "COPULA": dist["cop"],
-                "ADV": dist["adv"], "PREP": dist["prep"], "CONJ": dist["conj"],
-                "COMMA": dist["comma"], "END": dist["end"], "EOS": eos,
+        rows = {"DET": dist["det"], "ODET": dist["det"], "PRON": dist["pron"],
+                "COPULA": dist["cop"], "ADV": dist["adv"], "PREP": dist["prep"],
+                "CONJ": dist["conj"], "COMMA": dist["comma"], "END": dist["end"], "EOS": eos,
                 "ADJ": a * dist["adj" + sgn] + (1 - a) * dist["adj0"],
                 "VERB": a * dist["verb" + sgn] + (1 - a) * dist["verb0"],
                 "NOUN": tw * dist[f"topic{z}"] + (1 - tw) * dist["noun"]}
@@ -214,13 +207,13 @@ def _pad(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
     ids = np.zeros((len(seqs), int(lengths.max(initial=0))), dtype=np.int64)
     if lengths.sum():
-        ids[np.arange(ids.shape[1]) < lengths[:, None]] = np.concatenate(
-            [np.asarray(s, dtype=np.int64) for s in seqs if len(s)])
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, count=lengths.sum())
+        ids[np.arange(ids.shape[1]) < lengths[:, None]] = flat  # row-major fill = sequence order
     return ids, lengths
 
 
 def _inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """One categorical draw per row of probs (N, K) from uniforms u (N,); zero-mass entries never."""
+    """One categorical draw (N,) per row of probs (N, K) from uniforms u (N,); never a zero."""
     cum = np.cumsum(probs, axis=-1)
     cum /= cum[:, -1:]  # last entry exactly 1, so u < 1 always lands inside the row
     return (u[:, None] >= cum).sum(axis=-1)
@@ -240,10 +233,12 @@ class SyntheticLanguage:
             if got != want:
                 raise ValueError(f"SyntheticLanguage.{name} has shape {got}, expected {want}")
         self.spec, self.vocab = spec, list(vocab)
-        self.log_prior, self.init, self.trans, self.emit = log_prior, init, trans, emit
+        self.log_prior, self.init, self.trans, self.emit = (
+            np.asarray(x, dtype=np.float64) for x in (log_prior, init, trans, emit))
         self._index = {w: i for i, w in enumerate(self.vocab)}
-        gh = np.argwhere((trans > 0).any(axis=0))  # (E, 2) edges used by any component
-        self._edges = [(g, h, trans[:, g, h][:, None]) for g, h in gh]
+        used = (trans > 0).any(axis=0)  # (G, G) edges of any component
+        self._sources = [[(g, trans[:, g, h][:, None]) for g in np.flatnonzero(used[:, h])]
+                         for h in range(G)]  # per destination slot: (source, coef (C, 1))
         self._log_z = self._compute_log_z()
         if not np.isfinite(self._log_z):
             raise ValueError(f"synthetic.max_len={spec.max_len}: no review fits (Z = 0)")
@@ -266,10 +261,13 @@ class SyntheticLanguage:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SyntheticLanguage":
+        """Inverse of to_dict; unknown or missing keys raise ValueError."""
         keys = {"spec", "vocab", "log_prior", "init", "trans", "emit"}
         if set(d) != keys:
-            raise ValueError(f"SyntheticLanguage.from_dict: keys {sorted(d)}, expected {sorted(keys)}")
-        arrays = {k: np.asarray(d[k], dtype=np.float64) for k in ("log_prior", "init", "trans", "emit")}
+            raise ValueError(f"SyntheticLanguage.from_dict: keys {sorted(d)}, "
+                             f"expected {sorted(keys)}")
+        arrays = {k: np.asarray(d[k], dtype=np.float64)
+                  for k in ("log_prior", "init", "trans", "emit")}
         return cls(LanguageSpec(**d["spec"]), list(d["vocab"]), **arrays)
 
     def save(self, path) -> None:
@@ -286,11 +284,13 @@ class SyntheticLanguage:
 
     @classmethod
     def load(cls, path) -> "SyntheticLanguage":
+        """Read a file written by save."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
     @property
     def vocab_size(self) -> int:
+        """V, the number of token ids (EOS and UNK included)."""
         return len(self.vocab)
 
     # ---- sampling ------------------------------------------------------------------------
@@ -301,19 +301,24 @@ class SyntheticLanguage:
     def sample_with_components(self, n: int, rng: np.random.Generator
                                ) -> tuple[list[list[int]], np.ndarray]:
         """n exact samples of p_d and their components (n,) (c = s * n_topics + z)."""
-        comps = rng.choice(len(self.log_prior), size=n, p=np.exp(self.log_prior - _logsumexp(self.log_prior, 0)))
+        prior = np.exp(self.log_prior - _logsumexp(self.log_prior, 0))
+        comps = np.zeros(n, dtype=np.int64)
         slots = np.zeros((n, self.spec.max_len), dtype=np.int64)
         lengths = np.zeros(n, dtype=np.int64)
         todo = np.arange(n)
-        while todo.size:  # rejection: redraw slot paths longer than max_len (exact conditioning)
-            paths, lens = self._sample_slot_paths(comps[todo], rng)
+        while todo.size:
+            # Rejection redraws the component too: conditioning on length <= max_len changes the
+            # component distribution to pi_c P(len <= max_len | c) / Z.
+            c = rng.choice(len(prior), size=todo.size, p=prior)
+            paths, lens = self._sample_slot_paths(c, rng)
             ok = lens <= self.spec.max_len
-            slots[todo[ok]], lengths[todo[ok]] = paths[ok], lens[ok]
+            comps[todo[ok]], slots[todo[ok]], lengths[todo[ok]] = c[ok], paths[ok], lens[ok]
             todo = todo[~ok]
         return self._emit_tokens(comps, slots, lengths, rng), comps
 
     def _sample_slot_paths(self, comps: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-        """Slot paths (m, max_len) and lengths (m,) = first EOS position + 1 (max_len + 1 if none)."""
+        """Unconditioned slot paths (m, max_len) for components (m,), and lengths (m,) = first
+        EOS position + 1 (max_len + 1 when the path has not ended)."""
         m, L = len(comps), self.spec.max_len
         paths = np.full((m, L), EOS_SLOT, dtype=np.int64)
         g = _inverse_cdf(self.init[comps], rng.random(m))
@@ -329,7 +334,7 @@ class SyntheticLanguage:
         return paths, lengths
 
     def _emit_tokens(self, comps, slots, lengths, rng) -> list[list[int]]:
-        """Tokens for slot paths (n, max_len) with lengths (n,); grouped by (component, slot) row."""
+        """Token lists for slot paths (n, max_len) and lengths (n,), grouped by (c, slot) row."""
         mask = np.arange(slots.shape[1]) < lengths[:, None]  # (n, max_len)
         keys = (comps[:, None] * G + slots)[mask]  # (total,) row-major = (sequence, position) order
         u = rng.random(keys.size)
@@ -340,6 +345,8 @@ class SyntheticLanguage:
                 c, g = divmod(int(keys[chunk[0]]), G)
                 cum = np.cumsum(self.emit[c, g])
                 tokens[chunk] = np.searchsorted(cum / cum[-1], u[chunk], side="right")
+        if not len(lengths):
+            return []
         return [t.tolist() for t in np.split(tokens, np.cumsum(lengths)[:-1])]
 
     # ---- exact probabilities -------------------------------------------------------------
@@ -382,7 +389,11 @@ class SyntheticLanguage:
             for t in range(ids.shape[1]):
                 n_t, n_next = n_live[t], n_live[t + 1]
                 e = np.take(emit, ids[:n_t, t], axis=2)  # (C, G, n_t)
-                a = self.init[:, :, None] * e if t == 0 else self._step(alpha[:, :, :n_t]) * e
+                if t == 0:
+                    a = self.init[:, :, None] * e  # (C, G, n_t)
+                else:
+                    a = self._step(alpha[:, :, :n_t])
+                    a *= e
                 a[:, EOS_SLOT, :n_next] = 0.0  # rows that continue cannot be at EOS yet
                 s = a.sum(axis=1)  # (C, n_t)
                 ll[:, :n_t] += np.log(s)
@@ -393,14 +404,20 @@ class SyntheticLanguage:
         return ll
 
     def _step(self, alpha: np.ndarray) -> np.ndarray:
-        """alpha (C, G, n) -> sum_g alpha[:, g] * trans[:, g, h] (C, G, n), over nonzero edges only.
+        """alpha (C, G, n) -> (C, G, n): sum_g alpha[:, g] * trans[:, g, h], nonzero edges only.
 
         Sparse on purpose: the grammar has few edges, and small batched matmuls go through
         multithreaded BLAS calls that are slower than these elementwise updates.
         """
-        out = np.zeros_like(alpha)
-        for g, h, coef in self._edges:  # coef (C, 1)
-            out[:, h] += coef * alpha[:, g]
+        out = np.empty_like(alpha)
+        tmp = np.empty_like(alpha[:, 0])  # (C, n) scratch, avoids a temporary per edge
+        for h, sources in enumerate(self._sources):
+            if not sources:
+                out[:, h] = 0.0
+                continue
+            np.multiply(alpha[:, sources[0][0]], sources[0][1], out=out[:, h])
+            for g, coef in sources[1:]:
+                out[:, h] += np.multiply(alpha[:, g], coef, out=tmp)
         return out
 
     def component_log_likelihood(self, seqs: Sequence[Sequence[int]], *, smoothed: bool = False,
@@ -422,7 +439,7 @@ class SyntheticLanguage:
     def log_prob(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
         """Exact log p_d(x) (N,) float64; -inf for sequences the language cannot produce."""
         ids, lengths = _pad(seqs)
-        bad = ((ids < 0) | (ids >= self.vocab_size)).any(axis=1) if ids.size else np.zeros(len(seqs), bool)
+        bad = ((ids < 0) | (ids >= self.vocab_size)).any(axis=1)  # (N,) unemittable id
         fits = np.flatnonzero(~bad & (lengths > 0) & (lengths <= self.spec.max_len))
         out = np.full(len(seqs), -np.inf)
         if fits.size:

@@ -1,0 +1,29 @@
+"""Schedule the reproduction: a nightly deployment of the ``reproduce`` flow.
+
+Two ways, both need a Prefect server (``prefect server start``) and PREFECT_API_URL pointing at it:
+
+1. Serve from this process (simplest; runs flows here, on this machine):
+       python -m pipelines.deploy --cron "0 3 * * *"
+2. Dispatch to a worker on a GPU machine through a process work pool (see prefect.yaml):
+       prefect work-pool create gpu --type process
+       prefect deploy --all                      # registers the deployments in prefect.yaml
+       prefect worker start --pool gpu           # on the GPU machine, inside the project checkout
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines.reproduce import reproduce
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cron", default="0 3 * * *", help="schedule (default: nightly at 03:00)")
+    p.add_argument("--name", default="nightly-reproduce")
+    args = p.parse_args()
+    reproduce.serve(name=args.name, cron=args.cron, tags=["beyondlm", "nightly"])
+
+
+if __name__ == "__main__":
+    main()

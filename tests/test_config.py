@@ -1,0 +1,65 @@
+import pytest
+
+from beyondlm.config import (
+    ConfigError,
+    EvaluateConfig,
+    PrepareConfig,
+    load_section,
+    read_params,
+    section,
+    sft_config,
+)
+
+
+def test_repo_params_load():
+    params = read_params("params.yaml")
+    cfg = load_section(PrepareConfig, section(params, "prepare"), "prepare")
+    assert cfg.source == "synthetic" and cfg.synthetic.max_len == cfg.max_len
+    sft = section(params, "sft")
+    for variant in sft["variants"]:
+        for seed in sft["seeds"]:
+            c = sft_config(sft, variant, seed)
+            assert c.train.seed == seed and c.objective in ("mle", "tailr", "mixce", "emo")
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"n_samplez": 3}, "evaluate.n_samplez"),  # unknown key named with its section
+        ({"n_samples": "many"}, "'evaluate.n_samples' must be int"),  # wrong type
+        ({"n_samples": 1}, "'evaluate.n_samples'=1 must be between"),  # out of range
+        ({"batch_size": True}, "'evaluate.batch_size' must be int"),  # bool is not an int
+    ],
+)
+def test_strict_errors_name_the_key(raw, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_section(EvaluateConfig, raw, "evaluate")
+
+
+def test_nested_and_language_errors():
+    with pytest.raises(ConfigError, match="prepare.synthetic.n_topicz"):
+        load_section(PrepareConfig, {"synthetic": {"n_topicz": 2}}, "prepare")
+    with pytest.raises(ConfigError, match="n_topics"):
+        load_section(PrepareConfig, {"synthetic": {"n_topics": 0}}, "prepare")
+    with pytest.raises(ConfigError, match="prepare.source"):
+        load_section(PrepareConfig, {"source": "s3"}, "prepare")
+    with pytest.raises(ConfigError, match="prepare.synthetic.max_len=64 differs"):
+        load_section(PrepareConfig, {"max_len": 32}, "prepare")
+
+
+def test_floats_accept_yaml_exponent_strings():
+    # YAML 1.1 parses '3e-4' (no dot) as a string: accept it as the float the user meant.
+    cfg = sft_config({"objectives": {"mle": {}}, "lr": "3e-4"}, "mle", 0)
+    assert cfg.train.lr == pytest.approx(3e-4)
+
+
+def test_sft_config_errors():
+    base = {"objectives": {"mle": {"objective": "mle"}, "t": {"objective": "tailr", "gama": 0.1}}}
+    with pytest.raises(ConfigError, match="no entry 'x'"):
+        sft_config(base, "x", 0)
+    with pytest.raises(ConfigError, match="sft.objectives.t.*gama"):
+        sft_config(base, "t", 0)
+    with pytest.raises(ConfigError, match="sft.lrr"):
+        sft_config({**base, "lrr": 1.0}, "mle", 0)
+    with pytest.raises(ConfigError, match="n_embd=30 is not divisible"):
+        sft_config({**base, "model": {"n_embd": 30, "n_head": 4}}, "mle", 0)
