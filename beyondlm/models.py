@@ -41,6 +41,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        activation_function="gelu_pytorch_tanh",  # fused; GPT-2's Python gelu_new is ~15% slower on CPU
     )
     return GPT2LMHeadModel(config)
 
