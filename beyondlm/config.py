@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from beyondlm.data.synthetic import LanguageSpec
 
 
@@ -133,6 +131,7 @@ class TrainConfig:
     ckpt_every: int = 200  # steps between resumable checkpoints (0 = only at the end)
     log_every: int = 10
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    group_by_length: bool = True  # batches of similar lengths: far less padding (see BatchOrder)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -174,12 +173,20 @@ class ReportConfig:
 
 
 # ----------------------------------------------------------------------------- loading
+def load_yaml(path: str | Path) -> Any:
+    """Parse YAML 1.2 with ruamel, exactly as DVC does: `dvc exp run -S` rewrites params.yaml and
+    leaves e.g. `mixed_precision: no` unquoted, which a YAML 1.1 parser would read as False."""
+    from ruamel.yaml import YAML
+
+    with Path(path).open() as f:
+        return YAML(typ="safe", pure=True).load(f) or {}
+
+
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found: run from the project root (where dvc.yaml is)")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data

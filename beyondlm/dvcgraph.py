@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
+
+from beyondlm.config import load_yaml
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,14 @@ def _stage_info(stage, root: Path, params_cache: dict[str, dict]) -> StageInfo:
         if dep.__class__.__name__ != "ParamsDependency":
             continue
         path = root / dep.def_path
-        params = params_cache.setdefault(str(path), yaml.safe_load(path.read_text()) or {})
+        params = params_cache.setdefault(str(path), load_yaml(path))
         keys = dep.params or list(params)  # no keys listed = the whole file
         values.update({k: _lookup(params, k) for k in keys})
     by_kind: dict[str, list[Path]] = {"metrics": [], "plots": [], "outs": []}
     for out in stage.outs:
         kind = "metrics" if out.metric else "plots" if out.plot else "outs"
         by_kind[kind].append(root / out.def_path)
-    return StageInfo(stage.addressing, values, *(tuple(by_kind[k]) for k in ("metrics", "plots", "outs")))
+    return StageInfo(stage.name, values, *(tuple(by_kind[k]) for k in ("metrics", "plots", "outs")))
 
 
 def pipeline_stages(root: str | Path = ".", targets: Sequence[str] | None = None) -> list[StageInfo]:
@@ -56,9 +57,9 @@ def pipeline_stages(root: str | Path = ".", targets: Sequence[str] | None = None
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         order = list(reversed(list(nx.topological_sort(graph))))
         if targets:
-            chosen = {s for s in order if any(s.addressing == t or s.addressing.startswith(f"{t}@") for t in targets)}
+            chosen = {s for s in order if any(s.name == t or s.name.startswith(f"{t}@") for t in targets)}
             if not chosen:
-                names = ", ".join(s.addressing for s in order)
+                names = ", ".join(s.name for s in order)
                 raise ValueError(f"no stage matches {list(targets)}; stages: {names}")
             upstream = set().union(*(nx.descendants(graph, s) for s in chosen))
             order = [s for s in order if s in chosen | upstream]

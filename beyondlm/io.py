@@ -21,6 +21,8 @@ def atomic_path(path: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success move it onto ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was SIGKILLed
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     else:

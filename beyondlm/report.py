@@ -102,20 +102,25 @@ def plot_losses(live_root: Path, out: Path) -> Path | None:
 
 
 def plot_kl(runs: dict[str, dict[int, dict]], out: Path) -> Path | None:
-    """Reverse KL (quality) against forward KL (coverage), mean ± std over seeds per variant."""
-    points = {v: [(_get(m, "exact.forward_kl"), _get(m, "exact.reverse_kl")) for m in s.values()] for v, s in runs.items()}
-    points = {v: np.array([p for p in ps if None not in p], dtype=float) for v, ps in points.items()}
-    points = {v: p for v, p in points.items() if p.size}
-    if not points:
+    """Quality against coverage, mean ± std over seeds per variant: TVD (always defined) and,
+    where some samples are possible, reverse KL over them, each against forward KL."""
+    panels = [(y, label) for y, label in (("exact.tvd", "TVD(p_θ, p_d)"),
+                                          ("exact.reverse_kl", "reverse KL(p_θ‖p_d), possible samples"))
+              if any(_get(m, y) is not None for s in runs.values() for m in s.values())]
+    if not panels or not any(_get(m, "exact.forward_kl") is not None for s in runs.values() for m in s.values()):
         return None
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for variant, p in points.items():
-        err = p.std(0, ddof=1) if len(p) > 1 else None
-        ax.errorbar(p[:, 0].mean(), p[:, 1].mean(), xerr=None if err is None else err[0],
-                    yerr=None if err is None else err[1], fmt="o", capsize=3, label=variant)
-    ax.set(xlabel="forward KL(p_d‖p_θ) nats/seq  (coverage ←)", ylabel="reverse KL(p_θ‖p_d) nats/seq  (quality ←)",
-           title="Exact divergences on the synthetic language")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (y, label) in zip(axes[0], panels):
+        for variant, seeds in runs.items():
+            p = np.array([(_get(m, "exact.forward_kl"), _get(m, y)) for m in seeds.values()
+                          if None not in (_get(m, "exact.forward_kl"), _get(m, y))], dtype=float)
+            if p.size == 0:
+                continue
+            err = p.std(0, ddof=1) if len(p) > 1 else np.zeros(2)
+            ax.errorbar(p[:, 0].mean(), p[:, 1].mean(), xerr=err[0], yerr=err[1], fmt="o", capsize=3, label=variant)
+        ax.set(xlabel="forward KL(p_d‖p_θ), nats/seq (coverage)", ylabel=label)
+        ax.legend(fontsize=7)
+    fig.suptitle("Exact divergences on the synthetic language (lower is better)")
     return _save(fig, out)
 
 

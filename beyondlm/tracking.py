@@ -21,23 +21,28 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
-from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
-                                     MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH,
-                                     MAX_TAG_VAL_LENGTH)
+
+# MLflow 3.17's telemetry thread (started by the first logged event) fails offline and then pops
+# an env var while requests iterates os.environ for proxies in our thread: a random KeyError that
+# would disable the Tracker. Telemetry is useless offline; an explicit user setting wins.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.credentials import get_default_host_creds  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID  # noqa: E402
+from mlflow.utils.rest_utils import http_request  # noqa: E402
+from mlflow.utils.validation import (  # noqa: E402
+    MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # relative to the project root; MLflow >= 3.13 refuses ./mlruns
-# Health check only: fail in seconds instead of MLflow's default 7 retries x 120 s timeout.
-_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed charset for metric/param/tag keys
 
 
@@ -112,16 +117,15 @@ def _read_history(tsv: Path, key: str) -> list[Metric]:
     return points
 
 
-@contextmanager
-def _fast_http():
-    """Set short HTTP retry/timeout env vars where unset; restore the environment afterwards."""
-    added = [k for k in _FAST_HTTP if k not in os.environ]
-    os.environ.update({k: _FAST_HTTP[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
+def _ping(uri: str) -> None:
+    """Raise within seconds if an http(s) server is down (MLflow's default: 7 retries x 120 s).
+
+    Explicit arguments instead of MLFLOW_HTTP_REQUEST_* env vars: mutating os.environ while other
+    threads make requests is itself racy (see the telemetry note above).
+    """
+    if uri.startswith(("http://", "https://")):
+        creds = get_default_host_creds(uri)
+        http_request(creds, "/health", "GET", max_retries=0, timeout=5).raise_for_status()
 
 
 def _safe(method):
@@ -153,9 +157,9 @@ class Tracker:
         self._client: MlflowClient | None = None
         self._lock = threading.Lock()
         try:
-            self._client = MlflowClient(tracking_uri=self.uri)
-            with _fast_http():
-                self._experiment_id = self._experiment(experiment)
+            self._client = MlflowClient(tracking_uri=self.uri)  # no I/O for http; sqlite migrates
+            _ping(self.uri)
+            self._experiment_id = self._experiment(experiment)
         except Exception as exc:  # noqa: BLE001
             self._disable(exc)
 
@@ -174,8 +178,8 @@ class Tracker:
             self._client = None
         log.warning("MLflow tracking at %s failed (%s: %s); tracking is off for the rest of this "
                     "run. Fix: start the server (`mlflow server --host 127.0.0.1 --port 5000`) or "
-                    "set MLFLOW_TRACKING_URI (default %s).", self.uri, type(exc).__name__,
-                    str(exc)[:300], tracking_uri(self.root))
+                    "set MLFLOW_TRACKING_URI (serverless default: %s).", self.uri,
+                    type(exc).__name__, str(exc)[:300], f"sqlite:///{self.root / 'mlflow.db'}")
 
     @property
     def parent_run_id(self) -> str | None:

@@ -52,16 +52,36 @@ class LoopResult:
 class BatchOrder:
     """Deterministic example order: epoch e is ``permutation(N)`` seeded by (seed, e); optimizer
     step s takes the next ``per_step`` positions of the concatenated epochs. Resuming at step s
-    is index arithmetic, no sampler state to save."""
+    is index arithmetic, no sampler state to save.
 
-    def __init__(self, n_examples: int, per_step: int, seed: int):
+    With ``lengths``, each epoch is grouped by length (as ``Trainer``'s ``group_by_length``):
+    the permutation is cut into mega-batches of ``group`` steps, sorted by length inside, cut
+    into steps, and the steps shuffled — so a batch pads to about its own length, not the
+    corpus maximum, while every example is still seen once per epoch.
+    """
+
+    def __init__(self, n_examples: int, per_step: int, seed: int, lengths: Sequence[int] | None = None,
+                 group: int = 32):
         self.n, self.per_step, self.seed = n_examples, per_step, seed
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.group = group
         self._cache: dict[int, np.ndarray] = {}
 
     def _epoch(self, e: int) -> np.ndarray:
         if e not in self._cache:
-            self._cache = {e: np.random.default_rng([self.seed, e]).permutation(self.n)}
+            rng = np.random.default_rng([self.seed, e])
+            order = rng.permutation(self.n)
+            if self.lengths is not None:
+                order = self._grouped(order, rng)
+            self._cache = {e: order}
         return self._cache[e]
+
+    def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        mega = self.per_step * self.group
+        chunks = [order[i : i + mega] for i in range(0, self.n, mega)]
+        chunks = [c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]
+        steps = [c[i : i + self.per_step] for c in chunks for i in range(0, len(c), self.per_step)]
+        return np.concatenate([steps[i] for i in rng.permutation(len(steps))])
 
     def indices(self, step: int) -> list[int]:
         positions = range(step * self.per_step, (step + 1) * self.per_step)
@@ -148,7 +168,8 @@ def train_loop(
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ckpts = Checkpoints(ckpt_dir, fingerprint or {})
-    order = BatchOrder(len(examples), cfg.batch_size * cfg.grad_accum, cfg.seed)
+    lengths = [len(x) for x in examples] if cfg.group_by_length else None
+    order = BatchOrder(len(examples), cfg.batch_size * cfg.grad_accum, cfg.seed, lengths)
 
     step, tokens, resumed = 0, 0, None
     if (state := ckpts.latest()) is not None:

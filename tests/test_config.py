@@ -63,3 +63,11 @@ def test_sft_config_errors():
         sft_config({**base, "lrr": 1.0}, "mle", 0)
     with pytest.raises(ConfigError, match="n_embd=30 is not divisible"):
         sft_config({**base, "model": {"n_embd": 30, "n_head": 4}}, "mle", 0)
+
+
+def test_params_parse_as_yaml_1_2_like_dvc(tmp_path):
+    # `dvc exp run -S` writes unquoted `no`; YAML 1.1 would turn it into False, 1.2 keeps "no".
+    path = tmp_path / "params.yaml"
+    path.write_text("sft:\n  objectives: {mle: {}}\n  mixed_precision: no\n  lr: 3e-4\n")
+    cfg = sft_config(section(read_params(path), "sft"), "mle", 0)
+    assert cfg.train.mixed_precision == "no" and cfg.train.lr == 3e-4

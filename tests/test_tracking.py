@@ -1,4 +1,4 @@
-"""beyondlm.tracking: pure helpers, a real MLflow server, an unreachable server, the sqlite default."""
+"""beyondlm.tracking: helpers, a real MLflow server, an unreachable one, the sqlite default."""
 
 import json
 import logging

@@ -126,3 +126,17 @@ def test_batch_order_covers_each_epoch_once():
     first_epoch = [i for s in range(2) for i in order.indices(s)] + order.indices(2)[:2]
     assert sorted(first_epoch) == list(range(10))
     assert order.indices(5) == BatchOrder(10, 4, 3).indices(5)  # stateless: resumable by index
+
+
+def test_length_grouping_keeps_epochs_complete_and_cuts_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, size=1000)
+    plain, grouped = BatchOrder(1000, 50, 1), BatchOrder(1000, 50, 1, lengths=lengths, group=8)
+    for order in (plain, grouped):
+        assert sorted(i for s in range(20) for i in order.indices(s)) == list(range(1000))
+
+    def padded(order):  # total padded positions over one epoch
+        return sum(len(ix) * lengths[ix].max() for ix in (order.indices(s) for s in range(20)))
+
+    assert padded(grouped) < 0.75 * padded(plain)
+    assert grouped.indices(7) == BatchOrder(1000, 50, 1, lengths=lengths, group=8).indices(7)

@@ -1,0 +1,163 @@
+"""MixCE's synthetic experiment: train a tiny GPT-2 on samples of a random bigram gold LM with one
+objective of the SFT table, then compare its transition rows to the gold rows exactly.
+
+Config: params section ``bigram`` (`BigramConfig`) plus the variant's entry ``sft.objectives.<v>``,
+so the same variants (mle, mixce with its η, ...) run here and in the SFT stage. The data depend
+only on ``bigram.language`` (train samples seeded by [language.seed, 0], test by
+[language.seed, 1]), so every variant and seed sees the same texts; the stage seed drives the model
+init and the batch order.
+
+Test metrics on ``n_test`` held-out gold samples x_i (BOS prepended for the model, EOS counted):
+- nll_per_token = −Σ log p_θ(x_i) / Σ |x_i|; entropy_rate = −Σ log p_d(x_i) / Σ |x_i| (same texts,
+  the floor no model can beat; delta-method se);
+- forward KL per sequence = mean_i[log p_d(x_i) − log p_θ(x_i)] ± se (unbiased Monte Carlo,
+  `beyondlm.metrics.forward_kl`); per token = nll_per_token − entropy_rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from beyondlm.config import ConfigError, ModelConfig, SFTConfig, TrainConfig, load_section
+from beyondlm.data.bigram import BigramLM, BigramSpec, empirical_rows, jensen_shannon, transition_metrics
+from beyondlm.data.tokenization import word_tokenizer
+from beyondlm.logprobs import pad_batch, sequence_logps
+from beyondlm.metrics import forward_kl
+from beyondlm.models import build_model, count_parameters
+from beyondlm.objectives import resolve_objective
+from beyondlm.sft import make_loss_fn
+from beyondlm.training import train_loop
+
+TRAIN_KEYS = ("max_steps", "batch_size", "lr", "warmup_steps", "log_every")
+
+
+@dataclass(frozen=True)
+class BigramModelConfig:
+    """``bigram.model``: the tiny GPT-2 (no pretrained models: the vocabulary is the gold LM's)."""
+
+    n_layer: int = 1
+    n_head: int = 2
+    n_embd: int = 32
+    n_positions: int = 80
+
+    def to_model_config(self) -> ModelConfig:
+        return ModelConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                           n_positions=self.n_positions)
+
+
+@dataclass(frozen=True)
+class BigramConfig:
+    """Params section ``bigram``; training keys not listed here take `TrainConfig`'s defaults."""
+
+    language: BigramSpec = field(default_factory=BigramSpec)
+    model: BigramModelConfig = field(default_factory=BigramModelConfig)
+    n_train: int = 5000  # gold samples to train on
+    n_test: int = 500  # held-out gold samples for NLL and forward KL
+    max_steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for key, lo in (("n_train", 1), ("n_test", 2)):
+            value = getattr(self, key)
+            if not lo <= value <= 10**8:
+                raise ConfigError(f"params.yaml: 'bigram.{key}'={value!r} must be between {lo} and 10**8")
+        need = self.language.max_len + 1  # BOS + up to max_len tokens
+        if self.model.n_positions < need:
+            raise ConfigError(
+                f"params.yaml: bigram.model.n_positions={self.model.n_positions} is shorter than "
+                f"BOS + bigram.language.max_len={self.language.max_len}; raise it to >= {need}"
+            )
+        self.model.to_model_config()  # n_embd % n_head
+        self.train_config(seed=0)  # ranges of the training keys, named bigram.<key>
+
+    def train_config(self, seed: int) -> TrainConfig:
+        raw = {k: getattr(self, k) for k in TRAIN_KEYS}
+        return load_section(TrainConfig, {**raw, "seed": seed}, "bigram")
+
+
+def bigram_config(raw: Mapping[str, Any]) -> BigramConfig:
+    """Strictly load params section ``bigram`` (unknown keys and bad values → ConfigError)."""
+    return load_section(BigramConfig, raw, "bigram")
+
+
+def variant_objective(sft: Mapping[str, Any], variant: str) -> tuple[str, dict[str, float]]:
+    """(objective name, validated hyperparameters) of ``sft.objectives.<variant>``; the entry's
+    ``objective`` key defaults to the variant name."""
+    entries = sft.get("objectives") or {}
+    if variant not in entries:
+        raise ConfigError(
+            f"params.yaml: sft.objectives has no entry '{variant}' (entries: "
+            f"{', '.join(entries) or 'none'}); add it or drop it from sft.variants"
+        )
+    entry = dict(entries[variant] or {})
+    name = entry.pop("objective", variant)
+    try:
+        _, hyperparams = resolve_objective(name, entry)
+    except ValueError as err:
+        raise ConfigError(f"params.yaml: sft.objectives.{variant}: {err}") from err
+    return name, hyperparams
+
+
+def gold_data(spec: BigramSpec, n_train: int, n_test: int) -> tuple[BigramLM, list, list]:
+    """The gold LM and its train/test samples (no BOS), seeded by the language seed only."""
+    lm = BigramLM.build(spec)
+    train = lm.sample(n_train, np.random.default_rng([spec.seed, 0]))
+    test = lm.sample(n_test, np.random.default_rng([spec.seed, 1]))
+    return lm, train, test
+
+
+def run_bigram(cfg: BigramConfig, variant: str, objective: str, hyperparams: Mapping[str, float],
+               seed: int) -> dict:
+    """Train on gold samples with one objective; return the metrics for the stage's JSON."""
+    lm, train, test = gold_data(cfg.language, cfg.n_train, cfg.n_test)
+    tok = word_tokenizer(lm.vocab)
+    sft = SFTConfig(variant=variant, objective=objective, hyperparams=dict(hyperparams),
+                    model=cfg.model.to_model_config(), train=cfg.train_config(seed))
+    torch.manual_seed(seed)
+    model = build_model(sft.model, tok)
+    bos = tok.bos_token_id  # = EOS_ID = 0
+
+    def collate(rows):
+        ids, mask = pad_batch(rows, tok.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    model, result = train_loop(model, [[bos, *x] for x in train], make_loss_fn(sft), sft.train,
+                               collate=collate, desc=f"bigram {variant} s{seed}")
+    model.eval()
+    emp, unseen = empirical_rows(lm, [[bos, *x] for x in train])
+    return {
+        "objective": objective,
+        "hyperparams": dict(hyperparams),
+        "seed": seed,
+        "n_params": count_parameters(model),
+        "train": asdict(result),
+        "transition": transition_metrics(model, lm, batch_size=256),
+        "test": _test_metrics(model, lm, test, pad_id=tok.pad_token_id),
+        # What counting bigrams in the same training texts achieves: the finite-data reference.
+        "train_counts": {"js_mean": float(jensen_shannon(emp, lm.word_rows).mean()),
+                         "unseen_rows": unseen},
+    }
+
+
+def _test_metrics(model, lm: BigramLM, test: list, *, pad_id: int) -> dict[str, float]:
+    logp_model, n_tok = sequence_logps(model, [[lm.EOS_ID, *x] for x in test], pad_id=pad_id)
+    logp_model = logp_model.numpy()
+    logp_gold = lm.log_prob(test)
+    n_tokens = float(n_tok.sum())
+    entropy, entropy_se = lm.entropy_rate(test)
+    nll = float(-logp_model.sum() / n_tokens)
+    return {
+        "nll_per_token": nll,
+        "entropy_rate": entropy,
+        "entropy_rate_se": entropy_se,
+        "excess_nll_per_token": nll - entropy,
+        **forward_kl(logp_gold, logp_model).to_dict("forward_kl_per_seq"),
+        "mean_length": n_tokens / len(test),
+    }

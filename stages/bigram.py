@@ -1,0 +1,36 @@
+"""Stage ``bigram@<variant>-<seed>``: MixCE's synthetic experiment (random bigram gold LM).
+
+Trains a tiny GPT-2 on samples of the gold bigram LM with the objective of ``sft.objectives.<variant>``
+and compares its transition rows to the gold rows exactly (beyondlm/bigram_experiment.py).
+
+params: bigram (language, model, n_train, n_test, max_steps, batch_size, lr, warmup_steps,
+        log_every), sft.objectives.<variant>
+deps:   stages/bigram.py, beyondlm/bigram_experiment.py, beyondlm/data/bigram.py, beyondlm/ (sft,
+        training, models, objectives, logprobs, metrics, config, io, data/tokenization)
+outs:   none (the gold data are regenerated from the seed; the model is not kept)
+metrics: --metrics
+"""
+
+import argparse
+from pathlib import Path
+
+from beyondlm import cli
+from beyondlm.bigram_experiment import bigram_config, run_bigram, variant_objective
+from beyondlm.config import read_params, section
+from beyondlm.io import write_json
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--metrics", type=Path, required=True)
+    args = p.parse_args()
+    params = read_params()
+    cfg = bigram_config(section(params, "bigram"))
+    objective, hyperparams = variant_objective(section(params, "sft"), args.variant)
+    write_json(args.metrics, run_bigram(cfg, args.variant, objective, hyperparams, args.seed))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,184 @@
+"""End to end with the real tools: `dvc repro` / `dvc exp run` in a temp copy of the repo on
+micro params, a killed stage resuming, and the Prefect flow logging into a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from beyondlm.dvcgraph import pipeline_stages
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ROOT / "tests" / "data" / "micro_params.yaml"
+# written by the tools themselves, not by stages
+TOOL_FILES = {"dvc.lock", ".gitignore", "mlflow.db"}
+
+
+def edit_params(path: Path, section: str, **updates) -> dict:
+    """Change params the way DVC does (YAML 1.2, ruamel): PyYAML would read DVC's unquoted `no`
+    as False and write it back as `false`."""
+    from ruamel.yaml import YAML
+
+    yml = YAML()
+    data = yml.load(path.read_text())
+    data[section].update(updates)
+    with path.open("w") as f:
+        yml.dump(data, f)
+    return data
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # stage cmds: `python`
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def sh(*args: str, cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), cwd=cwd, env=_env(), capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check)
+
+
+def _copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("data/", "models/", "reports/")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    shutil.copy(MICRO, dest / "params.yaml")
+
+
+def _files(root: Path) -> set[str]:
+    skip = (".git/", ".dvc/")
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_file() and not p.relative_to(root).as_posix().startswith(skip)}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A committed temp copy of the project, reproduced once with `dvc repro`."""
+    root = tmp_path_factory.mktemp("e2e") / "project"
+    root.mkdir()
+    _copy_repo(root)
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project", cwd=root)
+    before = _files(root)
+    dvc("repro", cwd=root)
+    root.joinpath(".files_before.json").write_text(json.dumps(sorted(before)))
+    return root
+
+
+def test_repro_writes_exactly_the_declared_outputs(repo):
+    before = set(json.loads((repo / ".files_before.json").read_text())) | {".files_before.json"}
+    created = _files(repo) - before
+    declared = [p.relative_to(repo).as_posix() for s in pipeline_stages(repo) for p in (*s.metrics, *s.plots, *s.outs)]
+    undeclared = sorted(f for f in created if Path(f).name not in TOOL_FILES
+                        and not any(f == d or f.startswith(d + "/") for d in declared))
+    assert not undeclared, f"files written outside declared outs: {undeclared}"
+    for d in declared:
+        assert (repo / d).exists(), f"declared output missing: {d}"
+    assert (repo / "models/sft/mle-s0/model.safetensors").exists()
+    report = (repo / "reports/report.md").read_text()
+    assert "| mle | 1 |" in report and "![Training curves](plots/report/loss.png)" in report
+    assert (repo / "reports/plots/report/kl.png").stat().st_size > 1000
+
+
+def test_metrics_are_sane_and_dvc_reads_them(repo):
+    ev = json.loads((repo / "reports/metrics/evaluate/mle-s0.json").read_text())
+    assert ev["test"]["perplexity"] > 1 and 0 <= ev["exact"]["tvd"] <= 1
+    # the entropy rate of p_d is a floor no model can beat (up to Monte Carlo error)
+    assert ev["test"]["nll_per_token"] > ev["exact"]["data_entropy_rate"] - 0.05
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=repo).stdout)
+    flat = json.dumps(shown)
+    assert "forward_kl" in flat and "perplexity" in flat
+    assert "up to date" in dvc("repro", cwd=repo).stdout  # second run is a no-op
+    dvc("plots", "show", "--json", cwd=repo)
+
+
+def test_exp_run_with_set_param_and_params_diff(repo):
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "repro", cwd=repo)
+    out = dvc("exp", "run", "-S", "sft.lr=0.002", cwd=repo).stdout
+    assert "Stage 'prepare' didn't change" in out  # only what depends on sft.lr reruns
+    diff = json.loads(dvc("params", "diff", "--json", cwd=repo).stdout)
+    assert diff["params.yaml"]["sft.lr"]["new"] == 0.002
+    table = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
+    assert "0.002" in json.dumps(table)
+
+
+def test_bad_params_stop_with_one_clear_line(repo, tmp_path):
+    work = tmp_path / "bad"
+    shutil.copytree(repo, work, ignore=shutil.ignore_patterns(".git", "models", ".dvc"))
+    edit_params(work / "params.yaml", "sft", lrr=0.1)
+    proc = sh(sys.executable, "-m", "stages.sft", "--variant", "mle", "--seed", "0", "--out", "o", "--ckpt", "c",
+              "--live", "l", "--metrics", "m.json", cwd=work, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: params.yaml: unknown key 'sft.lrr'")
+    assert not (work / "o").exists() and not (work / "m.json").exists()
+
+
+def test_killed_training_resumes_from_its_checkpoint(repo):
+    edit_params(repo / "params.yaml", "sft", max_steps=600, ckpt_every=25, lr=0.005)
+    ckpt = repo / "models/ckpt/sft/mle-s0"
+    log = repo.parent / "killed.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "sft@mle-0"], cwd=repo, env=_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(ckpt.glob("step-*/loop.json")):
+        assert proc.poll() is None, f"training ended before its first checkpoint:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (repo / "models/sft/mle-s0").exists()  # the final model is only ever written whole
+    dvc("repro", "sft@mle-0", cwd=repo)
+    metrics = json.loads((repo / "reports/metrics/sft/mle-s0.json").read_text())
+    assert metrics["train"]["resumed_from"] is not None and metrics["train"]["resumed_from"] >= 25
+    assert metrics["train"]["steps"] == 600
+    assert json.loads((ckpt / "complete.json").read_text())["steps"] == 600
+
+
+def test_prefect_flow_runs_stages_and_mirrors_them_into_mlflow(repo, mlflow_server):
+    from mlflow.tracking import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.reproduce import reproduce
+
+    with prefect_test_harness(server_startup_timeout=180):
+        done = reproduce(root=str(repo), tracking_uri=mlflow_server)
+    names = [s.name for s in pipeline_stages(repo)]
+    assert done == names
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("beyondlm")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.info.run_name == "reproduce"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == set(names)
+    ev = children["evaluate@mle-0"]
+    local = json.loads((repo / "reports/metrics/evaluate/mle-s0.json").read_text())
+    assert ev.data.metrics["test/perplexity"] == pytest.approx(local["test"]["perplexity"])
+    assert children["sft@mle-0"].data.params["sft.lr"] == "0.005"  # set by the kill test above
+    history = client.get_metric_history(children["sft@mle-0"].info.run_id, "train/loss")
+    assert len(history) >= 2
+    assert any(k.startswith("dvc/") for k in children["sft@mle-0"].data.tags)
