@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from beyondlm.config import load_yaml
 from beyondlm.dvcgraph import pipeline_stages
 
 pytestmark = pytest.mark.slow
@@ -178,7 +179,8 @@ def test_prefect_flow_runs_stages_and_mirrors_them_into_mlflow(repo, mlflow_serv
     ev = children["evaluate@mle-0"]
     local = json.loads((repo / "reports/metrics/evaluate/mle-s0.json").read_text())
     assert ev.data.metrics["test/perplexity"] == pytest.approx(local["test"]["perplexity"])
-    assert children["sft@mle-0"].data.params["sft.lr"] == "0.005"  # set by the kill test above
+    lr = load_yaml(repo / "params.yaml")["sft"]["lr"]
+    assert float(children["sft@mle-0"].data.params["sft.lr"]) == lr
     history = client.get_metric_history(children["sft@mle-0"].info.run_id, "train/loss")
     assert len(history) >= 2
     assert any(k.startswith("dvc/") for k in children["sft@mle-0"].data.tags)

@@ -72,7 +72,8 @@ def _context_repeats(prompt: Sequence[int], body: Sequence[int], window: int) ->
 def tr32(prompts, conts, ctx: FeatureContext) -> np.ndarray:
     """Fraction of continuation tokens already among the previous 32 tokens (prompt as context)."""
     bodies = _bodies(conts, ctx)
-    return np.array([_context_repeats(p, b, TR_WINDOW) for p, b in zip(prompts, bodies)], np.float64)
+    out = [_context_repeats(p, b, TR_WINDOW) for p, b in zip(prompts, bodies)]
+    return np.array(out, dtype=np.float64)
 
 
 def div(prompts, conts, ctx: FeatureContext) -> np.ndarray:
@@ -119,7 +120,8 @@ def _lm_embed(model, seqs: list[list[int]], *, pad_id: int, batch_size: int) -> 
     out = []
     for lo in range(0, len(seqs), batch_size):
         ids, mask = pad_batch(seqs[lo : lo + batch_size], pad_id, device)
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        res = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hidden = res.hidden_states[-1]  # (B, T, H) final layer (after GPT-2's ln_f)
         m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         out.append(((hidden * m).sum(1) / m.sum(1)).double().cpu())  # (B, H)
     return torch.cat(out).numpy()
@@ -200,7 +202,8 @@ def check_names(names: Sequence[str]) -> list[str]:
     names = list(names)
     unknown = [n for n in names if n not in FEATURES]
     if unknown or not names:
-        raise ValueError(f"unknown evaluation function(s) {unknown or names}: allowed {sorted(FEATURES)}")
+        raise ValueError(f"unknown evaluation function(s) {unknown or names}: "
+                         f"allowed {sorted(FEATURES)}")
     if len(set(names)) != len(names):
         raise ValueError(f"repeated evaluation function in {names}")
     return names
@@ -214,7 +217,8 @@ def _check_context(names: list[str], ctx: FeatureContext) -> None:
     if "coherence" in names and ctx.embedder == "lm" and ctx.model is None:
         raise ValueError("feature 'coherence' with embedder 'lm' needs model=")
     if "coherence" in names and ctx.embedder == "minilm" and ctx.tokenizer is None:
-        raise ValueError("feature 'coherence' with embedder 'minilm' needs tokenizer= to decode ids")
+        raise ValueError("feature 'coherence' with embedder 'minilm' needs tokenizer= "
+                         "to decode ids")
 
 
 def compute_features(

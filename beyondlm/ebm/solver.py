@@ -46,7 +46,8 @@ class EBMSolution:
         per = lambda a: {n: float(v) for n, v in zip(self.names, a)}  # noqa: E731
         return {
             "names": list(self.names), "mu": per(self.mu), "targets": per(self.targets),
-            "residual_before": per(self.residual_before), "residual_after": per(self.residual_after),
+            "residual_before": per(self.residual_before),
+            "residual_after": per(self.residual_after),
             "ess": self.ess, "ess_frac": self.ess_frac, "log_z": self.log_z,
             "log_z_se": self.log_z_se, "kl": self.kl, "iterations": self.iterations,
             "converged": self.converged,
@@ -74,10 +75,11 @@ def _check_inputs(F: np.ndarray, t: np.ndarray, names: tuple[str, ...], log_b: n
             raise ValueError(f"non-finite {what} for {bad}")
     if log_b is not None and (log_b.shape != (F.shape[0],) or np.any(np.isnan(log_b))
                               or np.any(log_b == np.inf) or not np.any(np.isfinite(log_b))):
-        raise ValueError(f"log_weights must be (N,) = ({F.shape[0]},), finite or −inf, not all −inf")
+        raise ValueError(f"log_weights must be (N,) = ({F.shape[0]},), finite or −inf, "
+                         "not all −inf")
 
 
-def _check_support(F: np.ndarray, t: np.ndarray, names, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_support(F: np.ndarray, t: np.ndarray, names, b: np.ndarray):
     """Base-weighted mean and std; constant, infeasible or collinear features → ValueError."""
     on = b > 0
     lo, hi = F[on].min(0), F[on].max(0)
@@ -86,9 +88,9 @@ def _check_support(F: np.ndarray, t: np.ndarray, names, b: np.ndarray) -> tuple[
             raise ValueError(f"feature {name!r} is constant over the {int(on.sum())} samples: "
                              "drop it or draw more samples")
         if not lo[k] < t[k] < hi[k]:
-            raise ValueError(f"target of feature {name!r} = {t[k]:.6g} lies outside the sampled range "
-                             f"({lo[k]:.6g}, {hi[k]:.6g}): no reweighting of these samples can match "
-                             "it (open interval: a boundary target needs μ = ±∞)")
+            raise ValueError(f"target of feature {name!r} = {t[k]:.6g} lies outside the sampled "
+                             f"range ({lo[k]:.6g}, {hi[k]:.6g}): no reweighting of these samples "
+                             "can match it (open interval: a boundary target needs μ = ±∞)")
     mean = b @ F
     std = np.sqrt(b @ (F - mean) ** 2)
     Z = (F[on] - mean) / std
