@@ -1,6 +1,7 @@
 """`make bench`: performance figures, each against its peer measured in the same run.
 
-Writes ``reports/bench/sft.json``:
+Writes ``reports/bench/objectives.json`` (per-step cost of each SFT objective relative to MLE,
+see ``benchmarks/objectives.py``) and ``reports/bench/sft.json``:
 - SFT training throughput of our loop vs a plain ``transformers.Trainer`` on the same tiny model,
   data, batch and schedule (median of ``--repeats`` interleaved runs, each in a fresh process),
   their ratio, and each one's peak RSS;
@@ -88,6 +89,13 @@ def main() -> None:
     if not args.skip_repro:
         result["pipeline"] = repro_timing()
     write_json(ROOT / "reports" / "bench" / "sft.json", result)
+    from benchmarks.objectives import objective_overheads
+    from beyondlm.config import ModelConfig, load_section, read_params, section
+
+    model_cfg = load_section(ModelConfig, section(read_params(ROOT / "params.yaml"), "sft").get("model"), "sft.model")
+    overheads = objective_overheads(model_cfg)
+    write_json(ROOT / "reports" / "bench" / "objectives.json", {"machine": result["machine"], "objectives": overheads})
+    print(json.dumps(overheads, indent=1))
     print(json.dumps({k: v for k, v in result["sft"].items() if k != "runs"} | result.get("pipeline", {}), default=str, indent=1))
 
 

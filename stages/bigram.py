@@ -8,11 +8,14 @@ params: bigram (language, model, n_train, n_test, max_steps, batch_size, lr, war
 deps:   stages/bigram.py, beyondlm/bigram_experiment.py, beyondlm/data/bigram.py, beyondlm/ (sft,
         training, models, objectives, logprobs, metrics, config, io, data/tokenization)
 outs:   none (the gold data are regenerated from the seed; the model is not kept)
+Runs single-threaded (see main).
 metrics: --metrics
 """
 
 import argparse
 from pathlib import Path
+
+import torch
 
 from beyondlm import cli
 from beyondlm.bigram_experiment import bigram_config, run_bigram, variant_objective
@@ -26,6 +29,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--metrics", type=Path, required=True)
     args = p.parse_args()
+    # A ~60k-parameter model gains nothing from intra-op threads; on shared cores the idle threads'
+    # spinning made runs 2-5x slower in wall time (measured on the 2-core reference machine).
+    torch.set_num_threads(1)
     params = read_params()
     cfg = bigram_config(section(params, "bigram"))
     objective, hyperparams = variant_objective(section(params, "sft"), args.variant)

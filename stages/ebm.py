@@ -1,0 +1,67 @@
+"""Stage ``ebm``: fit the energy-based decoder p* ∝ p_θ·exp(−μᵀf) of one SFT model.
+
+Targets F̂ = mean evaluation functions of the valid split's reference continuations (prompt =
+[BOS] + the first prepare.prompt_len tokens); μ from ebm.samples_per_prompt pure samples of p_θ
+per reference prompt (``beyondlm.ebm.experiment.fit_ebm``).
+
+params: prepare.out_dir, prepare.max_len, prepare.prompt_len, ebm.*
+deps:   stages/ebm.py, beyondlm/ebm, beyondlm/ (sampling, logprobs, metrics, models, config, io),
+        models/sft/${ebm.base}, ${prepare.out_dir}
+outs:   --out (JSON: μ, targets, residuals, ESS, features, embedder, base)
+metrics: --metrics
+"""
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from beyondlm import cli
+from beyondlm.config import ConfigError, load_section, read_params, section
+from beyondlm.data.prepare import load_split
+from beyondlm.ebm.experiment import EBMConfig, fit_ebm, reference_pairs
+from beyondlm.io import write_json
+from beyondlm.models import load_model
+from beyondlm.sampling import SamplingConfig
+
+log = logging.getLogger("stages.ebm")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    for arg in ("--model", "--out", "--metrics"):
+        p.add_argument(arg, type=Path, required=True)
+    args = p.parse_args()
+    params = read_params()
+    cfg = load_section(EBMConfig, section(params, "ebm"), "ebm")
+    prep = section(params, "prepare")
+    max_len, prompt_len = prep.get("max_len", 64), prep.get("prompt_len", 8)
+    valid = load_split(Path(prep.get("out_dir", "data/prepared")), "valid")
+    prompts, conts = reference_pairs(valid["input_ids"], prompt_len, cfg.n_prompts)
+    if len(prompts) < 2:
+        raise ConfigError(f"only {len(prompts)} valid texts are longer than prepare.prompt_len="
+                          f"{prompt_len}: lower it or raise prepare.n_valid")
+
+    from transformers import AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(args.model), load_model(args.model)
+    sampling = SamplingConfig(max_new_tokens=max_len - prompt_len, batch_size=cfg.batch_size)
+    t0 = time.perf_counter()
+    try:
+        sol, diag = fit_ebm(model, tokenizer, prompts, conts, cfg.features,
+                            samples_per_prompt=cfg.samples_per_prompt, sampling_cfg=sampling,
+                            seed=cfg.seed, embedder=cfg.embedder, tol=cfg.tol)
+    except ValueError as err:  # an unmatchable target: the user drops a feature or samples more
+        raise ConfigError(f"{err} (ebm.features={cfg.features}, "
+                          f"ebm.samples_per_prompt={cfg.samples_per_prompt})") from err
+    wall = time.perf_counter() - t0
+    log.info("mu %s converged=%s ess_frac=%.3f (%.1f s)", dict(zip(sol.names, sol.mu.round(4))),
+             sol.converged, sol.ess_frac, wall)
+    weights = {**sol.to_dict(), "features": list(cfg.features), "embedder": cfg.embedder,
+               "base": cfg.base}
+    write_json(args.out, weights)
+    write_json(args.metrics, {**sol.to_dict(), "diagnostics": diag, "wall_s": wall})
+
+
+if __name__ == "__main__":
+    cli.run(main)
