@@ -55,7 +55,9 @@ def load_runs(directory: Path) -> dict[str, dict[int, dict]]:
     return dict(runs)
 
 
-def mean_std(values: list[float | None], fmt: str) -> str:
+def mean_std(values: list, fmt: str) -> str:
+    if fmt == "s":  # a label: the same for every seed
+        return str(next((v for v in values if v is not None), "–"))
     vals = np.array([v for v in values if v is not None], dtype=float)
     if vals.size == 0:
         return "–"
@@ -64,8 +66,18 @@ def mean_std(values: list[float | None], fmt: str) -> str:
     return f"{vals.mean():{fmt}} ± {vals.std(ddof=1):{fmt}}"
 
 
-def eval_table(runs: dict[str, dict[int, dict]]) -> str:
-    cols = [c for c in EVAL_COLUMNS if any(_get(m, c[1]) is not None for s in runs.values() for m in s.values())]
+SFT_COLUMNS = [
+    ("objective", "objective", "s"),
+    ("valid PPL", "valid.perplexity", ".3f"),
+    ("final train loss", "train.final_loss", ".4f"),
+    ("train time (s)", "train.wall_s", ".0f"),
+    ("tokens/s", "train.tokens_per_s", ".0f"),
+]
+
+
+def metrics_table(runs: dict[str, dict[int, dict]], columns=EVAL_COLUMNS) -> str:
+    """One row per variant; numeric cells are mean ± std over its seeds."""
+    cols = [c for c in columns if any(_get(m, c[1]) is not None for s in runs.values() for m in s.values())]
     head = "| variant | seeds | " + " | ".join(c[0] for c in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for variant, seeds in runs.items():
@@ -153,7 +165,9 @@ def build_report(reports: Path, n_examples: int) -> str:
     out += ["## Evaluation", "", "Mean ± std over seeds. KL and TVD are exact-likelihood Monte Carlo estimates "
             "against the known data distribution (nats per sequence); 'impossible' is the fraction of model "
             "samples the language cannot produce (excluded from reverse KL, which is infinite when it is > 0).",
-            "", eval_table(runs) if runs else "_no evaluated runs_", "", reference_row(runs), ""]
+            "", metrics_table(runs) if runs else "_no evaluated runs_", "", reference_row(runs), ""]
+    if sft_runs := load_runs(metrics / "sft"):
+        out += ["## Training", "", metrics_table(sft_runs, SFT_COLUMNS), ""]
     for title, path in (("Training curves", plot_losses(reports / "live" / "sft", plots / "loss.png")),
                         ("Coverage vs quality", plot_kl(runs, plots / "kl.png"))):
         if path is not None:

@@ -98,7 +98,7 @@ class BigramLM:
         n_zero = min(int(round(spec.zero_fraction * V)), V - 1)
         zeroed = np.argsort(rng.random((V, V)), axis=1)[:, :n_zero]  # (V, n_zero) distinct per row
         np.put_along_axis(rows, zeroed, 0.0, axis=1)
-        # A Dirichlet(0.5) draw may leave all kept entries ~0 only in float64 underflow; guard anyway.
+        # Only float64 underflow of every kept gamma draw could empty a row; guard anyway.
         if (rows.sum(axis=1) <= 0).any():
             raise ValueError("bigram.language: a row lost all its mass; change seed or alpha")
         rows *= (1.0 - spec.eos_prob) / rows.sum(axis=1, keepdims=True)
@@ -130,7 +130,7 @@ class BigramLM:
         the whole text redrawn, which is exactly the length conditioning (acceptance rate Z).
         """
         L = self.spec.max_len
-        out = np.zeros((n, L), dtype=np.int64)
+        out = np.zeros((n, L), dtype=np.int32)  # ids < 1002 (V <= 1000)
         lengths = np.zeros(n, dtype=np.int64)
         todo = np.arange(n)
         while todo.size:
@@ -143,7 +143,7 @@ class BigramLM:
     def _sample_paths(self, m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Unconditioned texts (m, L) and lengths (m,) = first EOS index + 1 (L + 1 if none)."""
         L = self.spec.max_len
-        paths = np.zeros((m, L), dtype=np.int64)
+        paths = np.zeros((m, L), dtype=np.int32)
         prev = np.full(m, EOS_ID, dtype=np.int64)  # every text starts after BOS
         live = np.arange(m)
         for t in range(L):
@@ -152,8 +152,8 @@ class BigramLM:
             live = live[tok != EOS_ID]
             if not live.size:
                 break
-        ended = np.zeros(m, dtype=bool)
-        ended[np.setdiff1d(np.arange(m), live)] = True
+        ended = np.ones(m, dtype=bool)
+        ended[live] = False  # still running after L tokens: too long, rejected by `sample`
         lengths = np.where(ended, (paths == EOS_ID).argmax(axis=1) + 1, L + 1)
         return paths, lengths
 
