@@ -53,6 +53,8 @@ class BigramModelConfig:
 class BigramConfig:
     """Params section ``bigram``; training keys not listed here take `TrainConfig`'s defaults."""
 
+    variants: list[str] = field(default_factory=lambda: ["mle"])  # matrix axis (entries of sft.objectives)
+    seeds: list[int] = field(default_factory=lambda: [0])  # matrix axis
     language: BigramSpec = field(default_factory=BigramSpec)
     model: BigramModelConfig = field(default_factory=BigramModelConfig)
     n_train: int = 5000  # gold samples to train on

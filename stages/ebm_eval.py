@@ -51,6 +51,7 @@ def plot(rows: list[dict], tsv: Path, png: Path) -> None:
     axes[1].set(xscale="log", xlabel="M", ylabel="|gap to reference| / |gap at M=1|")
     axes[1].legend(fontsize=8)
     for ax in axes:
+        ax.minorticks_off()  # log axis: label exactly the Ms
         ax.set_xticks(Ms, [str(m) for m in Ms])
     fig.tight_layout()
     with atomic_path(png) as tmp:

@@ -13,6 +13,7 @@ import torch
 
 from beyondlm.bigram_experiment import BigramConfig, BigramModelConfig, bigram_config, run_bigram, variant_objective
 from beyondlm.config import ConfigError
+from beyondlm.objectives import OBJECTIVES
 from beyondlm.data.bigram import (
     EOS_ID,
     FIRST_WORD,
@@ -170,7 +171,8 @@ SMOKE = BigramConfig(
 )
 
 
-@pytest.mark.parametrize("objective, hyperparams", [("mle", {}), ("mixce", {"eta": 0.1})])
+@pytest.mark.parametrize("objective, hyperparams",
+                         [("mixce", {"eta": 0.1}), *((name, {}) for name in OBJECTIVES)])
 def test_run_bigram_smoke(objective, hyperparams):
     m = run_bigram(SMOKE, objective, objective, hyperparams, seed=0)
     assert m["train"]["steps"] == 20
