@@ -18,11 +18,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+# The ephemeral server's telemetry heartbeat races its own sqlite writes ("database is locked")
+# and has nothing to report offline; MLflow's telemetry thread races env reads (see tracking.py).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from beyondlm.dvcgraph import StageInfo, pipeline_stages
-from beyondlm.tracking import Tracker
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from beyondlm.dvcgraph import StageInfo, pipeline_stages  # noqa: E402
+from beyondlm.tracking import Tracker  # noqa: E402
 
 
 def _stage_env() -> dict[str, str]:

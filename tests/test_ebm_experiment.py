@@ -137,7 +137,7 @@ def evaluated(setup, fitted):
 
 def test_evaluate_decoders_keys_and_ranges(evaluated, fitted):
     res, prompts, _, cfg = evaluated
-    assert set(res["decoders"]) == {"sample", "top_k", "top_p", "sir_m2", "sir_m3"}
+    assert set(res["decoders"]) == {"sample", "sample_b", "top_k", "top_p", "sir_m2", "sir_m3"}
     for name, d in res["decoders"].items():
         assert 0.0 <= d["mauve"] <= 1.0, name
         assert set(d["gap"]) == set(NAMES) and np.all(np.isfinite(list(d["gap"].values())))

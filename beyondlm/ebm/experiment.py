@@ -57,7 +57,7 @@ class EBMConfig:
     n_prompts: int = 256  # reference texts from the valid split
     samples_per_prompt: int = 16  # proposal samples from p_θ per reference prompt
     tol: float = 1e-6  # Newton stops at max |residual / std| < tol
-    batch_size: int = 256
+    batch_size: int = 1024  # sampling and scoring; larger batches amortise generate() per step
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,7 +82,7 @@ class EBMEvalConfig:
     top_p: float = 0.9
     n_prompts: int = 256  # test texts (prompt + reference continuation)
     ppl_samples: int = 32  # proposal samples per test prompt for Ẑ(x)
-    batch_size: int = 256
+    batch_size: int = 1024  # sampling and scoring; larger batches amortise generate() per step
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -306,8 +306,9 @@ def evaluate_decoders(model, tokenizer, prompts, ref_conts, sol: EBMSolution, cf
     """Plain sampling, top-k, top-p and SIR at each M on the test prompts, plus p* perplexity.
 
     One pool of S = max(max Ms, ppl_samples) samples from p_θ per prompt serves plain sampling
-    (candidate 0), SIR at M (candidates 0..M−1: common random numbers across M) and Ẑ(x)
-    (candidates 0..ppl_samples−1). ``language``: the synthetic p_d, for impossible_frac.
+    (candidate 0; candidate 1 as ``sample_b``, a chance-level reference), SIR at M (candidates
+    0..M−1: common random numbers across M) and Ẑ(x) (candidates 0..ppl_samples−1).
+    ``language``: the synthetic p_d, for impossible_frac.
     """
     names, mu = list(sol.names), sol.mu
     feats = lambda p, c: _features(names, p, c, model, tokenizer, embedder=embedder,  # noqa: E731
@@ -319,7 +320,10 @@ def evaluate_decoders(model, tokenizer, prompts, ref_conts, sol: EBMSolution, cf
     F_ref = feats(prompts, ref_conts)
     ref = (F_ref, continuation_embeddings(model, prompts, ref_conts,
                                           pad_id=tokenizer.pad_token_id))
-    outputs = {"sample": ([pool[i * S] for i in range(len(prompts))], Fp[:, 0], None)}
+    # sample_b: a second, independent draw from p_θ (candidate 1): its distance from "sample"
+    # shows how much MAUVE and the gaps move by chance alone
+    outputs = {name: ([pool[i * S + j] for i in range(len(prompts))], Fp[:, j], None)
+               for j, name in enumerate(("sample", "sample_b"))}
     for offset, (name, knob) in enumerate((("top_k", {"top_k": cfg.top_k}),
                                            ("top_p", {"top_p": cfg.top_p})), start=1):
         conts = sample(model, prompts, replace(pure, **knob), eos_id=tokenizer.eos_token_id,
