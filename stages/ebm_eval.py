@@ -30,8 +30,11 @@ from beyondlm.models import load_model
 log = logging.getLogger("stages.ebm_eval")
 
 
-def plot(rows: list[dict], tsv: Path, png: Path) -> None:
-    """TSV for ``dvc plots`` and a PNG: MAUVE and each |gap| against M (log2 axis)."""
+def plot(rows: list[dict], tsv: Path, png: Path, *, chance_mauve: float) -> None:
+    """TSV for ``dvc plots`` and a PNG: MAUVE and each |gap| against M (log axis).
+
+    ``chance_mauve``: MAUVE of a second plain-sampling draw, drawn as a line: how far MAUVE moves
+    between two draws of the same decoder."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +46,9 @@ def plot(rows: list[dict], tsv: Path, png: Path) -> None:
     Ms = [r["M"] for r in rows]
     gaps = [c for c in cols if c.startswith("gap_")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(Ms, [r["mauve"] for r in rows], "o-")
+    axes[0].plot(Ms, [r["mauve"] for r in rows], "o-", label="sampling (M = 1), EBM-SIR")
+    axes[0].axhline(chance_mauve, ls="--", c="gray", label="second plain-sampling draw")
+    axes[0].legend(fontsize=8)
     axes[0].set(xscale="log", xlabel="M (SIR candidates; 1 = plain sampling)", ylabel="MAUVE")
     for c in gaps:  # relative to M = 1 so features of different units share an axis
         base = abs(rows[0][c]) or 1.0
@@ -91,7 +96,8 @@ def main() -> None:
              {k: round(v["mauve"], 3) for k, v in result["decoders"].items()}, result["wall_s"])
     write_json(args.metrics, result)
     plot(quality_vs_m(result, cfg.Ms), args.plot_dir / "quality_vs_m.tsv",
-         args.plot_dir / "quality_vs_m.png")
+         args.plot_dir / "quality_vs_m.png",
+         chance_mauve=result["decoders"]["sample_b"]["mauve"])
 
 
 if __name__ == "__main__":
