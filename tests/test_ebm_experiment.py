@@ -1,5 +1,8 @@
 """EBM experiment glue: reference pairs, fitting μ, decoders and p* perplexity on a tiny GPT-2."""
 
+import sys
+
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -18,7 +21,11 @@ from beyondlm.ebm.experiment import (
     quality_vs_m,
     reference_pairs,
 )
+from beyondlm.io import read_json
+from beyondlm.models import save_model
 from beyondlm.sampling import SamplingConfig, sample
+from stages import ebm as ebm_stage
+from stages import ebm_eval as ebm_eval_stage
 from tests.helpers import tiny_setup
 
 PROMPT_LEN, MAX_NEW = 3, 12
@@ -147,7 +154,8 @@ def test_evaluate_decoders_keys_and_ranges(evaluated, fitted):
         assert np.isfinite(res["ppl"][key]) and res["ppl"][key] >= 0
     assert np.isfinite(res["xent"]["diff"]) and res["xent"]["diff_se"] > 0
     rows = quality_vs_m(res, cfg.Ms)
-    assert [r["M"] for r in rows] == [1, 2, 3] and rows[0]["mauve"] == res["decoders"]["sample"]["mauve"]
+    assert [r["M"] for r in rows] == [1, 2, 3]
+    assert rows[0]["mauve"] == res["decoders"]["sample"]["mauve"]  # M = 1: plain sampling
 
 
 def test_evaluate_ppl_equals_direct_log_p_star(setup, fitted, evaluated):
@@ -156,7 +164,8 @@ def test_evaluate_ppl_equals_direct_log_p_star(setup, fitted, evaluated):
     res, prompts, conts, cfg = evaluated
     sol = fitted[0]
     pure = SamplingConfig(max_new_tokens=MAX_NEW, batch_size=cfg.batch_size)
-    _, pool = draw_pool(model, tok, prompts, NAMES, 4, pure, seed=cfg.seed)  # same seed → same pool
+    S = max(max(cfg.Ms), cfg.ppl_samples)
+    _, pool = draw_pool(model, tok, prompts, NAMES, S, pure, seed=cfg.seed)  # same seed: same pool
     log_z = np.log(np.mean(np.exp(-pool[:, : cfg.ppl_samples] @ sol.mu), axis=1))
     F = compute_features(NAMES, prompts, conts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     logp = []
@@ -168,3 +177,37 @@ def test_evaluate_ppl_equals_direct_log_p_star(setup, fitted, evaluated):
     n_tok = sum(len(c) for c in conts)
     assert res["ppl"]["ebm"] == pytest.approx(np.exp(-lps.sum() / n_tok), rel=1e-5)
     assert res["ppl"]["base"] == pytest.approx(np.exp(-sum(logp) / n_tok), rel=1e-5)
+
+
+def test_stages_write_exactly_their_declared_outputs(tmp_path, monkeypatch, setup):
+    """ebm then ebm_eval in a temp project: declared outs only, and a base mismatch is refused."""
+    language, tok, model, texts, _ = setup
+    data = tmp_path / "data"
+    for split, rows in (("valid", texts[:32]), ("test", texts[32:])):
+        datasets.Dataset.from_dict({"input_ids": rows}).to_parquet(str(data / f"{split}.parquet"))
+    language.save(data / "language.json")
+    save_model(model, tok, tmp_path / "models/sft/mle-s0")
+    (tmp_path / "params.yaml").write_text(
+        "prepare: {out_dir: data, max_len: 15, prompt_len: 3}\n"
+        f"ebm: {{features: {NAMES}, n_prompts: 16, samples_per_prompt: 8}}\n"
+        "ebm_eval: {Ms: [2], n_prompts: 16, ppl_samples: 2}\n")
+    monkeypatch.chdir(tmp_path)
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
+    fit_args = ["--out", "models/ebm/weights.json", "--metrics", "m/ebm.json"]
+    eval_args = ["--weights", "models/ebm/weights.json", "--metrics", "m/ebm_eval.json",
+                 "--plot-dir", "plots"]
+    for stage, args in ((ebm_stage, fit_args), (ebm_eval_stage, eval_args)):
+        monkeypatch.setattr(sys, "argv", ["x", "--model", "models/sft/mle-s0", *args])
+        stage.main()
+    written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()} - {
+        str(p.relative_to(tmp_path)) for p in before}  # nothing else, no leftover temp files
+    assert written == {"models/ebm/weights.json", "m/ebm.json", "m/ebm_eval.json",
+                       "plots/quality_vs_m.tsv", "plots/quality_vs_m.png"}
+    weights = read_json("models/ebm/weights.json")
+    assert weights["base"] == "mle-s0" and weights["features"] == NAMES
+    header = (tmp_path / "plots/quality_vs_m.tsv").read_text().splitlines()[0].split("\t")
+    assert header == ["M", "mauve", *[f"gap_{n}" for n in NAMES]]
+    (tmp_path / "models/sft/mle-s1").symlink_to(tmp_path / "models/sft/mle-s0")
+    monkeypatch.setattr(sys, "argv", ["x", "--model", "models/sft/mle-s1", *eval_args])
+    with pytest.raises(ConfigError, match="fitted for models/sft/mle-s0"):
+        ebm_eval_stage.main()

@@ -171,14 +171,15 @@ def fit_ebm(model, tokenizer, ref_prompts, ref_conts, names, *, samples_per_prom
     sol = solve_dual(F.reshape(-1, len(names)), targets, names, tol=tol)
     cond_mean, ess = conditional_moments(F, sol.mu)
     eos = tokenizer.eos_token_id
-    per = lambda a: {n: float(v) for n, v in zip(names, a)}  # noqa: E731
+    per = lambda a: _per(names, a)  # noqa: E731
     diagnostics = {
         "n_reference": len(ref_prompts), "n_samples": len(conts),
         "samples_per_prompt": samples_per_prompt,
         "unfinished_frac": float(np.mean([not c or c[-1] != eos for c in conts])),
         "targets_se": per(targets_se), "proposal_mean": per(F.reshape(-1, len(names)).mean(0)),
         "residual_after_conditional": per(targets - cond_mean),
-        # |residual| / SE(F̂): below ~2 the fit is as good as the targets are known
+        # (F̂ − E_{p_θ}[f]) / SE(F̂): how far p_θ misses each target in units of the targets'
+        # own noise (|z| < 2: indistinguishable from the reference with this many texts)
         "residual_before_z": per((targets - F.reshape(-1, len(names)).mean(0))
                                  / np.where(targets_se > 0, targets_se, np.nan)),
         "ess_per_prompt_mean": float(ess.mean()),
