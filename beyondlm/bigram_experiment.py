@@ -28,7 +28,6 @@ from beyondlm.data.tokenization import word_tokenizer
 from beyondlm.logprobs import pad_batch, sequence_logps
 from beyondlm.metrics import forward_kl
 from beyondlm.models import build_model, count_parameters
-from beyondlm.objectives import resolve_objective
 from beyondlm.sft import make_loss_fn
 from beyondlm.training import train_loop
 
@@ -87,24 +86,6 @@ class BigramConfig:
 def bigram_config(raw: Mapping[str, Any]) -> BigramConfig:
     """Strictly load params section ``bigram`` (unknown keys and bad values → ConfigError)."""
     return load_section(BigramConfig, raw, "bigram")
-
-
-def variant_objective(sft: Mapping[str, Any], variant: str) -> tuple[str, dict[str, float]]:
-    """(objective name, validated hyperparameters) of ``sft.objectives.<variant>``; the entry's
-    ``objective`` key defaults to the variant name."""
-    entries = sft.get("objectives") or {}
-    if variant not in entries:
-        raise ConfigError(
-            f"params.yaml: sft.objectives has no entry '{variant}' (entries: "
-            f"{', '.join(entries) or 'none'}); add it or drop it from sft.variants"
-        )
-    entry = dict(entries[variant] or {})
-    name = entry.pop("objective", variant)
-    try:
-        _, hyperparams = resolve_objective(name, entry)
-    except ValueError as err:
-        raise ConfigError(f"params.yaml: sft.objectives.{variant}: {err}") from err
-    return name, hyperparams
 
 
 def gold_data(spec: BigramSpec, n_train: int, n_test: int) -> tuple[BigramLM, list, list]:

@@ -286,26 +286,33 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != 
 SFT_KEYS = ("variants", "seeds", "objectives", "model", *TRAIN_KEYS)
 
 
+def variant_objective(sft: Mapping[str, Any], variant: str) -> tuple[str, dict[str, float]]:
+    """(objective name, validated hyperparameters) of ``sft.objectives.<variant>``; the entry's
+    ``objective`` key defaults to the variant name. Shared by every stage with a variant axis."""
+    from beyondlm.objectives import resolve_objective
+
+    entries = sft.get("objectives") or {}
+    if variant not in entries:
+        raise ConfigError(
+            f"params.yaml: sft.objectives has no entry '{variant}' (entries: "
+            f"{', '.join(entries) or 'none'}); add it or drop it from the variants list"
+        )
+    entry = dict(entries[variant] or {})
+    name = entry.pop("objective", variant)
+    try:
+        _, hyperparams = resolve_objective(name, entry)
+    except ValueError as err:
+        raise ConfigError(f"params.yaml: sft.objectives.{variant}: {err}") from err
+    return name, hyperparams
+
+
 def sft_config(sft: Mapping[str, Any], variant: str, seed: int) -> SFTConfig:
     """The config of stage ``sft@<variant>-<seed>``: ``sft.objectives[variant]`` names the
     objective and its hyperparameters; training keys sit directly under ``sft``."""
-    from beyondlm.objectives import resolve_objective
-
     unknown = sorted(set(sft) - set(SFT_KEYS))
     if unknown:
         raise ConfigError(f"params.yaml: unknown key 'sft.{unknown[0]}'. Allowed: {', '.join(SFT_KEYS)}")
-    variants = sft.get("objectives") or {}
-    if variant not in variants:
-        raise ConfigError(
-            f"params.yaml: sft.objectives has no entry '{variant}' (entries: "
-            f"{', '.join(variants) or 'none'}); add it or drop it from sft.variants"
-        )
-    entry = dict(variants[variant] or {})
-    objective = entry.pop("objective", variant)
-    try:
-        _, hyperparams = resolve_objective(objective, entry)
-    except ValueError as err:
-        raise ConfigError(f"params.yaml: sft.objectives.{variant}: {err}") from err
+    objective, hyperparams = variant_objective(sft, variant)
     train = load_section(TrainConfig, {**{k: sft[k] for k in TRAIN_KEYS if k in sft}, "seed": seed}, "sft")
     model = load_section(ModelConfig, sft.get("model"), "sft.model")
     return SFTConfig(variant=variant, objective=objective, hyperparams=hyperparams, model=model, train=train)

@@ -24,44 +24,11 @@ from beyondlm.data.prepare import load_split
 from beyondlm.data.synthetic import SyntheticLanguage
 from beyondlm.ebm import EBMSolution
 from beyondlm.ebm.experiment import EBMEvalConfig, evaluate_decoders, quality_vs_m, reference_pairs
-from beyondlm.io import atomic_path, read_json, write_json, write_text
+from beyondlm.io import read_json, write_json
 from beyondlm.models import load_model
+from beyondlm.report import plot_quality_vs_m
 
 log = logging.getLogger("stages.ebm_eval")
-
-
-def plot(rows: list[dict], tsv: Path, png: Path, *, chance_mauve: float) -> None:
-    """TSV for ``dvc plots`` and a PNG: MAUVE and each |gap| against M (log axis).
-
-    ``chance_mauve``: MAUVE of a second plain-sampling draw, drawn as a line: how far MAUVE moves
-    between two draws of the same decoder."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = list(rows[0])
-    write_text(tsv, "\n".join(["\t".join(cols)] + ["\t".join(f"{r[c]:.6g}" for c in cols)
-                                                   for r in rows]) + "\n")
-    Ms = [r["M"] for r in rows]
-    gaps = [c for c in cols if c.startswith("gap_")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(Ms, [r["mauve"] for r in rows], "o-", label="sampling (M = 1), EBM-SIR")
-    axes[0].axhline(chance_mauve, ls="--", c="gray", label="second plain-sampling draw")
-    axes[0].legend(fontsize=8)
-    axes[0].set(xscale="log", xlabel="M (SIR candidates; 1 = plain sampling)", ylabel="MAUVE")
-    for c in gaps:  # relative to M = 1 so features of different units share an axis
-        base = abs(rows[0][c]) or 1.0
-        axes[1].plot(Ms, [abs(r[c]) / base for r in rows], "o-", label=c[4:])
-    axes[1].set(xscale="log", xlabel="M", ylabel="|gap to reference| / |gap at M=1|")
-    axes[1].legend(fontsize=8)
-    for ax in axes:
-        ax.minorticks_off()  # log axis: label exactly the Ms
-        ax.set_xticks(Ms, [str(m) for m in Ms])
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -95,7 +62,7 @@ def main() -> None:
              result["ppl"]["ebm"], result["ppl"]["ebm_se"],
              {k: round(v["mauve"], 3) for k, v in result["decoders"].items()}, result["wall_s"])
     write_json(args.metrics, result)
-    plot(quality_vs_m(result, cfg.Ms), args.plot_dir / "quality_vs_m.tsv",
+    plot_quality_vs_m(quality_vs_m(result, cfg.Ms), args.plot_dir / "quality_vs_m.tsv",
          args.plot_dir / "quality_vs_m.png",
          chance_mauve=result["decoders"]["sample_b"]["mauve"])
 

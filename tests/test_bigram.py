@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from beyondlm.bigram_experiment import BigramConfig, BigramModelConfig, bigram_config, run_bigram, variant_objective
+from beyondlm.bigram_experiment import BigramConfig, BigramModelConfig, bigram_config, run_bigram
+from beyondlm.config import variant_objective
 from beyondlm.config import ConfigError
 from beyondlm.objectives import OBJECTIVES
 from beyondlm.data.bigram import (
