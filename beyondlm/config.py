@@ -292,6 +292,12 @@ def variant_objective(sft: Mapping[str, Any], variant: str) -> tuple[str, dict[s
     from beyondlm.objectives import resolve_objective
 
     entries = sft.get("objectives") or {}
+    bad = next((c for c in ".@/:" if c in variant), None)
+    if bad:  # DVC reads `sft.objectives.<variant>` as a dotted path and `@`/`:` as addressing
+        raise ConfigError(
+            f"params.yaml: variant name '{variant}' contains '{bad}': DVC cannot address it; "
+            f"use letters, digits, '-' and '_' (e.g. '{variant.replace(bad, '_')}')"
+        )
     if variant not in entries:
         raise ConfigError(
             f"params.yaml: sft.objectives has no entry '{variant}' (entries: "

@@ -57,6 +57,8 @@ def test_sft_config_errors():
     base = {"objectives": {"mle": {"objective": "mle"}, "t": {"objective": "tailr", "gama": 0.1}}}
     with pytest.raises(ConfigError, match="no entry 'x'"):
         sft_config(base, "x", 0)
+    with pytest.raises(ConfigError, match=r"'t-g0.1' contains '\.'.*'t-g0_1'"):
+        sft_config({"objectives": {"t-g0.1": {"objective": "tailr"}}}, "t-g0.1", 0)
     with pytest.raises(ConfigError, match="sft.objectives.t.*gama"):
         sft_config(base, "t", 0)
     with pytest.raises(ConfigError, match="sft.lrr"):

@@ -24,3 +24,10 @@ def test_targets_select_upstream_only():
     assert names[0] == "prepare" and all(n == "prepare" or n.startswith("sft@") for n in names)
     with pytest.raises(ValueError, match="no stage matches"):
         pipeline_stages(ROOT, ["nope"])
+
+
+def test_every_declared_param_exists_in_params_yaml():
+    """DVC refuses to run a stage whose declared key is missing; keys are dotted paths, so a
+    variant name with a dot (`tailr-g0.1`) silently becomes a deeper, missing path."""
+    missing = {s.name: k for s in pipeline_stages(ROOT) for k, v in s.params.items() if v is None}
+    assert not missing, f"declared params missing from params.yaml: {missing}"
