@@ -25,3 +25,29 @@ __all__ = [
     "sft_token_loss",
     "tailr_loss",
 ]
+
+from beyondlm.objectives.preference import (  # noqa: E402
+    PREFERENCE_LOSSES,
+    PreferenceLoss,
+    dpo_pref_loss,
+    dpo_rw_loss,
+    exo_pref_loss,
+    exo_rw_loss,
+    group_log_probs,
+    pair_margin,
+    preference_metrics,
+    resolve_preference_loss,
+)
+
+__all__ += [
+    "PREFERENCE_LOSSES",
+    "PreferenceLoss",
+    "dpo_pref_loss",
+    "dpo_rw_loss",
+    "exo_pref_loss",
+    "exo_rw_loss",
+    "group_log_probs",
+    "pair_margin",
+    "preference_metrics",
+    "resolve_preference_loss",
+]

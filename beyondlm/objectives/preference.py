@@ -1,0 +1,182 @@
+"""Preference objectives: DPO and EXO, pairwise (-pref) and over groups of K scored samples (-rw).
+
+Every loss is a pure function of sequence log-probabilities (already summed over response tokens,
+prompt masked, EOS included; see `beyondlm.logprobs.sequence_logps`) returning the per-example loss:
+
+    pair:  fn(policy_chosen (B,), policy_rejected (B,), ref_chosen (B,), ref_rejected (B,), *, ...) -> (B,)
+    group: fn(policy_logps (B, K), ref_logps (B, K), rewards (B, K), *, ...) -> (B,)
+
+Δ(y) = log π_θ(y) − log π_ref(y) is the sequence log-ratio. A pair batch coming out of the model as
+one (2B,) tensor is `[chosen; rejected]` on dim 0 (`logps.chunk(2)`). Reference log-probs and
+rewards are targets: they are DETACHED inside, so gradients reach the policy log-probs only.
+Everything is computed in float32 (or the input's wider dtype) through logsigmoid / log_softmax,
+so the values stay finite for |Δ| up to ~1e4. Reduce with `.mean()` (or `.sum()` with the
+number of pairs/groups as the unit count in the shared training loop). The names live in one
+table, `PREFERENCE_LOSSES`; `resolve_preference_loss` validates hyperparameters against it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _f(x: Tensor) -> Tensor:
+    # float32 at least: logsigmoid of a half-precision margin loses the small-ε target entirely.
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def pair_margin(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+                ref_rejected: Tensor) -> Tensor:
+    """Δ_w − Δ_l = [log π_θ(y_w) − log π_ref(y_w)] − [log π_θ(y_l) − log π_ref(y_l)]: (B,).
+
+    The reference terms are detached (they are fixed targets)."""
+    ref = _f(ref_chosen).detach() - _f(ref_rejected).detach()
+    return (_f(policy_chosen) - _f(policy_rejected)) - ref
+
+
+def dpo_pref_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+                  ref_rejected: Tensor, *, beta: float) -> Tensor:
+    """DPO: Rafailov et al., "Direct Preference Optimization", NeurIPS 2023, eq. 7:
+        ℓ = −log σ(β (Δ_w − Δ_l)).
+    Inputs (B,) sequence log-probs; returns (B,). Policy = reference gives log 2.
+    """
+    z = beta * pair_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)  # (B,)
+    return -F.logsigmoid(z)
+
+
+def exo_pref_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+                  ref_rejected: Tensor, *, beta: float, epsilon: float) -> Tensor:
+    """EXO-pref: Ji et al., "Towards Efficient Exact Optimization of Language Model Alignment",
+    ICML 2024, EXO-pref (eq. 16 of arXiv 2402.00856, as TRL cites it), K = 2: KL(p_θ ‖ p_ε)
+    between p_θ = softmax(β·[Δ_w, Δ_l]) and the target p_ε = (1 − ε, ε). With z = β (Δ_w − Δ_l):
+        ℓ = σ(z)[log σ(z) − log(1 − ε)] + σ(−z)[log σ(−z) − log ε].
+    Same formula as TRL's `loss_type="exo_pair"` with label_smoothing = ε (their port; default
+    1e-3). The authors' own repo hard-codes target log-probs [0, −10], i.e. ε = σ(−10) ≈ 4.5e-5.
+    Minimum 0 at z = log((1 − ε)/ε). Inputs (B,); returns (B,).
+    """
+    z = beta * pair_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)  # (B,)
+    log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)  # log σ(z), log σ(−z), stable for |z| ~ 1e4
+    # exp(log σ) underflows to exactly 0 where the other factor is large: 0 · finite, never 0 · inf.
+    return log_qw.exp() * (log_qw - math.log1p(-epsilon)) + log_ql.exp() * (log_ql - math.log(epsilon))
+
+
+def group_log_probs(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, *, beta_pi: float,
+                    beta_r: float) -> tuple[Tensor, Tensor]:
+    """log p_θ = log_softmax_i(β_π Δ_i) and log p_r = log_softmax_i(r_i / β_r) over the group dim.
+
+    Ji et al., ICML 2024 (the EXO distributions over a group). Inputs (B, K); returns two (B, K) tensors; ref and rewards
+    detached."""
+    delta = _f(policy_logps) - _f(ref_logps).detach()  # (B, K)
+    log_p_theta = torch.log_softmax(beta_pi * delta, dim=-1)
+    log_p_r = torch.log_softmax(_f(rewards).detach() / beta_r, dim=-1)
+    return log_p_theta, log_p_r
+
+
+def exo_rw_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, *, beta_pi: float,
+                beta_r: float) -> Tensor:
+    """EXO-rw: Ji et al., ICML 2024 (EXO with a reward model): the reverse KL over the K samples of one prompt
+        ℓ = KL(p_θ ‖ p_r) = Σ_i p_θ(i) [log p_θ(i) − log p_r(i)],
+    p_θ = softmax(β_π Δ), p_r = softmax(r / β_r). Inputs (B, K); returns (B,). With K = 2 this is
+    exactly EXO-pref with ε = σ(−(r_w − r_l)/β_r).
+    """
+    log_p_theta, log_p_r = group_log_probs(policy_logps, ref_logps, rewards, beta_pi=beta_pi, beta_r=beta_r)
+    return (log_p_theta.exp() * (log_p_theta - log_p_r)).sum(-1)
+
+
+def dpo_rw_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, *, beta_pi: float,
+                beta_r: float) -> Tensor:
+    """DPO-rw: the forward cross-entropy over the group (Ji et al., ICML 2024, their "DPO-rw" baseline; DPO's
+    Plackett-Luce generalization to soft targets, Rafailov et al. 2023 §5):
+        ℓ = −Σ_i p_r(i) log p_θ(i)  (= KL(p_r ‖ p_θ) + H(p_r)),
+    p_θ = softmax(β_π Δ), p_r = softmax(r / β_r). Inputs (B, K); returns (B,). One-hot p_r with
+    K = 2 gives DPO-pref.
+    """
+    log_p_theta, log_p_r = group_log_probs(policy_logps, ref_logps, rewards, beta_pi=beta_pi, beta_r=beta_r)
+    return -(log_p_r.exp() * log_p_theta).sum(-1)
+
+
+@torch.no_grad()
+def preference_metrics(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+                       ref_rejected: Tensor, *, beta: float) -> dict[str, float]:
+    """Batch means under TRL's DPOTrainer metric names (so curves line up with theirs):
+    rewards/chosen = mean β Δ_w, rewards/rejected = mean β Δ_l, rewards/accuracies = mean 1[βΔ_w >
+    βΔ_l], rewards/margins = mean β(Δ_w − Δ_l), logps/chosen, logps/rejected = mean policy
+    log-probs. Inputs (B,)."""
+    chosen = beta * (_f(policy_chosen) - _f(ref_chosen))  # (B,)
+    rejected = beta * (_f(policy_rejected) - _f(ref_rejected))
+    return {
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/accuracies": (chosen > rejected).float().mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+        "logps/chosen": _f(policy_chosen).mean().item(),
+        "logps/rejected": _f(policy_rejected).mean().item(),
+    }
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One row of the preference-loss table."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    defaults: Mapping[str, float]  # allowed hyperparameters and their defaults
+    kind: Literal["pair", "group"]  # pair: 4 × (B,) inputs; group: 3 × (B, K) inputs
+    reference: str
+
+
+_EXO = "Ji et al., Towards Efficient Exact Optimization of Language Model Alignment, ICML 2024"
+_DPO = "Rafailov et al., Direct Preference Optimization, NeurIPS 2023"
+
+# Allowed range per hyperparameter name: (predicate, text shown in the error).
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "beta": (lambda v: v > 0.0, "(0, inf)"),
+    "beta_pi": (lambda v: v > 0.0, "(0, inf)"),
+    "beta_r": (lambda v: v > 0.0, "(0, inf)"),
+    "epsilon": (lambda v: 0.0 < v < 0.5, "(0, 0.5)"),  # ε ≥ ½ would prefer the rejected answer
+}
+
+# β = 0.1 is the paper's IMDB setting (0.5 for TL;DR and HH); ε = 1e-3 is the TRL port's default.
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "dpo_pref": PreferenceLoss("dpo_pref", dpo_pref_loss, {"beta": 0.1}, "pair", f"{_DPO}, eq. 7"),
+    "dpo_rw": PreferenceLoss("dpo_rw", dpo_rw_loss, {"beta_pi": 0.1, "beta_r": 0.1}, "group",
+                             f"{_EXO} (DPO-rw baseline)"),
+    "exo_pref": PreferenceLoss("exo_pref", exo_pref_loss, {"beta": 0.1, "epsilon": 1e-3}, "pair",
+                               f"{_EXO}, eq. 16"),
+    "exo_rw": PreferenceLoss("exo_rw", exo_rw_loss, {"beta_pi": 0.1, "beta_r": 0.1}, "group",
+                             f"{_EXO} (EXO-rw)"),
+}
+
+
+def _check_value(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"hyperparameter {key!r} must be a finite number, got {value!r}")
+    check = _RANGES.get(key)
+    if check is not None and not check[0](float(value)):
+        raise ValueError(f"hyperparameter {key!r}={value!r} is outside its allowed range {check[1]}")
+    return float(value)
+
+
+def resolve_preference_loss(name: str, hyperparams: Mapping[str, float]) -> tuple[PreferenceLoss, dict[str, float]]:
+    """Look up `name` in PREFERENCE_LOSSES and return it with its defaults updated by `hyperparams`.
+
+    Unknown names, unknown or non-numeric hyperparameters and out-of-range values raise ValueError
+    naming the offending key and the allowed values.
+    """
+    if name not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown preference loss {name!r}; allowed: {sorted(PREFERENCE_LOSSES)}")
+    row = PREFERENCE_LOSSES[name]
+    unknown = sorted(set(hyperparams) - set(row.defaults))
+    if unknown:
+        raise ValueError(
+            f"preference loss {name!r} got unknown hyperparameter(s) {unknown}; allowed: {sorted(row.defaults)}"
+        )
+    merged = {**row.defaults, **hyperparams}
+    return row, {k: _check_value(k, v) for k, v in merged.items()}
