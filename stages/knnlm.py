@@ -1,0 +1,86 @@
+"""Stage ``knnlm``: faiss index over the datastore, then kNN-LM perplexity per split × k × λ.
+
+params: prepare.out_dir, datastore.model, knnlm.*
+deps:   stages/knnlm.py, beyondlm/lookup/, beyondlm/logprobs.py, the model dir, --datastore,
+        ${prepare.out_dir}/<knnlm.splits>.parquet
+outs:   --index (faiss file)
+metrics: --metrics ({split: {lm_ppl, k: {λ: ppl}, best}, index: {recall@k, ...}})
+plots:  --plot (TSV: split, k, lambda, ppl)
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from beyondlm import cli
+from beyondlm.config import load_section, read_params, section
+from beyondlm.data.prepare import load_split
+from beyondlm.io import write_json, write_text
+from beyondlm.lookup.datastore import DatastoreConfig, forward_keys, load_datastore
+from beyondlm.lookup.knnlm import KnnlmConfig, build_index, evaluate_knnlm, recall_at_k, save_index
+from beyondlm.models import load_model
+
+
+def index_metrics(cfg: KnnlmConfig, index, keys, model, seqs) -> dict:
+    """recall@k (max k) of the index vs exact search on held-out queries (TRAPS: measure it)."""
+    out = {"n_keys": int(keys.shape[0]), **{f"cfg/{k}": v for k, v in vars(cfg.index).items()}}
+    if not cfg.recall_queries or cfg.index.kind == "flat":
+        return out
+    queries = np.concatenate([forward_keys(model, seqs[i : i + 64])[1].numpy() for i in range(0, len(seqs), 64)])
+    queries = queries[: cfg.recall_queries]
+    exact = build_index(keys, kind="flat", threads=cfg.index.threads)
+    out[f"recall@{max(cfg.k)}"] = recall_at_k(index, exact, queries, max(cfg.k))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    for arg in ("--datastore", "--index", "--metrics", "--plot"):
+        p.add_argument(arg, type=Path, required=True)
+    args = p.parse_args()
+    params = read_params()
+    cfg = load_section(KnnlmConfig, section(params, "knnlm"), "knnlm")
+    model_dir = load_section(DatastoreConfig, section(params, "datastore"), "datastore").model
+    data_dir = Path(section(params, "prepare").get("out_dir", "data/prepared"))
+    store, model = load_datastore(args.datastore), load_model(model_dir)
+    start = time.perf_counter()
+    icfg = cfg.index
+    index = build_index(store.keys, kind=icfg.kind, nlist=icfg.nlist, m=icfg.m, nbits=icfg.nbits,
+                        train_size=icfg.train_size, seed=icfg.seed, refine=icfg.refine,
+                        k_factor=icfg.k_factor, nprobe=icfg.nprobe, threads=icfg.threads)
+    save_index(index, args.index)
+    metrics = {"index": {"build_seconds": time.perf_counter() - start}}
+    bos, rows = model.config.bos_token_id, ["split\tk\tlambda\tppl"]
+    for split in cfg.splits:
+        ids = load_split(data_dir, split)["input_ids"]
+        seqs = [[bos, *s] for s in (ids[: cfg.max_eval] if cfg.max_eval else ids)]
+        if split == cfg.splits[0]:
+            metrics["index"].update(index_metrics(cfg, index, store.keys, model, seqs))
+        metrics[split] = split_metrics(cfg, model, index, store, seqs, rows, split)
+    write_json(args.metrics, metrics)
+    write_text(args.plot, "\n".join(rows) + "\n")
+
+
+def split_metrics(cfg: KnnlmConfig, model, index, store, seqs, rows: list[str], split: str) -> dict:
+    """Perplexity per k and λ on one split; ``best`` is the lowest (tune λ, k on valid only)."""
+    out: dict = {"k": {}}
+    for k in cfg.k:
+        res = evaluate_knnlm(model, index, store.values, seqs, lambdas=cfg.lambdas, k=k,
+                             temperature=cfg.temperature, batch_size=cfg.batch_size,
+                             exact_keys=store.keys if cfg.exact_distances else None)
+        out["k"][str(k)] = {"ppl": {str(lam): v for lam, v in res["perplexity"].items()},
+                            "knn_hit_rate": res["knn_hit_rate"]}
+        out["n_tokens"] = res["n_tokens"]
+        rows += [f"{split}\t{k}\t{lam}\t{v:.4f}" for lam, v in res["perplexity"].items()]
+    grid = [(v, int(k), float(lam)) for k, r in out["k"].items() for lam, v in r["ppl"].items()]
+    ppl, k, lam = min(grid)
+    out["best"] = {"ppl": ppl, "k": k, "lambda": lam}
+    if 0.0 in [float(x) for x in cfg.lambdas]:
+        out["lm_ppl"] = out["k"][str(cfg.k[0])]["ppl"]["0.0"]
+    return out
+
+
+if __name__ == "__main__":
+    cli.run(main)
