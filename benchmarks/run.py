@@ -92,9 +92,12 @@ def main() -> None:
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
         "sft": sft_comparison(args.steps, args.repeats),
     }
+    out = ROOT / "reports" / "bench" / "sft.json"
     if not args.skip_repro:
         result["pipeline"] = repro_timing()
-    write_json(ROOT / "reports" / "bench" / "sft.json", result)
+    elif out.exists() and "pipeline" in (old := json.loads(out.read_text())):
+        result["pipeline"] = {**old["pipeline"], "carried_over": "from an earlier run (--skip-repro)"}
+    write_json(out, result)
     from benchmarks.objectives import objective_overheads
     from beyondlm.config import ModelConfig, load_section, read_params, section
 

@@ -35,9 +35,13 @@ def _apply_mask(loss: Tensor, mask: Tensor) -> Tensor:
 
 
 def _token_logp(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
-    """log q_t = log softmax(logits)[labels] in float32: (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return logp.gather(-1, _safe_labels(labels, mask).unsqueeze(-1)).squeeze(-1)
+    """log q_t = log softmax(logits)[labels] in float32: (B, T). Through the fused cross-entropy
+    kernel (log-softmax + gather in one op, no (B, T, V) log-prob tensor kept for backward)."""
+    B, T, V = logits.shape
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().reshape(B * T, V), _safe_labels(labels, mask).reshape(B * T), reduction="none"
+    )
+    return -nll.view(B, T)
 
 
 def mle_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
