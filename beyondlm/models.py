@@ -29,7 +29,14 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         return model
-    config = GPT2Config(
+    config = tiny_gpt2_config(cfg, tokenizer)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_gpt2_config(cfg, tokenizer: PreTrainedTokenizerBase, **overrides) -> GPT2Config:
+    """A GPT-2 config sized by ``cfg`` (any config with n_layer, n_head, n_embd, n_positions,
+    dropout) over ``tokenizer``'s vocabulary; ``overrides`` win (e.g. a reward head's num_labels)."""
+    kwargs = dict(
         vocab_size=len(tokenizer),
         n_positions=cfg.n_positions,
         n_embd=cfg.n_embd,
@@ -43,7 +50,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
         pad_token_id=tokenizer.pad_token_id,
         activation_function="gelu_pytorch_tanh",  # fused; GPT-2's Python gelu_new is ~15% slower on CPU
     )
-    return GPT2LMHeadModel(config)
+    return GPT2Config(**{**kwargs, **overrides})
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import (
     AutoModelForSequenceClassification,
-    GPT2Config,
     GPT2ForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from beyondlm.logprobs import pad_batch
+from beyondlm.models import tiny_gpt2_config
 
 
 @dataclass(frozen=True)
@@ -62,21 +62,9 @@ def build_reward_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBas
             model.resize_token_embeddings(n_rows + 1)  # new row n_rows: pad only, never a real token
             model.config.pad_token_id = n_rows
         return model
-    config = GPT2Config(
-        vocab_size=len(tokenizer) + 1,  # + the dedicated pad row (see module docstring)
-        n_positions=cfg.n_positions,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=len(tokenizer),
-        num_labels=1,
-        activation_function="gelu_pytorch_tanh",
-    )
+    # + one embedding row used only as pad (see the module docstring)
+    config = tiny_gpt2_config(cfg, tokenizer, vocab_size=len(tokenizer) + 1, pad_token_id=len(tokenizer),
+                              num_labels=1)
     return GPT2ForSequenceClassification(config)
 
 

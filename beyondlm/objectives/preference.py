@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from beyondlm.objectives.table import resolve
+
 
 def _f(x: Tensor) -> Tensor:
     # float32 at least: logsigmoid of a half-precision margin loses the small-ε target entirely.
@@ -155,28 +157,10 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
 }
 
 
-def _check_value(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"hyperparameter {key!r} must be a finite number, got {value!r}")
-    check = _RANGES.get(key)
-    if check is not None and not check[0](float(value)):
-        raise ValueError(f"hyperparameter {key!r}={value!r} is outside its allowed range {check[1]}")
-    return float(value)
-
-
 def resolve_preference_loss(name: str, hyperparams: Mapping[str, float]) -> tuple[PreferenceLoss, dict[str, float]]:
     """Look up `name` in PREFERENCE_LOSSES and return it with its defaults updated by `hyperparams`.
 
     Unknown names, unknown or non-numeric hyperparameters and out-of-range values raise ValueError
     naming the offending key and the allowed values.
     """
-    if name not in PREFERENCE_LOSSES:
-        raise ValueError(f"unknown preference loss {name!r}; allowed: {sorted(PREFERENCE_LOSSES)}")
-    row = PREFERENCE_LOSSES[name]
-    unknown = sorted(set(hyperparams) - set(row.defaults))
-    if unknown:
-        raise ValueError(
-            f"preference loss {name!r} got unknown hyperparameter(s) {unknown}; allowed: {sorted(row.defaults)}"
-        )
-    merged = {**row.defaults, **hyperparams}
-    return row, {k: _check_value(k, v) for k, v in merged.items()}
+    return resolve(PREFERENCE_LOSSES, name, hyperparams, _RANGES, "preference loss")

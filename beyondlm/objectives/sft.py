@@ -11,13 +11,14 @@ Reduce with `reduce_tokens`. The objective names live in one table, `OBJECTIVES`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from beyondlm.objectives.table import resolve
 
 
 def _keep(mask: Tensor) -> Tensor:
@@ -152,31 +153,13 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def _check_value(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"hyperparameter {key!r} must be a finite number, got {value!r}")
-    check = _RANGES.get(key)
-    if check is not None and not check[0](float(value)):
-        raise ValueError(f"hyperparameter {key!r}={value!r} is outside its allowed range {check[1]}")
-    return float(value)
-
-
 def resolve_objective(name: str, hyperparams: Mapping[str, float]) -> tuple[Objective, dict[str, float]]:
     """Look up `name` in OBJECTIVES and return it with its defaults updated by `hyperparams`.
 
     Unknown names, unknown or non-numeric hyperparameters and out-of-range values raise ValueError
     naming the offending key and the allowed values.
     """
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; allowed: {sorted(OBJECTIVES)}")
-    obj = OBJECTIVES[name]
-    unknown = sorted(set(hyperparams) - set(obj.defaults))
-    if unknown:
-        raise ValueError(
-            f"objective {name!r} got unknown hyperparameter(s) {unknown}; allowed: {sorted(obj.defaults)}"
-        )
-    merged = {**obj.defaults, **hyperparams}
-    return obj, {k: _check_value(k, v) for k, v in merged.items()}
+    return resolve(OBJECTIVES, name, hyperparams, _RANGES, "objective")
 
 
 def sft_token_loss(
