@@ -27,7 +27,7 @@ RUN = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
 EVAL_COLUMNS = [
     ("test PPL", "test.perplexity", ".3f"),
     ("fwd KL (nats/seq)", "exact.forward_kl", ".3f"),
-    ("rev KL (nats/seq)", "exact.reverse_kl", ".3f"),
+    ("rev KL on possible (nats/seq)", "exact.reverse_kl", ".3f"),
     ("impossible", "exact.impossible_frac", ".3f"),
     ("TVD", "exact.tvd", ".3f"),
     ("distinct-2", "samples.distinct_2", ".3f"),
@@ -238,7 +238,9 @@ def build_report(reports: Path, n_examples: int) -> str:
                 f"{t.get('n_tokens')} tokens (mean length {t.get('mean_length', 0):.1f}).", ""]
     out += ["## Evaluation", "", "Mean ± std over seeds. KL and TVD are exact-likelihood Monte Carlo estimates "
             "against the known data distribution (nats per sequence); 'impossible' is the fraction of model "
-            "samples the language cannot produce (excluded from reverse KL, which is infinite when it is > 0).",
+            "samples the language cannot produce: the true reverse KL is then infinite, and the column shows the "
+            "estimate over the possible samples only — a conditional quantity that can be negative, since the "
+            "model mass outside the support is left out.",
             "", metrics_table(runs) if runs else "_no evaluated runs_", "", reference_row(runs), ""]
     if sft_runs := load_runs(metrics / "sft"):
         out += ["## Training", "", metrics_table(sft_runs, SFT_COLUMNS), ""]

@@ -60,7 +60,7 @@ def main() -> None:
     weights = {**sol.to_dict(), "features": list(cfg.features), "embedder": cfg.embedder,
                "base": cfg.base}
     write_json(args.out, weights)
-    write_json(args.metrics, {**sol.to_dict(), "diagnostics": diag, "wall_s": wall})
+    write_json(args.metrics, {**sol.to_dict(), "base": cfg.base, "diagnostics": diag, "wall_s": wall})
 
 
 if __name__ == "__main__":
