@@ -97,6 +97,34 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class PreparedData:
+    """What downstream stages read of the ``prepare`` section: where its outputs are and the
+    lengths they were cut to. Stages using it declare these keys in dvc.yaml."""
+
+    out_dir: str = PrepareConfig.out_dir
+    max_len: int = PrepareConfig.max_len
+    prompt_len: int = PrepareConfig.prompt_len
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.out_dir)
+
+    def language(self):
+        """The synthetic language (exact p_d) if prepare used it, else None."""
+        from beyondlm.data.synthetic import SyntheticLanguage
+
+        path = self.data_dir / "language.json"
+        return SyntheticLanguage.load(path) if path.exists() else None
+
+
+def prepared_data(params: Mapping[str, Any]) -> PreparedData:
+    """The declared ``prepare`` keys, typed (the rest of the section is prepare's own)."""
+    prep = section(params, "prepare")
+    keys = [f.name for f in dataclasses.fields(PreparedData)]
+    return load_section(PreparedData, {k: prep[k] for k in keys if k in prep}, "prepare")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """``sft.model``: a tiny GPT-2 from this config, or any causal LM by ``name_or_path``."""
 

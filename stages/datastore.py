@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import load_section, read_params, section
+from beyondlm.config import load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
 from beyondlm.io import write_json
 from beyondlm.lookup.datastore import DatastoreConfig, build_datastore
@@ -27,7 +27,7 @@ def main() -> None:
     args = p.parse_args()
     params = read_params()
     cfg = load_section(DatastoreConfig, section(params, "datastore"), "datastore")
-    data_dir = Path(section(params, "prepare").get("out_dir", "data/prepared"))
+    data_dir = prepared_data(params).data_dir
     ids = load_split(data_dir, cfg.split)["input_ids"]
     if cfg.max_seqs:
         ids = ids[: cfg.max_seqs]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import ConfigError, load_section, read_params, section
+from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
 from beyondlm.ebm.experiment import EBMConfig, fit_ebm, reference_pairs
 from beyondlm.io import write_json
@@ -34,9 +34,9 @@ def main() -> None:
     args = p.parse_args()
     params = read_params()
     cfg = load_section(EBMConfig, section(params, "ebm"), "ebm")
-    prep = section(params, "prepare")
-    max_len, prompt_len = prep.get("max_len", 64), prep.get("prompt_len", 8)
-    valid = load_split(Path(prep.get("out_dir", "data/prepared")), "valid")
+    prep = prepared_data(params)
+    max_len, prompt_len = prep.max_len, prep.prompt_len
+    valid = load_split(prep.data_dir, "valid")
     prompts, conts = reference_pairs(valid["input_ids"], prompt_len, cfg.n_prompts)
     if len(prompts) < 2:
         raise ConfigError(f"only {len(prompts)} valid texts are longer than prepare.prompt_len="

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import ConfigError, load_section, read_params, section
+from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
-from beyondlm.data.synthetic import SyntheticLanguage
 from beyondlm.ebm import EBMSolution
 from beyondlm.ebm.experiment import EBMEvalConfig, evaluate_decoders, quality_vs_m, reference_pairs
 from beyondlm.io import read_json, write_json
@@ -38,9 +37,8 @@ def main() -> None:
     args = p.parse_args()
     params = read_params()
     cfg = load_section(EBMEvalConfig, section(params, "ebm_eval"), "ebm_eval")
-    prep = section(params, "prepare")
-    max_len, prompt_len = prep.get("max_len", 64), prep.get("prompt_len", 8)
-    data_dir = Path(prep.get("out_dir", "data/prepared"))
+    prep = prepared_data(params)
+    max_len, prompt_len, data_dir = prep.max_len, prep.prompt_len, prep.data_dir
     weights = read_json(args.weights)
     if weights.get("base") != args.model.name:
         raise ConfigError(f"{args.weights} was fitted for models/sft/{weights.get('base')}, "
@@ -48,8 +46,7 @@ def main() -> None:
     sol = EBMSolution.from_dict(weights)
     prompts, conts = reference_pairs(load_split(data_dir, "test")["input_ids"], prompt_len,
                                      cfg.n_prompts)
-    lang_path = data_dir / "language.json"
-    language = SyntheticLanguage.load(lang_path) if lang_path.exists() else None
+    language = prep.language()
 
     from transformers import AutoTokenizer
 

@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import EvaluateConfig, load_section, read_params, section
+from beyondlm.config import EvaluateConfig, load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
-from beyondlm.data.synthetic import SyntheticLanguage
 from beyondlm.evaluation import evaluate_lm
 from beyondlm.io import atomic_path, write_json, write_text
 from beyondlm.models import load_model
@@ -28,17 +27,15 @@ def main() -> None:
     args = p.parse_args()
     params = read_params()
     cfg = load_section(EvaluateConfig, section(params, "evaluate"), "evaluate")
-    prep = section(params, "prepare")
-    data_dir = Path(prep.get("out_dir", "data/prepared"))
-    test = load_split(data_dir, "test")
-    lang_path = data_dir / "language.json"
-    language = SyntheticLanguage.load(lang_path) if lang_path.exists() else None
+    prep = prepared_data(params)
+    test = load_split(prep.data_dir, "test")
+    language = prep.language()
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     metrics, records = evaluate_lm(
-        load_model(args.model), tokenizer, test["input_ids"], cfg, max_len=prep.get("max_len", 64),
+        load_model(args.model), tokenizer, test["input_ids"], cfg, max_len=prep.max_len,
         language=language, test_logp_data=test["logp_data"] if language else None,
     )
     write_json(args.metrics, metrics)

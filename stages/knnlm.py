@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from beyondlm import cli
-from beyondlm.config import load_section, read_params, section
+from beyondlm.config import load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
 from beyondlm.io import write_json, write_text
 from beyondlm.lookup.datastore import DatastoreConfig, forward_keys, load_datastore
@@ -43,7 +43,7 @@ def main() -> None:
     params = read_params()
     cfg = load_section(KnnlmConfig, section(params, "knnlm"), "knnlm")
     model_dir = load_section(DatastoreConfig, section(params, "datastore"), "datastore").model
-    data_dir = Path(section(params, "prepare").get("out_dir", "data/prepared"))
+    data_dir = prepared_data(params).data_dir
     store, model = load_datastore(args.datastore), load_model(model_dir)
     start = time.perf_counter()
     icfg = cfg.index

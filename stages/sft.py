@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import read_params, section, sft_config
+from beyondlm.config import prepared_data, read_params, section, sft_config
 from beyondlm.io import write_json
 from beyondlm.sft import run_sft
 
@@ -24,7 +24,7 @@ def main() -> None:
     args = p.parse_args()
     params = read_params()
     cfg = sft_config(section(params, "sft"), args.variant, args.seed)
-    data_dir = Path(section(params, "prepare").get("out_dir", "data/prepared"))
+    data_dir = prepared_data(params).data_dir
     metrics = run_sft(cfg, data_dir, out_dir=args.out, ckpt_dir=args.ckpt, live_dir=args.live)
     write_json(args.metrics, metrics)
 

@@ -73,3 +73,15 @@ def test_params_parse_as_yaml_1_2_like_dvc(tmp_path):
     path.write_text("sft:\n  objectives: {mle: {}}\n  mixed_precision: no\n  lr: 3e-4\n")
     cfg = sft_config(section(read_params(path), "sft"), "mle", 0)
     assert cfg.train.mixed_precision == "no" and cfg.train.lr == 3e-4
+
+
+def test_prepared_data_reads_declared_keys_typed():
+    from beyondlm.config import PrepareConfig, prepared_data
+
+    default = prepared_data({})
+    assert (default.out_dir, default.max_len, default.prompt_len) == (
+        PrepareConfig.out_dir, PrepareConfig.max_len, PrepareConfig.prompt_len)
+    ref = prepared_data({"prepare": {"out_dir": "d/p", "max_len": 32, "prompt_len": 4, "n_train": 7}})
+    assert str(ref.data_dir) == "d/p" and ref.max_len == 32 and ref.language() is None
+    with pytest.raises(ConfigError, match="'prepare.max_len' must be int"):
+        prepared_data({"prepare": {"max_len": "long"}})
