@@ -20,7 +20,7 @@ repro: $(STAMP)
 
 # The same stages through DVC alone (no Prefect, no MLflow).
 dvc-repro: $(STAMP)
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -42,6 +42,14 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[
     return ids.to(device), mask.to(device)
 
 
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions where mask is true, (B, T, H) → (B, H) float64; zeros for empty rows.
+    ``where`` rather than a product: states of padded positions may be NaN under SDPA."""
+    m = mask.unsqueeze(-1)
+    total = torch.where(m, hidden.double(), 0.0).sum(1)
+    return total / m.sum(1).clamp(min=1)
+
+
 @torch.no_grad()
 def sequence_logps(
     model,

@@ -87,13 +87,34 @@ def test_nll_matches_hand_computation_and_precomputed(gpt2):
     np.testing.assert_array_equal(_feat("nll", prompts, conts, lm_logps=pre), got)
 
 
-def test_coherence_lm_fallback(gpt2):
+def test_coherence_lm_fallback_by_hand(gpt2):
     prompts = [[0, 3, 4, 5], [0, 9], [0, 9]]
-    conts = [[0, 3, 4, 5, EOS], [11, 12, 13], []]  # row 0: continuation = prompt → cosine 1
+    conts = [[6, 7, EOS], [11, 12, 13], []]
     got = _feat("coherence", prompts, conts, model=gpt2)
-    assert got.shape == (3,) and np.all(np.isfinite(got))
-    assert got[0] == pytest.approx(1.0, abs=1e-6)
-    assert -1 <= got[1] <= 1 and got[1] < 1 - 1e-6 and got[2] == 0.0  # empty → 0
+    for i in range(2):  # one unpadded causal pass over prompt + body (EOS dropped) per row
+        body = [t for t in conts[i] if t != EOS]
+        with torch.no_grad():
+            h = gpt2(torch.tensor([prompts[i] + body]), output_hidden_states=True).hidden_states[-1][0]
+        a, b = h[: len(prompts[i])].double().mean(0), h[len(prompts[i]) :].double().mean(0)
+        assert got[i] == pytest.approx(float(torch.nn.functional.cosine_similarity(a, b, dim=0)), abs=1e-6)
+    assert got[2] == 0.0  # empty → 0
+
+
+def test_sampler_scores_equal_a_second_pass(gpt2):
+    """nll and coherence read off the sampling pass = the same features from a fresh forward pass,
+    for finished and unfinished (max_new_tokens reached) continuations alike; same draws as sample."""
+    from beyondlm.sampling import sample_scored
+
+    prompts = [[0, 3, 4], [0, 5], [0, 6, 7, 8]] * 3
+    cfg = SamplingConfig(max_new_tokens=10, batch_size=4)
+    plain = sample(gpt2, prompts, cfg, eos_id=EOS, pad_id=PAD, seed=1)
+    conts, sc = sample_scored(gpt2, prompts, cfg, eos_id=EOS, pad_id=PAD, seed=1, states=True)
+    assert conts == plain and {len(c) for c in conts} >= {10}  # some unfinished
+    names = ["nll", "coherence"]
+    fresh = compute_features(names, prompts, conts, model=gpt2, eos_id=EOS, pad_id=PAD)
+    read_off = compute_features(names, prompts, conts, eos_id=EOS, pad_id=PAD, lm_logps=sc.logps,
+                                lm_states=(sc.prompt_states, sc.completion_states))
+    np.testing.assert_allclose(read_off, fresh, rtol=1e-5, atol=1e-6)
 
 
 def test_all_features_finite(gpt2):

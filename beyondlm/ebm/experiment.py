@@ -33,7 +33,7 @@ from scipy.special import logsumexp
 
 from beyondlm.config import ConfigError
 from beyondlm.ebm.features import EMBEDDERS, FEATURES, compute_features, continuation_logps
-from beyondlm.ebm.sir import sir_select, sir_weights
+from beyondlm.ebm.sir import sample_with_features, sir_select, sir_weights
 from beyondlm.ebm.solver import EBMSolution, log_p_star, solve_dual
 from beyondlm.logprobs import pad_batch
 from beyondlm.metrics import sample_metrics
@@ -133,14 +133,14 @@ def draw_pool(model, tokenizer, prompts, names, S: int, cfg: SamplingConfig, *, 
               embedder: str = "lm"):
     """S samples from p_θ per prompt and their features: (conts (N·S,), F (N, S, K)).
 
-    Candidates of prompt i are rows i·S .. i·S+S−1 (one batched ``sample`` call).
+    Candidates of prompt i are rows i·S .. i·S+S−1 (one batched sampling call that also
+    yields the model-based features).
     """
     _check_proposal(cfg)
     repeated = [list(p) for p in prompts for _ in range(S)]  # (N·S,) prompt-major
-    conts = sample(model, repeated, cfg, eos_id=tokenizer.eos_token_id,
-                   pad_id=tokenizer.pad_token_id, seed=seed)
-    F = _features(names, repeated, conts, model, tokenizer, embedder=embedder,
-                  batch_size=cfg.batch_size)
+    conts, F = sample_with_features(model, repeated, names, cfg, eos_id=tokenizer.eos_token_id,
+                                    pad_id=tokenizer.pad_token_id, seed=seed, tokenizer=tokenizer,
+                                    embedder=embedder, batch_size=cfg.batch_size)
     return conts, F.reshape(len(prompts), S, len(names))
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from beyondlm.logprobs import pad_batch, sequence_logps
+from beyondlm.logprobs import masked_mean, pad_batch, sequence_logps
 from beyondlm.metrics.text import rep_n
 
 EMBEDDERS = ("lm", "minilm")
@@ -38,6 +38,7 @@ class FeatureContext:
     model: Any = None
     tokenizer: Any = None
     lm_logps: np.ndarray | None = None  # (N,) log p_θ(continuation | prompt), EOS included
+    lm_states: tuple[np.ndarray, np.ndarray] | None = None  # (N, H) prompt and continuation means
     batch_size: int = 64
     embedder: str = "lm"
 
@@ -114,17 +115,22 @@ def nll(prompts, conts, ctx: FeatureContext) -> np.ndarray:
 
 
 @torch.no_grad()
-def _lm_embed(model, seqs: list[list[int]], *, pad_id: int, batch_size: int) -> np.ndarray:
-    """Mean final hidden state over each sequence's tokens, (S, H) float64."""
+def lm_context_states(model, prompts, bodies, *, pad_id: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One causal pass over prompt + body: mean final hidden state over the prompt's positions and
+    over the body's (zeros for an empty body), each (N, H) float64 — the same numbers the sampler
+    reads off while generating (``beyondlm.sampling.sample_scored(states=True)``)."""
     device = next(model.parameters()).device
-    out = []
-    for lo in range(0, len(seqs), batch_size):
-        ids, mask = pad_batch(seqs[lo : lo + batch_size], pad_id, device)
-        res = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        hidden = res.hidden_states[-1]  # (B, T, H) final layer (after GPT-2's ln_f)
-        m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        out.append(((hidden * m).sum(1) / m.sum(1)).double().cpu())  # (B, H)
-    return torch.cat(out).numpy()
+    pm, bm = [], []
+    for lo in range(0, len(prompts), batch_size):
+        ps, bs = prompts[lo : lo + batch_size], bodies[lo : lo + batch_size]
+        ids, mask = pad_batch([list(p) + list(b) for p, b in zip(ps, bs)], pad_id, device)
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        pos = torch.arange(ids.shape[1], device=device)  # (T,)
+        n_p = torch.tensor([len(p) for p in ps], device=device)[:, None]
+        n_b = torch.tensor([len(b) for b in bs], device=device)[:, None]
+        pm.append(masked_mean(hidden, pos < n_p))  # (B, H)
+        bm.append(masked_mean(hidden, (pos >= n_p) & (pos < n_p + n_b)))
+    return torch.cat(pm).cpu().numpy(), torch.cat(bm).cpu().numpy()
 
 
 @functools.lru_cache(maxsize=2)
@@ -160,31 +166,41 @@ def _minilm_embed(texts: list[str], *, batch_size: int, device: str) -> np.ndarr
 
 
 def _embed_unique(seqs: list[list[int]], ctx: FeatureContext) -> np.ndarray:
-    """Embed each distinct non-empty sequence once (prompts repeat M times under SIR), (S, H)."""
+    """MiniLM embedding of each distinct non-empty text once (prompts repeat M times under SIR)."""
     keys = list(dict.fromkeys(tuple(s) for s in seqs if s))
-    if ctx.embedder == "lm":
-        emb = _lm_embed(ctx.model, [list(k) for k in keys], pad_id=ctx.pad_id,
-                        batch_size=ctx.batch_size)
-    else:
-        device = str(next(ctx.model.parameters()).device) if ctx.model is not None else "cpu"
-        texts = [ctx.tokenizer.decode(list(k), skip_special_tokens=True) for k in keys]
-        emb = _minilm_embed(texts, batch_size=ctx.batch_size, device=device)
+    device = str(next(ctx.model.parameters()).device) if ctx.model is not None else "cpu"
+    texts = [ctx.tokenizer.decode(list(k), skip_special_tokens=True) for k in keys]
+    emb = _minilm_embed(texts, batch_size=ctx.batch_size, device=device)
     row = {k: i for i, k in enumerate(keys)}
     dim = emb.shape[1] if len(keys) else 1
     return np.stack([emb[row[tuple(s)]] if s else np.zeros(dim) for s in seqs])
 
 
-def coherence(prompts, conts, ctx: FeatureContext) -> np.ndarray:
-    """Cosine between mean-pooled embeddings of the prompt and of the continuation.
-
-    Embedded separately (as SimCSE coherence in Su et al. 2022); ``embedder='minilm'`` uses
-    all-MiniLM-L6-v2 on decoded text, ``'lm'`` the LM's own mean final hidden state.
-    """
-    bodies = _bodies(conts, ctx)
-    both = _embed_unique([list(p) for p in prompts] + bodies, ctx)  # (2N, H)
-    a, b = both[: len(prompts)], both[len(prompts) :]
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return np.where(denom > 0, (a * b).sum(1) / np.where(denom > 0, denom, 1.0), 0.0)
+
+
+def coherence(prompts, conts, ctx: FeatureContext) -> np.ndarray:
+    """Cosine between mean-pooled embeddings of the prompt and of the continuation (0 if empty).
+
+    ``embedder='minilm'``: all-MiniLM-L6-v2 on the decoded texts, embedded separately (SimCSE
+    coherence of Su et al. 2022). ``'lm'``: the LM's own mean final hidden states of the prompt and
+    of the continuation from one causal pass over both (the continuation read in context), which
+    the sampler computes anyway — ``ctx.lm_states`` when given, else that pass is run here.
+    """
+    bodies = _bodies(conts, ctx)
+    if ctx.embedder == "minilm":
+        both = _embed_unique([list(p) for p in prompts] + bodies, ctx)  # (2N, H)
+        return _cosine(both[: len(prompts)], both[len(prompts) :])
+    if ctx.lm_states is not None:
+        a, b = (np.asarray(x, dtype=np.float64) for x in ctx.lm_states)
+        if a.shape[0] != len(conts) or b.shape != a.shape:
+            raise ValueError(f"lm_states shapes {a.shape}, {b.shape} do not match {len(conts)} rows")
+    else:
+        a, b = lm_context_states(ctx.model, prompts, bodies, pad_id=ctx.pad_id, batch_size=ctx.batch_size)
+    empty = np.array([not body for body in bodies])
+    return np.where(empty, 0.0, _cosine(a, b))
 
 
 FEATURES: dict[str, FeatureSpec] = {
@@ -214,8 +230,8 @@ def _check_context(names: list[str], ctx: FeatureContext) -> None:
         raise ValueError(f"embedder must be one of {EMBEDDERS}, got {ctx.embedder!r}")
     if "nll" in names and ctx.model is None and ctx.lm_logps is None:
         raise ValueError("feature 'nll' needs model= (or precomputed lm_logps=)")
-    if "coherence" in names and ctx.embedder == "lm" and ctx.model is None:
-        raise ValueError("feature 'coherence' with embedder 'lm' needs model=")
+    if "coherence" in names and ctx.embedder == "lm" and ctx.model is None and ctx.lm_states is None:
+        raise ValueError("feature 'coherence' with embedder 'lm' needs model= (or lm_states=)")
     if "coherence" in names and ctx.embedder == "minilm" and ctx.tokenizer is None:
         raise ValueError("feature 'coherence' with embedder 'minilm' needs tokenizer= "
                          "to decode ids")
@@ -229,6 +245,7 @@ def compute_features(
     model=None,
     tokenizer=None,
     lm_logps=None,
+    lm_states=None,
     eos_id: int,
     pad_id: int,
     batch_size: int = 64,
@@ -239,7 +256,7 @@ def compute_features(
     if len(prompts) != len(conts):
         raise ValueError(f"{len(prompts)} prompts but {len(conts)} continuations")
     ctx = FeatureContext(eos_id=eos_id, pad_id=pad_id, model=model, tokenizer=tokenizer,
-                         lm_logps=lm_logps, batch_size=batch_size, embedder=embedder)
+                         lm_logps=lm_logps, lm_states=lm_states, batch_size=batch_size, embedder=embedder)
     _check_context(names, ctx)
     if not prompts:
         return np.zeros((0, len(names)))

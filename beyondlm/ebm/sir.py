@@ -17,7 +17,7 @@ import numpy as np
 from scipy.special import log_softmax
 
 from beyondlm.ebm.features import check_names, compute_features
-from beyondlm.sampling import SamplingConfig, sample
+from beyondlm.sampling import SamplingConfig, sample_scored
 
 
 def sir_weights(features: np.ndarray, mu: np.ndarray) -> np.ndarray:
@@ -54,6 +54,20 @@ def _diagnostics(names, F: np.ndarray, w: np.ndarray, idx: np.ndarray, cfg) -> d
     return out
 
 
+def sample_with_features(model, prompts, names, cfg: SamplingConfig, *, eos_id: int, pad_id: int,
+                         seed: int, tokenizer=None, embedder: str = "lm", batch_size: int = 64):
+    """One sample per prompt row and its evaluation functions, (conts, F (N, K)), with the
+    model-based features (nll; coherence under the 'lm' embedder) read off the sampling pass."""
+    states = "coherence" in names and embedder == "lm"
+    conts, scores = sample_scored(model, prompts, cfg, eos_id=eos_id, pad_id=pad_id, seed=seed,
+                                  states=states)
+    F = compute_features(names, prompts, conts, model=model, tokenizer=tokenizer, eos_id=eos_id,
+                         pad_id=pad_id, batch_size=batch_size, embedder=embedder,
+                         lm_logps=scores.logps,
+                         lm_states=(scores.prompt_states, scores.completion_states) if states else None)
+    return conts, F
+
+
 def sir_decode(
     model,
     prompts: Sequence[Sequence[int]],
@@ -71,9 +85,10 @@ def sir_decode(
 ) -> tuple[list[list[int]], dict]:
     """One continuation per prompt drawn by SIR from p* with M candidates each.
 
-    The N·M candidates come from ONE batched ``sample`` call (each prompt repeated M times,
-    candidates of prompt i at rows i·M .. i·M+M−1), so generation dominates the cost; features
-    and weights are one extra scoring pass at most. Returns (chosen continuations, diagnostics).
+    The N·M candidates come from ONE batched ``sample_scored`` call (each prompt repeated M
+    times, candidates of prompt i at rows i·M .. i·M+M−1) which also returns log p_θ of each
+    candidate and the hidden states the LM-based features need, so scoring costs no second forward
+    pass: generation is the cost. Returns (chosen continuations, diagnostics).
     """
     names = check_names(names)
     mu = np.asarray(mu, dtype=np.float64)
@@ -82,9 +97,9 @@ def sir_decode(
     if M < 1:
         raise ValueError(f"M must be >= 1, got {M}")
     repeated = [list(p) for p in prompts for _ in range(M)]  # (N·M,) prompt-major
-    cands = sample(model, repeated, sampling_cfg, eos_id=eos_id, pad_id=pad_id, seed=seed)
-    F = compute_features(names, repeated, cands, model=model, tokenizer=tokenizer, eos_id=eos_id,
-                         pad_id=pad_id, batch_size=batch_size, embedder=embedder)
+    cands, F = sample_with_features(model, repeated, names, sampling_cfg, eos_id=eos_id, pad_id=pad_id,
+                                    seed=seed, tokenizer=tokenizer, embedder=embedder,
+                                    batch_size=batch_size)
     F = F.reshape(len(prompts), M, len(names))  # (N, M, K)
     w = sir_weights(F, mu)
     idx = sir_select(F, mu, np.random.default_rng(seed))
