@@ -74,3 +74,10 @@ def read_json(path: str | Path) -> Any:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_tsv(path: str | Path, rows: list[dict]) -> None:
+    """Rows of one schema (the first row's keys) as a tab-separated table; None → empty cell."""
+    cols = list(rows[0]) if rows else []
+    fmt = lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
+    write_text(path, "\n".join(["\t".join(cols)] + ["\t".join(fmt(r.get(c)) for c in cols) for r in rows]) + "\n")

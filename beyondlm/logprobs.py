@@ -50,6 +50,17 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / m.sum(1).clamp(min=1)
 
 
+def batch_sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, start: Tensor | None = None,
+                         temperature: float = 1.0) -> Tensor:
+    """Σ_t log p(x_t | x_<t) over each row's scored positions, (B,) float32, WITH gradients.
+
+    Rows are right-padded ``[BOS] prompt completion``; ``start`` (B,) is the first scored position
+    (the prompt length), ``None`` scores every token after BOS."""
+    labels, mask = lm_targets(input_ids, attention_mask, start)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    return (token_logps(logits, labels, temperature) * mask).sum(-1)
+
+
 @torch.no_grad()
 def sequence_logps(
     model,
@@ -73,9 +84,6 @@ def sequence_logps(
         idx = order[lo : lo + batch_size]
         ids, attn = pad_batch([seqs[i] for i in idx], pad_id, device)
         start = torch.tensor([starts[i] if starts else 1 for i in idx], device=device)
-        labels, mask = lm_targets(ids, attn, start)
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
-        tok = token_logps(logits, labels, temperature) * mask
-        out_logp[idx] = tok.sum(-1).double().cpu()
-        out_n[idx] = mask.sum(-1).cpu()
+        out_logp[idx] = batch_sequence_logps(model, ids, attn, start, temperature).double().cpu()
+        out_n[idx] = lm_targets(ids, attn, start)[1].sum(-1).cpu()
     return out_logp, out_n

@@ -60,8 +60,12 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
         tokenizer.save_pretrained(tmp)
 
 
-def load_model(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(
+def load_model(path: str | Path, *, kind: str = "causal", trust_remote_code: bool = False) -> PreTrainedModel:
+    """A saved model in eval mode, safetensors only: ``kind`` causal (an LM) or reward (a scalar head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    auto = {"causal": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}[kind]
+    model = auto.from_pretrained(
         path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
     )
     return model.eval()

@@ -1,0 +1,152 @@
+"""Alignment data: K scored samples per prompt, preference pairs, and pairs read from files.
+
+A *group* is one prompt's K completions from the SFT model with their reference log-probs
+log π_sft(y | x), computed once while sampling (the sampler's own raw logits) and never again.
+A *pair* is (prompt, chosen, rejected) with both reference log-probs. All token lists are ids of
+the prepared tokenizer: ``prompt_ids`` starts with BOS, a completion ends with EOS when finished.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from beyondlm.sampling import SamplingConfig, sample_scored
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prompt's K completions, their log π_sft and the rewards the -rw objectives target."""
+
+    prompt_ids: list[int]
+    completions: list[list[int]]
+    ref_logps: list[float]
+    rewards: list[float]
+
+    def __len__(self) -> int:  # for length grouping: the longest row it contributes
+        return len(self.prompt_ids) + max(len(c) for c in self.completions)
+
+
+@dataclass(frozen=True)
+class PrefPair:
+    """A preference pair with the reference log-probs of both completions."""
+
+    prompt_ids: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    ref_chosen: float
+    ref_rejected: float
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen), len(self.rejected))
+
+
+def draw_groups(model, prompts: Sequence[Sequence[int]], K: int, cfg: SamplingConfig, *, eos_id: int,
+                pad_id: int, seed: int, desc: str | None = None) -> tuple[list[list[list[int]]], np.ndarray]:
+    """K completions per prompt (one batched call, prompt-major) and log π(y | x) of each, (N, K).
+
+    The log-probs come from the model's raw logits during sampling: they are log π itself at any
+    temperature, so they serve as the reference log-probs of the -rw objectives and of DPO."""
+    repeated = [list(p) for p in prompts for _ in range(K)]
+    conts, scores = sample_scored(model, repeated, cfg, eos_id=eos_id, pad_id=pad_id, seed=seed, desc=desc)
+    groups = [conts[i * K : (i + 1) * K] for i in range(len(prompts))]
+    return groups, scores.logps.reshape(len(prompts), K)
+
+
+def pairs_from_groups(completions: Sequence[Sequence[Sequence[int]]], ref_logps: np.ndarray,
+                      labels: np.ndarray, prompts: Sequence[Sequence[int]],
+                      max_pairs: int = 0) -> list[PrefPair]:
+    """Every pair (i < j) of a prompt's samples whose labeler scores differ; chosen = higher score.
+
+    ``labels`` (N, K): the labeler (the oracle r* on the synthetic language). Ties give no pair.
+    ``max_pairs`` > 0 keeps the pairs with the largest score gaps first, per prompt."""
+    pairs = []
+    for p, comps, ref, lab in zip(prompts, completions, np.asarray(ref_logps), np.asarray(labels)):
+        cand = [(abs(lab[i] - lab[j]), i, j) for i, j in combinations(range(len(comps)), 2)
+                if lab[i] != lab[j]]
+        cand.sort(key=lambda t: -t[0])
+        for _, i, j in cand[: max_pairs or None]:
+            w, l = (i, j) if lab[i] > lab[j] else (j, i)
+            pairs.append(PrefPair(list(p), list(comps[w]), list(comps[l]), float(ref[w]), float(ref[l])))
+    return pairs
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion) of an HH-RLHF style pair: the prompt is the
+    common prefix up to and including the last "\\n\\nAssistant:" both dialogues share."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, n)
+    if cut < 0:
+        raise ValueError("no common '\\n\\nAssistant:' turn in a chosen/rejected pair: give a prompt column")
+    cut += len(HH_ASSISTANT)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".parquet"):
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        if name.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        if name.endswith(".json"):
+            data = json.load(f)
+            return data if isinstance(data, list) else data["data"]
+    raise ValueError(f"{path}: preference files must be .jsonl, .json or .parquet (optionally .gz)")
+
+
+def read_preference_file(path: str | Path, *, prompt_column: str | None = "prompt",
+                         chosen_column: str = "chosen", rejected_column: str = "rejected",
+                         limit: int = 0) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) texts from a hub-style preference file.
+
+    With a prompt column, chosen/rejected are the completions. Without one (HH-RLHF: whole
+    dialogues in chosen and rejected) the prompt is their shared prefix up to the last assistant
+    turn. Pairs with identical completions are dropped (they carry no preference)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"preference file {path} does not exist")
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    missing = [c for c in (chosen_column, rejected_column) if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; columns are {sorted(rows[0])}")
+    has_prompt = prompt_column is not None and prompt_column in rows[0]
+    out = []
+    for row in rows[: limit or None]:
+        if has_prompt:
+            triple = (row[prompt_column], row[chosen_column], row[rejected_column])
+        else:
+            triple = split_hh(row[chosen_column], row[rejected_column])
+        if triple[1] != triple[2]:
+            out.append(triple)
+    return out
+
+
+def tokenize_pairs(tokenizer, triples: Sequence[tuple[str, str, str]], *, max_len: int) -> list[tuple]:
+    """Token ids (prompt with BOS, chosen + EOS, rejected + EOS); the prompt keeps its last tokens
+    and completions are cut so prompt + completion ≤ max_len + 1 (dropping pairs left empty)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = []
+    for prompt, chosen, rejected in triples:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"][-(max_len // 2):]
+        room = max_len - len(p)
+        c = tokenizer(chosen, add_special_tokens=False)["input_ids"][: room - 1] + [eos]
+        r = tokenizer(rejected, add_special_tokens=False)["input_ids"][: room - 1] + [eos]
+        if c != r:
+            out.append(([bos, *p], c, r))
+    return out

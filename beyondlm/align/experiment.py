@@ -1,0 +1,392 @@
+"""The alignment experiment of the EXO paper (Ji et al., ICML 2024) on our data, stage by stage.
+
+align_sample → preferences → reward → align@<method> (all seeds) and best_of_n. Each function here
+is what one stage calls; the configs are the params sections of the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from beyondlm.align.data import (
+    Group,
+    PrefPair,
+    draw_groups,
+    pairs_from_groups,
+    read_preference_file,
+    tokenize_pairs,
+)
+from beyondlm.align.evaluate import Judges, ReferenceSet, best_of_n_kl, evaluate_policy, mean_se
+from beyondlm.align.train import (
+    group_collate,
+    offline_loss_fn,
+    pair_collate,
+    prompt_collate,
+    rloo_loss_fn,
+)
+from beyondlm.config import ConfigError, TrainConfig
+from beyondlm.io import write_json
+from beyondlm.logprobs import sequence_logps
+from beyondlm.objectives.preference import PREFERENCE_LOSSES, resolve_preference_loss
+from beyondlm.reward import Pair, RewardModelConfig, pair_accuracy, pair_collate as rm_pair_collate
+from beyondlm.reward import build_reward_model, reward_loss_fn, score
+from beyondlm.sampling import SamplingConfig
+from beyondlm.training import train_loop
+
+log = logging.getLogger(__name__)
+
+METHODS = (*PREFERENCE_LOSSES, "rloo")
+
+
+def _check(key: str, ok: bool, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"params.yaml: '{key}'={value!r}: {allowed}")
+
+
+# ----------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class SampleConfig:
+    """``align_sample``: K completions per training prompt from the SFT model ``base``."""
+
+    base: str = "mle-s0"  # models/sft/<base>: the policy's init and the reference π_sft
+    K: int = 4
+    temperature: float = 1.0
+    n_prompts: int = 0  # 0 = every prompt of prompts_train
+    batch_size: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check("align_sample.K", self.K >= 2, self.K, "need at least 2 samples per prompt")
+        _check("align_sample.temperature", self.temperature > 0, self.temperature, "must be > 0")
+        _check("align_sample.n_prompts", self.n_prompts >= 0, self.n_prompts, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PrefFileConfig:
+    path: str | None = None  # .jsonl/.json/.parquet (optionally .gz) with chosen/rejected columns
+    prompt_column: str = "prompt"  # absent in the file: HH-RLHF dialogues, split at the last turn
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    limit: int = 0  # 0 = every row
+
+
+@dataclass(frozen=True)
+class PreferencesConfig:
+    """``preferences``: pairs labelled by the oracle from the samples, or read from a file."""
+
+    source: str = "samples"  # samples | file
+    max_pairs_per_prompt: int = 0  # 0 = every pair of distinct oracle scores (K(K−1)/2 at most)
+    valid_fraction: float = 0.1  # held-out prompts for the reward model's pair accuracy
+    file: PrefFileConfig = field(default_factory=PrefFileConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check("preferences.source", self.source in ("samples", "file"), self.source, "samples | file")
+        _check("preferences.valid_fraction", 0 < self.valid_fraction < 1, self.valid_fraction,
+               "must lie in (0, 1)")
+        if self.source == "file" and not self.file.path:
+            raise ConfigError("params.yaml: preferences.source=file needs preferences.file.path")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """``reward``: the Bradley–Terry reward model and its training loop."""
+
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, batch_size=64, max_steps=150,
+                                                                    warmup_steps=10, ckpt_every=0))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_prompts: int = 128  # held-out prompts (prompts_test)
+    batch_size: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RLOOConfig:
+    K: int = 4  # on-policy samples per prompt
+    beta: float = 0.05  # KL coefficient in the sequence reward
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """``align``: one policy per method and seed, evaluated at every ``eval_every`` steps."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    hyperparams: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, max_steps=60,
+                                                                    warmup_steps=5, ckpt_every=20,
+                                                                    group_by_length=False))
+    eval_every: int = 20
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        _check("align.methods", self.methods and not bad, self.methods, f"choose from {list(METHODS)}")
+        unknown = sorted(set(self.hyperparams) - set(PREFERENCE_LOSSES))
+        _check("align.hyperparams", not unknown, unknown, f"keys must be among {list(PREFERENCE_LOSSES)}")
+        _check("align.eval_every", self.eval_every >= 1, self.eval_every, "must be >= 1")
+        _check("align.rloo.K", self.rloo.K >= 2, self.rloo.K, "RLOO needs K >= 2")
+
+    def loss(self, method: str) -> dict[str, float]:
+        try:
+            return resolve_preference_loss(method, dict(self.hyperparams.get(method) or {}))[1]
+        except ValueError as err:
+            raise ConfigError(f"params.yaml: align.hyperparams.{method}: {err}") from err
+
+
+@dataclass(frozen=True)
+class BestOfNConfig:
+    Ns: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+
+    def __post_init__(self) -> None:
+        _check("best_of_n.Ns", bool(self.Ns) and all(n >= 1 for n in self.Ns), self.Ns,
+               "a non-empty list of integers >= 1")
+
+
+# ----------------------------------------------------------------------------- storage
+def save_groups(path: Path, prompt_ids, completions, ref_logps: np.ndarray, oracle: np.ndarray | None) -> None:
+    import datasets
+
+    cols = {"prompt_id": list(range(len(prompt_ids))), "prompt_ids": [list(p) for p in prompt_ids],
+            "completions": completions, "ref_logps": ref_logps.tolist()}
+    if oracle is not None:
+        cols["oracle"] = oracle.tolist()
+    datasets.Dataset.from_dict(cols).to_parquet(str(path))
+
+
+def load_table(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pydict()
+
+
+def save_pairs(path: Path, pairs: Sequence[PrefPair], split: Sequence[str], extra: Mapping | None = None) -> None:
+    import datasets
+
+    cols = {k: [getattr(p, k) for p in pairs] for k in PrefPair.__dataclass_fields__}
+    datasets.Dataset.from_dict({**cols, "split": list(split), **(extra or {})}).to_parquet(str(path))
+
+
+def load_pairs(path: Path, split: str) -> list[PrefPair]:
+    t = load_table(path)
+    keys = list(PrefPair.__dataclass_fields__)
+    return [PrefPair(*(t[k][i] for k in keys)) for i, s in enumerate(t["split"]) if s == split]
+
+
+# ----------------------------------------------------------------------------- stages
+def run_sample(cfg: SampleConfig, model, tokenizer, prompts, *, max_new_tokens: int, language, out: Path) -> dict:
+    """K samples per prompt with log π_sft and (synthetic) oracle rewards → ``out`` (parquet)."""
+    prompts = prompts[: cfg.n_prompts or None]
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=cfg.temperature,
+                              batch_size=cfg.batch_size)
+    groups, ref = draw_groups(model, prompts, cfg.K, sampling, eos_id=tokenizer.eos_token_id,
+                              pad_id=tokenizer.pad_token_id, seed=cfg.seed, desc="align samples")
+    oracle = None
+    if language is not None:
+        flat = [list(p[1:]) + c for p, g in zip(prompts, groups) for c in g]
+        oracle = language.oracle_reward(flat).reshape(len(prompts), cfg.K)
+    save_groups(out, prompts, groups, ref, oracle)
+    lengths = [len(c) for g in groups for c in g]
+    return {"n_prompts": len(prompts), "K": cfg.K, "temperature": cfg.temperature,
+            "mean_length": float(np.mean(lengths)), "ref_logp_mean": float(ref.mean()),
+            **({"oracle_mean": float(oracle.mean()), "oracle_std": float(oracle.std())} if oracle is not None else {})}
+
+
+def _valid_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    valid = np.zeros(n, dtype=bool)
+    valid[rng.permutation(n)[: max(1, int(round(fraction * n)))]] = True
+    return valid
+
+
+def run_preferences(cfg: PreferencesConfig, samples: Path, out: Path, *, sft=None, tokenizer=None,
+                    max_len: int = 64, batch_size: int = 256) -> dict:
+    """Pairs with both reference log-probs and a train/valid split by prompt → ``out`` (parquet)."""
+    if cfg.source == "samples":
+        t = load_table(samples)
+        if "oracle" not in t:
+            raise ConfigError("preferences.source=samples needs an oracle (the synthetic language); "
+                              "for other data set preferences.source=file")
+        valid = _valid_mask(len(t["prompt_ids"]), cfg.valid_fraction, cfg.seed)
+        pairs, split = [], []
+        for i in range(len(t["prompt_ids"])):
+            new = pairs_from_groups([t["completions"][i]], np.array([t["ref_logps"][i]]),
+                                    np.array([t["oracle"][i]]), [t["prompt_ids"][i]], cfg.max_pairs_per_prompt)
+            pairs += new
+            split += ["valid" if valid[i] else "train"] * len(new)
+    else:
+        f = cfg.file
+        try:
+            triples = read_preference_file(f.path, prompt_column=f.prompt_column, chosen_column=f.chosen_column,
+                                           rejected_column=f.rejected_column, limit=f.limit)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"preferences.file.path={f.path!r}: {err}") from err
+        rows = tokenize_pairs(tokenizer, triples, max_len=max_len)
+        seqs = [p + c for p, c, _ in rows] + [p + r for p, _, r in rows]
+        starts = [len(p) for p, _, _ in rows] * 2
+        ref, _ = sequence_logps(sft, seqs, pad_id=tokenizer.pad_token_id, starts=starts, batch_size=batch_size)
+        ref_c, ref_r = ref[: len(rows)].tolist(), ref[len(rows) :].tolist()
+        pairs = [PrefPair(p, c, r, a, b) for (p, c, r), a, b in zip(rows, ref_c, ref_r)]
+        valid = _valid_mask(len(pairs), cfg.valid_fraction, cfg.seed)
+        split = ["valid" if v else "train" for v in valid]
+    if not any(s == "train" for s in split):
+        raise ConfigError("no training pairs: raise align_sample.n_prompts or lower preferences.valid_fraction")
+    save_pairs(out, pairs, split)
+    return {"source": cfg.source, "n_train": split.count("train"), "n_valid": split.count("valid"),
+            "margin_ref_mean": float(np.mean([p.ref_chosen - p.ref_rejected for p in pairs]))}
+
+
+def run_reward(cfg: RewardConfig, pairs_path: Path, samples: Path, tokenizer, *, out_dir: Path,
+               live_dir: Path | None = None) -> tuple[torch.nn.Module, dict]:
+    """Train the BT reward model; held-out pair accuracy and, with an oracle, its correlation."""
+    from scipy import stats
+
+    train = [Pair(p.prompt_ids + p.chosen, p.prompt_ids + p.rejected) for p in load_pairs(pairs_path, "train")]
+    valid = [Pair(p.prompt_ids + p.chosen, p.prompt_ids + p.rejected) for p in load_pairs(pairs_path, "valid")]
+    torch.manual_seed(cfg.train.seed)
+    model = build_reward_model(cfg.model, tokenizer)
+    pad = model.config.pad_token_id
+    model, result = train_loop(model, train, reward_loss_fn, cfg.train, collate=rm_pair_collate(pad),
+                               live_dir=live_dir, desc="reward")
+    model.eval()
+    metrics = {"train": asdict(result), "n_train_pairs": len(train), "n_valid_pairs": len(valid),
+               "train_accuracy": pair_accuracy(model, [p.chosen for p in train[:2000]],
+                                               [p.rejected for p in train[:2000]], pad_id=pad),
+               "valid_accuracy": pair_accuracy(model, [p.chosen for p in valid], [p.rejected for p in valid],
+                                               pad_id=pad) if valid else None}
+    t = load_table(samples)
+    if "oracle" in t:
+        seqs = [list(p) + c for p, g in zip(t["prompt_ids"], t["completions"]) for c in g]
+        r = score(model, seqs, pad_id=pad)
+        o = np.asarray(t["oracle"]).reshape(-1)
+        metrics["oracle_pearson"] = float(stats.pearsonr(r, o)[0])
+        metrics["oracle_spearman"] = float(stats.spearmanr(r, o)[0])
+    from beyondlm.models import save_model
+
+    save_model(model, tokenizer, out_dir)
+    return model, metrics
+
+
+def judges_for(sft, reward_model, tokenizer, language, batch_size: int) -> Judges:
+    return Judges(sft, reward_model, language.oracle_reward if language is not None else None,
+                  tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size)
+
+
+def _training_data(method: str, samples: Path, pairs: Path, reward_model, tokenizer):
+    if method == "rloo":
+        return [list(p) for p in load_table(samples)["prompt_ids"]]
+    if PREFERENCE_LOSSES[method].kind == "pair":
+        return load_pairs(pairs, "train")
+    t = load_table(samples)
+    K = len(t["completions"][0])
+    seqs = [list(p) + c for p, g in zip(t["prompt_ids"], t["completions"]) for c in g]
+    rm = score(reward_model, seqs, pad_id=tokenizer.pad_token_id).reshape(-1, K)
+    return [Group(list(p), g, list(ref), r.tolist())
+            for p, g, ref, r in zip(t["prompt_ids"], t["completions"], t["ref_logps"], rm)]
+
+
+def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tokenizer, language,
+              samples: Path, pairs: Path, test_prompts, max_new_tokens: int, out_dir: Path,
+              ckpt_dir: Path) -> dict:
+    """Train one policy per seed from the SFT model; evaluate at step 0 and every ``eval_every``
+    steps on held-out prompts; save each final policy to ``out_dir/s<seed>``."""
+    from beyondlm.models import load_model, save_model
+
+    pad = tokenizer.pad_token_id
+    sft = load_model(sft_dir).eval()
+    judges = judges_for(sft, reward_model, tokenizer, language, cfg.eval.batch_size)
+    pure = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size)
+    ref_set = ReferenceSet.draw(judges, test_prompts[: cfg.eval.n_prompts], pure, seed=cfg.eval.seed + 7919)
+    data = _training_data(method, samples, pairs, reward_model, tokenizer)
+    base = evaluate_policy(sft, judges, ref_set, pure, seed=cfg.eval.seed)
+    hyper = cfg.loss(method) if method != "rloo" else asdict(cfg.rloo)
+    per_seed = {}
+    for seed in cfg.seeds:
+        train_cfg = replace(cfg.train, seed=seed)
+        torch.manual_seed(seed)
+        policy = load_model(sft_dir)
+        stats: dict = {}
+        if method == "rloo":
+            rollout = replace(pure, batch_size=cfg.train.batch_size * cfg.rloo.K)
+            loss_fn = rloo_loss_fn(sft, reward_model, K=cfg.rloo.K, beta=cfg.rloo.beta, sampling=rollout,
+                                   eos_id=tokenizer.eos_token_id, pad_id=pad, seed=seed, stats=stats)
+            collate = prompt_collate(pad)
+        else:
+            loss_fn = offline_loss_fn(method, hyper)
+            collate = (pair_collate if PREFERENCE_LOSSES[method].kind == "pair" else group_collate)(pad)
+        seed_ckpt = ckpt_dir / f"s{seed}"
+        evals_path = seed_ckpt / "evals.json"
+        evals = [{"step": 0, **base}]
+        if evals_path.exists():  # resumed: keep the evaluations already made
+            evals = json.loads(evals_path.read_text())
+
+        def on_step(step: int, policy=policy, evals=evals, evals_path=evals_path, seed=seed) -> None:
+            if step % cfg.eval_every == 0 and all(e["step"] != step for e in evals):
+                evals.append({"step": step, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)})
+                policy.train()
+                write_json(evals_path, evals)
+
+        fingerprint = {"method": method, "hyper": hyper, "train": asdict(train_cfg),
+                       "eval_every": cfg.eval_every, "n": len(data)}
+        policy, result = train_loop(policy, data, loss_fn, train_cfg, collate=collate, ckpt_dir=seed_ckpt,
+                                    fingerprint=fingerprint, desc=f"align {method} s{seed}", on_step=on_step)
+        policy.eval()
+        if evals[-1]["step"] != result.steps:
+            evals.append({"step": result.steps, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)})
+        save_model(policy, tokenizer, out_dir / f"s{seed}")
+        per_seed[f"s{seed}"] = {"train": asdict(result), "evals": sorted(evals, key=lambda e: e["step"]),
+                                **({"rollout": {k: float(np.mean(v[-5:])) for k, v in stats.items()}} if stats else {})}
+    finals = [s["evals"][-1] for s in per_seed.values()]
+    keys = [k for k in finals[0] if not k.endswith("_se")]
+    summary = {k: {"mean": float(np.mean([f[k] for f in finals])), "std": float(np.std([f[k] for f in finals], ddof=1))
+                   if len(finals) > 1 else 0.0} for k in keys}
+    return {"method": method, "hyperparams": hyper, "seeds": list(cfg.seeds), "sft": base,
+            "final": summary, "runs": per_seed}
+
+
+def run_best_of_n(cfg: BestOfNConfig, sft, reward_model, tokenizer, language, test_prompts, *,
+                  eval_cfg: EvalConfig, max_new_tokens: int) -> dict:
+    """N samples from π_sft per held-out prompt, keep the reward model's favourite; for each N the
+    same metrics as the aligned policies, with the analytic KL log N − (N−1)/N."""
+    judges = judges_for(sft, reward_model, tokenizer, language, eval_cfg.batch_size)
+    pure = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=eval_cfg.batch_size)
+    ref_set = ReferenceSet.draw(judges, test_prompts[: eval_cfg.n_prompts], pure, seed=eval_cfg.seed + 7919)
+    n_max = max(cfg.Ns)
+    groups, _ = draw_groups(sft, ref_set.prompts, n_max, pure, eos_id=tokenizer.eos_token_id,
+                            pad_id=tokenizer.pad_token_id, seed=eval_cfg.seed, desc="best-of-n")
+    flat = [p + c for p, g in zip(ref_set.prompts, groups) for c in g]
+    rm = score(reward_model, flat, pad_id=tokenizer.pad_token_id).reshape(len(groups), n_max)
+    rows = []
+    for n in sorted(cfg.Ns):
+        pick = rm[:, :n].argmax(1)
+        conts = [g[j] for g, j in zip(groups, pick)]
+        m = evaluate_policy(None, judges, ref_set, pure, seed=0, conts=conts)
+        rows.append({"N": n, "kl": best_of_n_kl(n), **m})
+    return {"Ns": sorted(cfg.Ns), "n_prompts": len(ref_set.prompts), "rows": rows}
+
+
+def frontier_rows(result: dict) -> list[dict]:
+    """Plot rows (method, seed, step, kl, oracle_reward, rm_reward) of one align result."""
+    out = []
+    for seed, run in result["runs"].items():
+        for e in run["evals"]:
+            out.append({"method": result["method"], "seed": seed, "step": e["step"], "kl": e.get("kl"),
+                        "oracle_reward": e.get("oracle_reward"), "rm_reward": e["rm_reward"]})
+    return out
+
+
+__all__ = ["AlignConfig", "BestOfNConfig", "EvalConfig", "PreferencesConfig", "RewardConfig", "SampleConfig", "METHODS",
+           "run_sample", "run_preferences", "run_reward", "run_align", "run_best_of_n", "frontier_rows",
+           "mean_se"]

@@ -1,0 +1,47 @@
+"""Stage ``align@<method>``: one policy per seed from the SFT model, evaluated along the way.
+
+Methods: dpo_pref, exo_pref (preference pairs), dpo_rw, exo_rw (K samples per prompt scored by
+the reward model), rloo (on-policy, reward model + KL to π_sft). Each seed trains with resumable
+checkpoints; at step 0 and every ``align.eval_every`` steps the policy is evaluated on held-out
+prompts: oracle and reward-model reward, KL(π_θ‖π_sft), win rates (``beyondlm.align.evaluate``).
+
+params: prepare.out_dir, prepare.max_len, prepare.prompt_len, align_sample.base, align
+deps:   stages/align.py, beyondlm/align, data/align/*, models/sft/${align_sample.base}, models/reward
+outs:   --out (s<seed>/ HF dirs), --ckpt (persist)
+metrics: --metrics; plots: --plot (tsv: seed, step, kl, oracle_reward, rm_reward)
+"""
+
+import argparse
+from pathlib import Path
+
+from beyondlm import cli
+from beyondlm.align.experiment import AlignConfig, frontier_rows, load_table, run_align
+from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
+from beyondlm.io import write_json, write_tsv
+from beyondlm.models import load_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--method", required=True)
+    for arg in ("--sft", "--reward", "--samples", "--pairs", "--out", "--ckpt", "--metrics", "--plot"):
+        p.add_argument(arg, type=Path, required=True)
+    args = p.parse_args()
+    params = read_params()
+    cfg = load_section(AlignConfig, section(params, "align"), "align")
+    if args.method not in cfg.methods:
+        raise ConfigError(f"--method {args.method} is not in align.methods={cfg.methods}")
+    prep = prepared_data(params)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.sft)
+    result = run_align(args.method, cfg, sft_dir=args.sft, reward_model=load_model(args.reward, kind="reward"),
+                       tokenizer=tokenizer, language=prep.language(), samples=args.samples, pairs=args.pairs,
+                       test_prompts=load_table(prep.data_dir / "prompts_test.parquet")["prompt_ids"],
+                       max_new_tokens=prep.max_len - prep.prompt_len, out_dir=args.out, ckpt_dir=args.ckpt)
+    write_tsv(args.plot, frontier_rows(result))
+    write_json(args.metrics, result)
+
+
+if __name__ == "__main__":
+    cli.run(main)

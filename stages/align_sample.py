@@ -1,0 +1,41 @@
+"""Stage ``align_sample``: K completions per training prompt from the SFT model, with log π_sft.
+
+The reference log-probs are read off the sampling pass (raw logits) and stored: no alignment
+stage recomputes them. On the synthetic language each completion also gets its oracle reward r*.
+
+params: prepare.out_dir, prepare.max_len, prepare.prompt_len, align_sample
+deps:   stages/align_sample.py, beyondlm/align, beyondlm/sampling.py, models/sft/${align_sample.base}
+outs:   --out (parquet: prompt_ids, completions, ref_logps, oracle)
+metrics: --metrics
+"""
+
+import argparse
+from pathlib import Path
+
+from beyondlm import cli
+from beyondlm.align.experiment import SampleConfig, load_table, run_sample
+from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.io import atomic_path, write_json
+from beyondlm.models import load_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    for arg in ("--model", "--out", "--metrics"):
+        p.add_argument(arg, type=Path, required=True)
+    args = p.parse_args()
+    params = read_params()
+    cfg = load_section(SampleConfig, section(params, "align_sample"), "align_sample")
+    prep = prepared_data(params)
+    from transformers import AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(args.model), load_model(args.model)
+    prompts = load_table(prep.data_dir / "prompts_train.parquet")["prompt_ids"]
+    with atomic_path(args.out) as tmp:
+        metrics = run_sample(cfg, model, tokenizer, prompts, max_new_tokens=prep.max_len - prep.prompt_len,
+                             language=prep.language(), out=tmp)
+    write_json(args.metrics, {**metrics, "base": cfg.base})
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,40 @@
+"""Stage ``best_of_n``: the decoding baseline — N samples from π_sft, keep the reward model's best.
+
+Same held-out prompts, reference set and metrics as ``align``; KL is the analytic log N − (N−1)/N.
+
+params: prepare.out_dir, prepare.max_len, prepare.prompt_len, align_sample.base, align.eval, best_of_n
+deps:   stages/best_of_n.py, beyondlm/align, models/sft/${align_sample.base}, models/reward
+metrics: --metrics; plots: --plot (tsv: N, kl, oracle_reward, rm_reward)
+"""
+
+import argparse
+from pathlib import Path
+
+from beyondlm import cli
+from beyondlm.align.experiment import AlignConfig, BestOfNConfig, load_table, run_best_of_n
+from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.io import write_json, write_tsv
+from beyondlm.models import load_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    for arg in ("--sft", "--reward", "--metrics", "--plot"):
+        p.add_argument(arg, type=Path, required=True)
+    args = p.parse_args()
+    params = read_params()
+    cfg = load_section(BestOfNConfig, section(params, "best_of_n"), "best_of_n")
+    align = load_section(AlignConfig, section(params, "align"), "align")
+    prep = prepared_data(params)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.sft)
+    result = run_best_of_n(cfg, load_model(args.sft).eval(), load_model(args.reward, kind="reward"), tokenizer,
+                           prep.language(), load_table(prep.data_dir / "prompts_test.parquet")["prompt_ids"],
+                           eval_cfg=align.eval, max_new_tokens=prep.max_len - prep.prompt_len)
+    write_tsv(args.plot, [{k: r.get(k) for k in ("N", "kl", "oracle_reward", "rm_reward")} for r in result["rows"]])
+    write_json(args.metrics, result)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,44 @@
+"""Stage ``preferences``: preference pairs with the reference log-probs of both completions.
+
+source=samples: every pair of a prompt's samples with distinct oracle rewards, chosen = higher r*.
+source=file: prompt/chosen/rejected rows of a hub-style file (HH-RLHF dialogues are split at the
+last assistant turn), tokenized and scored once by the SFT model. Pairs are split train/valid by
+prompt (valid: the reward model's held-out accuracy).
+
+params: prepare.out_dir, prepare.max_len, preferences
+deps:   stages/preferences.py, beyondlm/align, data/align/samples.parquet, models/sft/${align_sample.base}
+outs:   --out (parquet)
+metrics: --metrics
+"""
+
+import argparse
+from pathlib import Path
+
+from beyondlm import cli
+from beyondlm.align.experiment import PreferencesConfig, run_preferences
+from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.io import atomic_path, write_json
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    for arg in ("--samples", "--model", "--out", "--metrics"):
+        p.add_argument(arg, type=Path, required=True)
+    args = p.parse_args()
+    params = read_params()
+    cfg = load_section(PreferencesConfig, section(params, "preferences"), "preferences")
+    sft = tokenizer = None
+    if cfg.source == "file":
+        from transformers import AutoTokenizer
+
+        from beyondlm.models import load_model
+
+        tokenizer, sft = AutoTokenizer.from_pretrained(args.model), load_model(args.model).eval()
+    with atomic_path(args.out) as tmp:
+        metrics = run_preferences(cfg, args.samples, tmp, sft=sft, tokenizer=tokenizer,
+                                  max_len=prepared_data(params).max_len)
+    write_json(args.metrics, metrics)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,35 @@
+"""Stage ``reward``: a Bradley–Terry reward model trained on the preference pairs.
+
+Reports held-out pair accuracy and, on the synthetic language, the Pearson and Spearman
+correlation of its scores with the oracle reward over every sample of ``align_sample``.
+
+params: reward
+deps:   stages/reward.py, beyondlm/reward.py, beyondlm/align, data/align/{preferences,samples}.parquet
+outs:   --out (HF dir, safetensors), --live (dvclive curves)
+metrics: --metrics
+"""
+
+import argparse
+from pathlib import Path
+
+from beyondlm import cli
+from beyondlm.align.experiment import RewardConfig, run_reward
+from beyondlm.config import load_section, read_params, section
+from beyondlm.io import write_json
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    for arg in ("--pairs", "--samples", "--tokenizer", "--out", "--live", "--metrics"):
+        p.add_argument(arg, type=Path, required=True)
+    args = p.parse_args()
+    cfg = load_section(RewardConfig, section(read_params(), "reward"), "reward")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    _, metrics = run_reward(cfg, args.pairs, args.samples, tokenizer, out_dir=args.out, live_dir=args.live)
+    write_json(args.metrics, metrics)
+
+
+if __name__ == "__main__":
+    cli.run(main)

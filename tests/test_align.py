@@ -1,0 +1,175 @@
+"""Alignment: stored reference log-probs, pairs, RLOO by hand, real preference files, the runs."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from beyondlm.align.data import (
+    Group,
+    PrefPair,
+    draw_groups,
+    pairs_from_groups,
+    read_preference_file,
+    split_hh,
+    tokenize_pairs,
+)
+from beyondlm.align.evaluate import best_of_n_kl, win_rate
+from beyondlm.align.experiment import (
+    AlignConfig,
+    BestOfNConfig,
+    EvalConfig,
+    PreferencesConfig,
+    RewardConfig,
+    SampleConfig,
+    load_pairs,
+    run_align,
+    run_best_of_n,
+    run_preferences,
+    run_reward,
+    run_sample,
+)
+from beyondlm.align.train import group_collate, offline_loss_fn, pair_collate, rloo_advantages, rloo_loss
+from beyondlm.config import ConfigError, ModelConfig, TrainConfig, load_section
+from beyondlm.data import tokenization
+from beyondlm.logprobs import sequence_logps
+from beyondlm.models import build_model, save_model
+from beyondlm.reward import RewardModelConfig
+from beyondlm.sampling import SamplingConfig
+from tests.helpers import tiny_setup
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "preferences" / "hh_harmless_base_test.jsonl.gz"
+
+
+def test_stored_reference_logps_equal_on_the_fly():
+    """The log-probs stored while sampling = a fresh scoring pass of the same model (the bar:
+    reference log-probs are computed once, never recomputed during training)."""
+    language, tok, model = tiny_setup()
+    prompts = [[tok.bos_token_id, *s[:3]] for s in language.sample(6, np.random.default_rng(0))]
+    groups, ref = draw_groups(model, prompts, 3, SamplingConfig(max_new_tokens=12, temperature=0.7),
+                              eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0)
+    seqs = [p + c for p, g in zip(prompts, groups) for c in g]
+    fresh, _ = sequence_logps(model, seqs, pad_id=tok.pad_token_id, starts=[len(p) for p in prompts for _ in range(3)])
+    np.testing.assert_allclose(ref.reshape(-1), fresh.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_pairs_from_groups_by_hand():
+    prompts = [[0, 1], [0, 2]]
+    comps = [[[3], [4], [5]], [[6], [7], [8]]]
+    ref = np.array([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    labels = np.array([[0.5, 2.0, 0.5], [1.0, 1.0, 1.0]])  # prompt 1: all ties → no pair
+    pairs = pairs_from_groups(comps, ref, labels, prompts)
+    got = {(tuple(p.chosen), tuple(p.rejected), p.ref_chosen, p.ref_rejected) for p in pairs}
+    assert got == {((4,), (3,), -2.0, -1.0), ((4,), (5,), -2.0, -3.0)}  # (0, 2) tie dropped
+    assert len(pairs_from_groups(comps, ref, labels, prompts, max_pairs=1)) == 1
+
+
+def test_rloo_by_hand():
+    r = torch.tensor([[1.0, 2.0, 3.0]])
+    # baselines: (2+3)/2, (1+3)/2, (1+2)/2 → advantages -1.5, 0, 1.5
+    np.testing.assert_allclose(rloo_advantages(r).numpy(), [[-1.5, 0.0, 1.5]])
+    logp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0, -1.0]])
+    loss = rloo_loss(logp, ref, r, beta=0.5)  # R = r − 0.5 (logp − ref) = [1, 2.5, 4]
+    adv = torch.tensor([1 - 3.25, 2.5 - 2.5, 4 - 1.75])
+    assert loss.item() == pytest.approx(-(adv * logp.detach()).mean().item())
+    loss.sum().backward()
+    np.testing.assert_allclose(logp.grad.numpy(), -adv.numpy()[None] / 3, rtol=1e-6)
+    with pytest.raises(ValueError, match="K >= 2"):
+        rloo_advantages(torch.zeros(2, 1))
+
+
+def test_win_rate_and_best_of_n_kl():
+    assert win_rate([1, 2, 3, 0], [0, 2, 4, 0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert best_of_n_kl(1) == 0.0 and best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def test_losses_through_the_model_at_the_reference():
+    """Policy = reference (stored log-probs from the same model): DPO gives log 2 per pair and
+    DPO-rw gives the cross-entropy of p_r against the uniform p_θ, i.e. log K."""
+    language, tok, model = tiny_setup()
+    prompts = [[tok.bos_token_id, *s[:3]] for s in language.sample(4, np.random.default_rng(1))]
+    groups, ref = draw_groups(model, prompts, 3, SamplingConfig(max_new_tokens=10), eos_id=tok.eos_token_id,
+                              pad_id=tok.pad_token_id, seed=0)
+    pairs = [PrefPair(p, g[0], g[1], float(r[0]), float(r[1])) for p, g, r in zip(prompts, groups, ref)]
+    loss, n = offline_loss_fn("dpo_pref", {"beta": 0.1})(model, pair_collate(tok.pad_token_id)(pairs))
+    assert n == 4 and loss.item() / n == pytest.approx(math.log(2), abs=1e-5)
+    grp = [Group(p, g, list(r), [0.0, 1.0, 2.0]) for p, g, r in zip(prompts, groups, ref)]
+    loss, n = offline_loss_fn("dpo_rw", {"beta_pi": 0.1, "beta_r": 1.0})(model, group_collate(tok.pad_token_id)(grp))
+    assert n == 4 and loss.item() / n == pytest.approx(math.log(3), abs=1e-5)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="align.methods"):
+        load_section(AlignConfig, {"methods": ["dpo_pref", "ppo2"]}, "align")
+    with pytest.raises(ConfigError, match="align.hyperparams.exo_pref"):
+        load_section(AlignConfig, {"hyperparams": {"exo_pref": {"epsilon": 0.7}}}, "align").loss("exo_pref")
+    with pytest.raises(ConfigError, match="preferences.file.path"):
+        load_section(PreferencesConfig, {"source": "file"}, "preferences")
+    with pytest.raises(ConfigError, match="unknown key 'align_sample.k'"):
+        load_section(SampleConfig, {"k": 4}, "align_sample")
+
+
+@pytest.mark.skipif(not HH.exists(), reason="shared HH-RLHF sample not present")
+def test_real_hh_preference_file_to_dpo(tmp_path):
+    """HH-RLHF rows (whole dialogues, no prompt column) → prompt/chosen/rejected → tokenized pairs
+    with reference log-probs → reward model and DPO steps, all finite."""
+    triples = read_preference_file(HH, limit=40)
+    assert len(triples) >= 30
+    prompt, chosen, rejected = triples[0]
+    assert prompt.endswith("\n\nAssistant:") and "Human:" in prompt and chosen != rejected
+    tok = tokenization.train_bpe([t for tr in triples for t in tr], vocab_size=400)
+    torch.manual_seed(0)
+    sft = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=130), tok)
+    cfg = load_section(PreferencesConfig, {"source": "file", "file": {"path": str(HH), "limit": 40},
+                                           "valid_fraction": 0.2}, "preferences")
+    out = tmp_path / "pairs.parquet"
+    metrics = run_preferences(cfg, tmp_path / "none", out, sft=sft, tokenizer=tok, max_len=96)
+    assert metrics["n_train"] + metrics["n_valid"] == len(tokenize_pairs(tok, triples, max_len=96))
+    pairs = load_pairs(out, "train")
+    assert all(len(p.prompt_ids) + len(p.chosen) <= 97 for p in pairs)
+    loss, n = offline_loss_fn("exo_pref", {"beta": 0.1, "epsilon": 1e-3})(sft, pair_collate(tok.pad_token_id)(pairs[:8]))
+    assert torch.isfinite(loss) and n == 8
+
+
+def test_split_hh_rejects_a_pair_without_a_shared_turn():
+    with pytest.raises(ValueError, match="prompt column"):
+        split_hh("Hello there", "Goodbye")
+
+
+def test_the_chain_on_the_tiny_language(tmp_path):
+    """align_sample → preferences → reward → every method (2 seeds, evaluated on the way) →
+    best-of-N."""
+    language, tok, model = tiny_setup()
+    save_model(model, tok, tmp_path / "sft")
+    rng = np.random.default_rng(0)
+    prompts = [[tok.bos_token_id, *s[:3]] for s in language.sample(48, rng)]
+    test_prompts = [[tok.bos_token_id, *s[:3]] for s in language.sample(16, rng)]
+    s = run_sample(SampleConfig(K=3), model, tok, prompts, max_new_tokens=16, language=language,
+                   out=tmp_path / "samples.parquet")
+    assert s["n_prompts"] == 48 and np.isfinite(s["oracle_mean"])
+    run_preferences(PreferencesConfig(), tmp_path / "samples.parquet", tmp_path / "pairs.parquet")
+    rm, m = run_reward(RewardConfig(model=RewardModelConfig(n_layer=1, n_embd=32, n_positions=32),
+                                    train=TrainConfig(lr=3e-3, batch_size=16, max_steps=6, warmup_steps=1, ckpt_every=0)),
+                       tmp_path / "pairs.parquet", tmp_path / "samples.parquet", tok, out_dir=tmp_path / "rm")
+    assert 0 <= m["valid_accuracy"] <= 1 and -1 <= m["oracle_pearson"] <= 1
+    cfg = AlignConfig(seeds=[0, 1], eval_every=2, eval=EvalConfig(n_prompts=8),
+                      train=TrainConfig(lr=1e-3, batch_size=4, max_steps=4, warmup_steps=1, ckpt_every=2,
+                                        group_by_length=False),
+                      rloo=load_section(AlignConfig, {}, "align").rloo)
+    kw = dict(sft_dir=tmp_path / "sft", reward_model=rm, tokenizer=tok, language=language,
+              samples=tmp_path / "samples.parquet", pairs=tmp_path / "pairs.parquet", test_prompts=test_prompts,
+              max_new_tokens=16)
+    for method in ("dpo_pref", "exo_pref", "dpo_rw", "exo_rw", "rloo"):
+        r = run_align(method, cfg, out_dir=tmp_path / "align" / method, ckpt_dir=tmp_path / "ckpt" / method, **kw)
+        run = r["runs"]["s0"]
+        assert [e["step"] for e in run["evals"]] == [0, 2, 4]
+        assert run["evals"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the SFT model itself
+        assert all(np.isfinite(e["oracle_reward"]) and 0 <= e["win_vs_sft/oracle"] <= 1 for e in run["evals"])
+        assert (tmp_path / "align" / method / "s1" / "model.safetensors").exists()
+    bon = run_best_of_n(BestOfNConfig(Ns=[1, 4]), model, rm, tok, language, test_prompts,
+                        eval_cfg=EvalConfig(n_prompts=8), max_new_tokens=16)
+    assert [r["N"] for r in bon["rows"]] == [1, 4] and bon["rows"][0]["kl"] == 0.0
+    assert bon["rows"][1]["rm_reward"] >= bon["rows"][0]["rm_reward"]  # the RM's pick of 4 ⊇ the first
