@@ -226,6 +226,90 @@ def ebm_section(metrics: Path, reports: Path) -> list[str]:
     return out
 
 
+ALIGN_COLUMNS = [("KL(π‖π_sft)", "kl", ".2f"), ("oracle r*", "oracle_reward", ".2f"), ("RM reward", "rm_reward", ".2f"),
+                 ("win vs SFT (oracle)", "win_vs_sft/oracle", ".3f"), ("win vs chosen (oracle)", "win_vs_chosen/oracle", ".3f"),
+                 ("win vs SFT (RM)", "win_vs_sft/rm", ".3f"), ("win vs chosen (RM)", "win_vs_chosen/rm", ".3f"),
+                 ("length", "length", ".1f")]
+
+
+def load_align(metrics: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((metrics / "align" / "method").glob("*.json"))}
+
+
+def plot_frontier(results: dict[str, dict], bon: dict | None, out: Path) -> Path | None:
+    """Oracle reward against KL(π‖π_sft) along training, mean ± std over seeds per method."""
+    from beyondlm.align.analysis import frontier
+
+    if not results:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, res in results.items():
+        rows = frontier(res)
+        if rows and rows[0].get("oracle_reward") is not None:
+            ax.errorbar([r["kl"] for r in rows], [r["oracle_reward"] for r in rows],
+                        xerr=[r["kl_std"] for r in rows], yerr=[r["oracle_reward_std"] for r in rows],
+                        marker="o", ms=3, capsize=2, label=f"{method} (n={len(res['runs'])})")
+    if bon and bon["rows"][0].get("oracle_reward") is not None:
+        ax.plot([r["kl"] for r in bon["rows"]], [r["oracle_reward"] for r in bon["rows"]], "k--", marker="s", ms=3,
+                label="best-of-N (analytic KL)")
+    ax.set(xlabel="KL(π_θ‖π_sft), nats/sequence", ylabel="oracle reward r* (held-out prompts)")
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def align_section(metrics: Path, reports: Path) -> list[str]:
+    """Reward model quality, the frontier figure, final metrics per method, EXO vs DPO at equal KL."""
+    from beyondlm.align.analysis import compare_at_equal_kl
+
+    results = load_align(metrics)
+    if not results:
+        return []
+    out = ["## Alignment: DPO, EXO, RLOO and best-of-N (oracle reward vs KL)", ""]
+    rm_path = metrics / "align" / "reward.json"
+    if rm_path.exists():
+        rm = json.loads(rm_path.read_text())
+        corr = (f"; Pearson {rm['oracle_pearson']:.3f}, Spearman {rm['oracle_spearman']:.3f} with the oracle r* over "
+                "all SFT samples" if "oracle_pearson" in rm else "")
+        out += [f"Reward model: held-out pair accuracy {rm['valid_accuracy']:.3f} ({rm['n_valid_pairs']} pairs; "
+                f"train {rm['train_accuracy']:.3f}){corr}.", ""]
+    bon_path = metrics / "align" / "best_of_n.json"
+    bon = json.loads(bon_path.read_text()) if bon_path.exists() else None
+    png = plot_frontier(results, bon, reports / "plots" / "report" / "align_frontier.png")
+    if png is not None:
+        out += [f"![reward vs KL]({png.relative_to(reports).as_posix()})", ""]
+    out += ["Final checkpoint of each method, mean ± std over seeds, on held-out prompts (one pure sample per "
+            "prompt; win rates count ties as ½; 'chosen' = the oracle's pick of two SFT samples).", "",
+            "| method | seeds | " + " | ".join(c for c, _, _ in ALIGN_COLUMNS) + " |",
+            "|---|---|" + "---|" * len(ALIGN_COLUMNS)]
+    first = next(iter(results.values()))
+    out.append("| SFT (step 0) | – | " + " | ".join(mean_std([first["sft"].get(k)], f) for _, k, f in ALIGN_COLUMNS)
+               + " |")
+    for method, res in results.items():
+        finals = [run["evals"][-1] for run in res["runs"].values()]
+        out.append(f"| {method} | {len(finals)} | " + " | ".join(mean_std([e.get(k) for e in finals], f)
+                                                            for _, k, f in ALIGN_COLUMNS) + " |")
+    for row in (bon or {}).get("rows", []):
+        out.append(f"| best-of-{row['N']} | – | " + " | ".join(mean_std([row.get(k)], f) for _, k, f in ALIGN_COLUMNS)
+                   + " |")
+    out.append("")
+    for exo, dpo in (("exo_pref", "dpo_pref"), ("exo_rw", "dpo_rw")):
+        if exo in results and dpo in results:
+            rows = compare_at_equal_kl(results[exo], results[dpo])
+            if not rows:
+                out += [f"{exo} vs {dpo}: their KL ranges do not overlap; no equal-KL comparison.", ""]
+                continue
+            wins = sum(r["diff"] > 2 * r["diff_se"] for r in rows)
+            losses = sum(r["diff"] < -2 * r["diff_se"] for r in rows)
+            out += [f"**{exo} vs {dpo} at equal KL** (each seed's frontier interpolated; difference of seed means "
+                    f"± SE): {exo} higher by more than 2 SE at {wins} of {len(rows)} KL values, lower at {losses}.", "",
+                    "| KL | " + exo + " | " + dpo + " | difference |", "|---|---|---|---|"]
+            out += [f"| {r['kl']:.2f} | {r['a']:.2f} | {r['b']:.2f} | {r['diff']:+.2f} ± {r['diff_se']:.2f} |"
+                    for r in rows]
+            out.append("")
+    return out
+
+
+
 def build_report(reports: Path, n_examples: int) -> str:
     metrics = reports / "metrics"
     plots = reports / "plots" / "report"
@@ -252,6 +336,7 @@ def build_report(reports: Path, n_examples: int) -> str:
         if floor is not None:
             out += [f"Counting bigrams in the same training texts reaches JS {floor:.4f}: the finite-data floor.", ""]
     out += ebm_section(metrics, reports)
+    out += align_section(metrics, reports)
     for title, path in (("Training curves", plot_losses(reports / "live" / "sft", plots / "loss.png")),
                         ("Coverage vs quality", plot_kl(runs, plots / "kl.png"))):
         if path is not None:
