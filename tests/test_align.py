@@ -173,3 +173,24 @@ def test_the_chain_on_the_tiny_language(tmp_path):
                         eval_cfg=EvalConfig(n_prompts=8), max_new_tokens=16)
     assert [r["N"] for r in bon["rows"]] == [1, 4] and bon["rows"][0]["kl"] == 0.0
     assert bon["rows"][1]["rm_reward"] >= bon["rows"][0]["rm_reward"]  # the RM's pick of 4 ⊇ the first
+
+
+def _result(curves):
+    """An align result whose seed i has evaluations at the (kl, reward) points curves[i]."""
+    return {"runs": {f"s{i}": {"evals": [{"step": 10 * j, "kl": k, "oracle_reward": r}
+                                         for j, (k, r) in enumerate(c)]} for i, c in enumerate(curves)}}
+
+
+def test_equal_kl_comparison_by_hand():
+    from beyondlm.align.analysis import compare_at_equal_kl, frontier
+
+    a = _result([[(0, 0), (4, 8)], [(0, 0), (4, 4)]])  # rewards 2k and 1k → mean 1.5k
+    b = _result([[(0, 0), (2, 1), (6, 3)], [(0, 0), (6, 3)]])  # both 0.5k
+    rows = compare_at_equal_kl(a, b, n_grid=3)  # common range [0, 4] → interior KL 1, 2, 3
+    np.testing.assert_allclose([r["kl"] for r in rows], [1, 2, 3])
+    np.testing.assert_allclose([r["diff"] for r in rows], [1.0, 2.0, 3.0])
+    # se: a's seeds differ by k (var k²/2), b's agree → sqrt(k²/2 / 2) = k/2
+    np.testing.assert_allclose([r["diff_se"] for r in rows], [0.5, 1.0, 1.5])
+    f = frontier(a)
+    assert [r["step"] for r in f] == [0, 10] and f[1]["oracle_reward"] == 6.0 and f[1]["kl_std"] == 0.0
+    assert compare_at_equal_kl(a, _result([[(5, 0), (6, 1)]])) == []  # no overlap

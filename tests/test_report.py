@@ -27,3 +27,22 @@ def test_report_aggregates_seeds_as_mean_and_std(tmp_path):
     assert "entropy-rate floor of test PPL 7.389" in text  # e^2
     assert (tmp_path / "plots/report/loss.png").exists() and (tmp_path / "plots/report/kl.png").exists()
     assert (tmp_path / "report.md").read_text() == text
+
+
+def test_alignment_section_tables_frontier_and_equal_kl(tmp_path):
+    from beyondlm.report import align_section
+
+    def run(scale):
+        return {"evals": [{"step": s, "kl": s / 10, "oracle_reward": scale * s / 10, "rm_reward": 0.0,
+                           "win_vs_sft/oracle": 0.5, "length": 9.0} for s in (0, 10, 20)]}
+
+    for method, scales in (("exo_pref", (2.0, 2.2)), ("dpo_pref", (1.0, 1.2))):
+        _write(tmp_path / "metrics" / "align" / "method" / f"{method}.json",
+               {"method": method, "sft": run(0)["evals"][0], "runs": {f"s{i}": run(c) for i, c in enumerate(scales)}})
+    _write(tmp_path / "metrics" / "align" / "best_of_n.json",
+           {"rows": [{"N": 1, "kl": 0.0, "oracle_reward": 0.0, "rm_reward": 0.0}]})
+    text = "\n".join(align_section(tmp_path / "metrics", tmp_path))
+    assert "| exo_pref | 2 | 2.00 ± 0.00 | 4.20 ± 0.28 |" in text  # final KL 2, reward (4 + 4.4)/2
+    assert "| best-of-1 |" in text and (tmp_path / "plots" / "report" / "align_frontier.png").exists()
+    # difference k at KL k, SE sqrt(0.02)·k: beyond 2 SE everywhere
+    assert "exo_pref higher by more than 2 SE at 4 of 4 KL values, lower at 0" in text
