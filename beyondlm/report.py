@@ -310,6 +310,77 @@ def align_section(metrics: Path, reports: Path) -> list[str]:
 
 
 
+def _f(x, fmt: str) -> str:
+    return "–" if x is None else f"{x:{fmt}}"
+
+
+def vq_section(metrics: Path) -> list[str]:
+    """Latent plan vs the plain SFT baseline: NLL, codebook usage, sample metrics."""
+    path = metrics / "vq.json"
+    if not path.exists():
+        return []
+    v = json.loads(path.read_text())
+    t, cb, base = v["test"], v["codebook"], v.get("baseline") or {}
+    out = ["## Latent plan with discrete codes (VQ)", "",
+           f"Discretizer `{v['discretizer']}`, K = {v['n_codes']} codes, one code per {2 ** v['n_down']} tokens. "
+           f"Codebook on test: perplexity {cb['perplexity']:.1f}, {cb['dead_codes']} dead codes. "
+           f"Test NLL per token: reconstruction with the posterior's codes {t['recon_nll_per_token']:.3f}, "
+           f"upper bound with the prior's NLL of those codes {t['nll_bound_per_token']:.3f}"
+           + (f"; plain SFT baseline `{base['dir']}` {base['test']['nll_per_token']:.3f}" if base else "")
+           + (f"; data entropy rate {t['data_entropy_rate']:.3f}" if t.get("data_entropy_rate") else "") + ".", "",
+           "| samples (T = 1) | rep-2 | distinct-2 | tr-32 | length | unfinished | impossible | log p_d / token |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, m in (("prior → decoder", v["samples"]), ("SFT baseline", (base or {}).get("samples")),
+                    ("reference (test)", v.get("reference"))):
+        if m:
+            out.append(f"| {name} | {_f(m.get('rep_2'), '.4f')} | {_f(m.get('distinct_2'), '.3f')} | "
+                       f"{_f(m.get('tr_32'), '.3f')} | {_f(m.get('mean_length'), '.1f')} | "
+                       f"{_f(m.get('unfinished_frac'), '.3f')} | {_f(m.get('impossible_frac'), '.3f')} | "
+                       f"{_f(m.get('logp_data_per_token'), '.3f')} |")
+    return out + [""]
+
+
+def plot_knnlm(tsv: Path, out: Path) -> Path | None:
+    """Perplexity against λ, one line per split and k."""
+    if not tsv.exists():
+        return None
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for split, k in dict.fromkeys((r[0], r[1]) for r in rows):
+        pts = sorted((float(r[2]), float(r[3])) for r in rows if (r[0], r[1]) == (split, k))
+        ax.plot(*zip(*pts), marker="o", ms=3, label=f"{split}, k={k}")
+    ax.set(xlabel="λ (weight of p_kNN)", ylabel="perplexity")
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def knnlm_section(metrics: Path, reports: Path) -> list[str]:
+    """Base LM vs kNN-LM perplexity per split, the index's measured recall, perplexity vs λ."""
+    path = metrics / "knnlm.json"
+    if not path.exists():
+        return []
+    k = json.loads(path.read_text())
+    idx = k["index"]
+    store = json.loads((metrics / "datastore.json").read_text()) if (metrics / "datastore.json").exists() else {}
+    recall = next(((name, val) for name, val in idx.items() if name.startswith("recall@")), None)
+    out = ["## Look-up model (kNN-LM)", "",
+           f"Datastore: {store.get('n_keys', idx.get('n_keys'))} keys"
+           + (f" of dimension {store['dim']}, built at {store['keys_per_s'] * 60 / 1e6:.2f} M keys/min" if store else "")
+           + f". Index `{idx.get('cfg/kind')}`"
+           + (f", {recall[0]} against exact search {recall[1]:.3f}" if recall else "") + ".", "",
+           "| split | LM perplexity | best kNN-LM perplexity | k | λ |", "|---|---|---|---|---|"]
+    for split, m in k.items():
+        if isinstance(m, dict) and "best" in m:
+            b = m["best"]
+            out.append(f"| {split} | {_f(m.get('lm_ppl'), '.3f')} | {b['ppl']:.3f} | {b['k']} | {b['lambda']} |")
+    out.append("")
+    png = plot_knnlm(reports / "plots" / "knnlm" / "ppl.tsv", reports / "plots" / "report" / "knnlm.png")
+    if png is not None:
+        out += [f"![perplexity vs lambda]({png.relative_to(reports).as_posix()})", ""]
+    return out
+
+
+
 def build_report(reports: Path, n_examples: int) -> str:
     metrics = reports / "metrics"
     plots = reports / "plots" / "report"
@@ -337,6 +408,8 @@ def build_report(reports: Path, n_examples: int) -> str:
             out += [f"Counting bigrams in the same training texts reaches JS {floor:.4f}: the finite-data floor.", ""]
     out += ebm_section(metrics, reports)
     out += align_section(metrics, reports)
+    out += vq_section(metrics)
+    out += knnlm_section(metrics, reports)
     for title, path in (("Training curves", plot_losses(reports / "live" / "sft", plots / "loss.png")),
                         ("Coverage vs quality", plot_kl(runs, plots / "kl.png"))):
         if path is not None:

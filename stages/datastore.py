@@ -32,8 +32,7 @@ def main() -> None:
     if cfg.max_seqs:
         ids = ids[: cfg.max_seqs]
     model = load_model(cfg.model)
-    bos = model.config.bos_token_id
-    seqs = [[bos, *s] for s in ids]  # prepared texts carry no BOS; the LM conditions on it
+    seqs = [list(s) for s in ids]  # prepared texts are [BOS] x_1 .. EOS, as the LM was trained
     start = time.perf_counter()
     info = build_datastore(model, seqs, args.out, batch_size=cfg.batch_size,
                            chunk_tokens=cfg.chunk_tokens, model_name=cfg.model)

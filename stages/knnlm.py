@@ -52,10 +52,10 @@ def main() -> None:
                         k_factor=icfg.k_factor, nprobe=icfg.nprobe, threads=icfg.threads)
     save_index(index, args.index)
     metrics = {"index": {"build_seconds": time.perf_counter() - start}}
-    bos, rows = model.config.bos_token_id, ["split\tk\tlambda\tppl"]
+    rows = ["split\tk\tlambda\tppl"]
     for split in cfg.splits:
         ids = load_split(data_dir, split)["input_ids"]
-        seqs = [[bos, *s] for s in (ids[: cfg.max_eval] if cfg.max_eval else ids)]
+        seqs = [list(s) for s in (ids[: cfg.max_eval] if cfg.max_eval else ids)]  # [BOS] x .. EOS
         if split == cfg.splits[0]:
             metrics["index"].update(index_metrics(cfg, index, store.keys, model, seqs))
         metrics[split] = split_metrics(cfg, model, index, store, seqs, rows, split)

@@ -46,3 +46,26 @@ def test_alignment_section_tables_frontier_and_equal_kl(tmp_path):
     assert "| best-of-1 |" in text and (tmp_path / "plots" / "report" / "align_frontier.png").exists()
     # difference k at KL k, SE sqrt(0.02)·k: beyond 2 SE everywhere
     assert "exo_pref higher by more than 2 SE at 4 of 4 KL values, lower at 0" in text
+
+
+def test_vq_and_knnlm_sections(tmp_path):
+    from beyondlm.report import knnlm_section, vq_section
+
+    samples = {"rep_2": 0.01, "distinct_2": 0.7, "tr_32": 0.1, "mean_length": 12.0, "unfinished_frac": 0.0,
+               "impossible_frac": 0.5, "logp_data_per_token": -2.5}
+    _write(tmp_path / "metrics" / "vq.json", {
+        "discretizer": "gumbel", "n_codes": 64, "n_down": 2, "codebook": {"perplexity": 23.1, "dead_codes": 11},
+        "test": {"recon_nll_per_token": 3.2, "nll_bound_per_token": 3.9, "data_entropy_rate": 2.93},
+        "samples": samples, "baseline": {"dir": "models/sft/mle-s0", "test": {"nll_per_token": 3.38},
+                                         "samples": samples}})
+    text = "\n".join(vq_section(tmp_path / "metrics"))
+    assert "perplexity 23.1, 11 dead codes" in text and "baseline `models/sft/mle-s0` 3.380" in text
+    assert "| prior → decoder | 0.0100 | 0.700 | 0.100 | 12.0 | 0.000 | 0.500 | -2.500 |" in text
+    _write(tmp_path / "metrics" / "knnlm.json", {
+        "index": {"cfg/kind": "ivfpq", "recall@256": 0.95},
+        "valid": {"lm_ppl": 40.0, "best": {"ppl": 33.5, "k": 256, "lambda": 0.25}}})
+    (tmp_path / "plots" / "knnlm").mkdir(parents=True)
+    (tmp_path / "plots" / "knnlm" / "ppl.tsv").write_text("split\tk\tlambda\tppl\nvalid\t256\t0.0\t40\nvalid\t256\t0.25\t33.5\n")
+    text = "\n".join(knnlm_section(tmp_path / "metrics", tmp_path))
+    assert "recall@256 against exact search 0.950" in text and "| valid | 40.000 | 33.500 | 256 | 0.25 |" in text
+    assert (tmp_path / "plots" / "report" / "knnlm.png").exists()

@@ -1,0 +1,40 @@
+"""Stage ``vq``: the latent-plan LM (discrete codes as a plan, EMNLP'21) against an SFT baseline.
+
+Trains the posterior encoder + discretizer + decoder, then the AR prior over codes
+(``beyondlm.latent.experiment.run_vq``); reports codebook usage, reconstruction NLL, the NLL bound,
+prior → decoder sample metrics (exact log p_d on the synthetic language) and the same for the
+baseline SFT model ``vq.baseline``.
+
+params: prepare.out_dir, prepare.max_len, vq.*
+deps:   stages/vq.py, beyondlm/latent, beyondlm/ (training, models, logprobs, sampling, metrics,
+        config, io, cli, data/prepare.py, data/synthetic.py), ${vq.baseline}, ${prepare.out_dir}
+outs:   --out (dir: plan_model.safetensors, prior/, tokenizer/, config.json)
+metrics: --metrics
+plots:  --live (optional: dvclive curves of both loops, posterior/ and prior/)
+"""
+
+import argparse
+from pathlib import Path
+
+from beyondlm import cli
+from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.io import write_json
+from beyondlm.latent.experiment import VQConfig, run_vq
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    for arg in ("--out", "--metrics"):
+        p.add_argument(arg, type=Path, required=True)
+    p.add_argument("--live", type=Path, default=None)
+    args = p.parse_args()
+    params = read_params()
+    cfg = load_section(VQConfig, section(params, "vq"), "vq")
+    prep = prepared_data(params)
+    metrics = run_vq(cfg, prep.data_dir, max_len=prep.max_len, out_dir=args.out,
+                     live_dir=args.live, language=prep.language())
+    write_json(args.metrics, metrics)
+
+
+if __name__ == "__main__":
+    cli.run(main)
