@@ -115,6 +115,7 @@ class EvalConfig:
 class RLOOConfig:
     K: int = 4  # on-policy samples per prompt
     beta: float = 0.05  # KL coefficient in the sequence reward
+    batch_size: int = 16  # prompts per step (K·batch_size rollouts); align.train.batch_size is for the offline methods
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class AlignConfig:
         _check("align.hyperparams", not unknown, unknown, f"keys must be among {list(PREFERENCE_LOSSES)}")
         _check("align.eval_every", self.eval_every >= 1, self.eval_every, "must be >= 1")
         _check("align.rloo.K", self.rloo.K >= 2, self.rloo.K, "RLOO needs K >= 2")
+        _check("align.rloo.batch_size", self.rloo.batch_size >= 1, self.rloo.batch_size, "must be >= 1")
 
     def loss(self, method: str) -> dict[str, float]:
         try:
@@ -319,7 +321,8 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
         policy = load_model(sft_dir)
         stats: dict = {}
         if method == "rloo":
-            rollout = replace(pure, batch_size=cfg.train.batch_size * cfg.rloo.K)
+            train_cfg = replace(train_cfg, batch_size=cfg.rloo.batch_size)
+            rollout = replace(pure, batch_size=cfg.rloo.batch_size * cfg.rloo.K)
             loss_fn = rloo_loss_fn(sft, reward_model, K=cfg.rloo.K, beta=cfg.rloo.beta, sampling=rollout,
                                    eos_id=tokenizer.eos_token_id, pad_id=pad, seed=seed, stats=stats)
             collate = prompt_collate(pad)
