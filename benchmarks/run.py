@@ -2,13 +2,18 @@
 
 Writes ``reports/bench/objectives.json`` (per-step cost of each SFT objective relative to MLE,
 ``benchmarks/objectives.py``), ``reports/bench/sir.json`` (EBM-SIR decoding vs plain sampling of
-the same candidates, ``benchmarks/sir.py``) and ``reports/bench/sft.json``:
+the same candidates, ``benchmarks/sir.py``), ``reports/bench/knnlm.json`` (kNN-LM datastore build
+rate, exact vs IVF-PQ query throughput, recall, bytes per key and perplexity,
+``benchmarks/knnlm.py``), ``reports/bench/align.json`` (per-step time of our DPO vs TRL's
+``DPOTrainer``, and of EXO-rw vs DPO-rw, ``benchmarks/align.py``) and ``reports/bench/sft.json``:
 - SFT training throughput of our loop vs a plain ``transformers.Trainer`` on the same tiny model,
   data, batch and schedule (median of ``--repeats`` interleaved runs, each in a fresh process),
   their ratio, and each one's peak RSS;
 - wall time of the default ``dvc repro`` from scratch in a temp copy of the repo, and of a
   second, no-op ``dvc repro`` (that run's metrics and report are kept in
   ``reports/bench/default_run/``).
+
+``--only knnlm sir`` runs just those benches (default: all of ``BENCHES``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from beyondlm.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHES = ("sft", "objectives", "sir", "knnlm", "align")
 
 
 def _env() -> dict[str, str]:
@@ -81,36 +87,65 @@ def repro_timing() -> dict:
     return timings
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip-repro", action="store_true", help="skip the (minutes-long) dvc repro timing")
-    args = p.parse_args()
-    result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-        "sft": sft_comparison(args.steps, args.repeats),
-    }
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg()}  # 1/5/15-min: other jobs sharing the cores
+
+
+def sft_bench(args, machine: dict) -> dict:
+    result = {"machine": machine, "sft": sft_comparison(args.steps, args.repeats)}
     out = ROOT / "reports" / "bench" / "sft.json"
     if not args.skip_repro:
         result["pipeline"] = repro_timing()
     elif out.exists() and "pipeline" in (old := json.loads(out.read_text())):
         result["pipeline"] = {**old["pipeline"], "carried_over": "from an earlier run (--skip-repro)"}
     write_json(out, result)
-    from benchmarks.objectives import objective_overheads
+    return {k: v for k, v in result["sft"].items() if k != "runs"} | result.get("pipeline", {})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-repro", action="store_true", help="skip the (minutes-long) dvc repro timing")
+    p.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), metavar="BENCH",
+                   help=f"run only these benches, of: {', '.join(BENCHES)}")
+    args = p.parse_args()
+    machine, summary = machine_info(), None
+    if "sft" in args.only:
+        summary = sft_bench(args, machine)
     from beyondlm.config import ModelConfig, load_section, read_params, section
 
     model_cfg = load_section(ModelConfig, section(read_params(ROOT / "params.yaml"), "sft").get("model"), "sft.model")
-    overheads = objective_overheads(model_cfg)
-    write_json(ROOT / "reports" / "bench" / "objectives.json", {"machine": result["machine"], "objectives": overheads})
-    print(json.dumps(overheads, indent=1))
-    from benchmarks.sir import sir_overhead
+    if "objectives" in args.only:
+        from benchmarks.objectives import objective_overheads
 
-    sir = sir_overhead(model_cfg)
-    write_json(ROOT / "reports" / "bench" / "sir.json", {"machine": result["machine"], **sir})
-    print(json.dumps(sir, indent=1))
-    print(json.dumps({k: v for k, v in result["sft"].items() if k != "runs"} | result.get("pipeline", {}), default=str, indent=1))
+        overheads = objective_overheads(model_cfg)
+        write_json(ROOT / "reports" / "bench" / "objectives.json", {"machine": machine, "objectives": overheads})
+        print(json.dumps(overheads, indent=1))
+    if "sir" in args.only:
+        from benchmarks.sir import sir_overhead
+
+        sir = sir_overhead(model_cfg)
+        write_json(ROOT / "reports" / "bench" / "sir.json", {"machine": machine, **sir})
+        print(json.dumps(sir, indent=1))
+    if "knnlm" in args.only:
+        from benchmarks.knnlm import knnlm_bench
+
+        knnlm = knnlm_bench(ROOT)
+        write_json(ROOT / "reports" / "bench" / "knnlm.json", {"machine": machine, **knnlm})
+        print(json.dumps({"datastore_keys_per_min": knnlm["datastore"]["keys_per_min"], **knnlm["targets"]},
+                         default=str, indent=1))
+    if "align" in args.only:
+        from benchmarks.align import align_bench, machine_extras
+
+        align = align_bench()
+        write_json(ROOT / "reports" / "bench" / "align.json", {"machine": {**machine, **machine_extras()}, **align})
+        print(json.dumps({k: {m: v[m] for m in v if "ratio" in m or m == "met"} for k, v in align.items()
+                          if isinstance(v, dict) and "met" in v}, indent=1))
+    if summary is not None:
+        print(json.dumps(summary, default=str, indent=1))
 
 
 if __name__ == "__main__":

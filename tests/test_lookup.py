@@ -12,6 +12,7 @@ from beyondlm.logprobs import sequence_logps
 from beyondlm.lookup import (
     build_datastore,
     build_index,
+    datastore_keys,
     evaluate_knnlm,
     forward_keys,
     interpolate,
@@ -22,6 +23,7 @@ from beyondlm.lookup import (
     recall_at_k,
     save_index,
 )
+from beyondlm.lookup.datastore import _key_rows
 from beyondlm.lookup.knnlm import exact_distances, retrieve
 from tests.helpers import tiny_setup
 
@@ -108,6 +110,37 @@ def test_keys_are_the_last_ffn_input(tiny, store):
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ConfigError, match="unknown architecture Linear"):
         key_module(torch.nn.Linear(2, 2))
+
+
+def test_datastore_keys_stop_at_the_key_module(tiny):
+    _, model, train, _ = tiny
+    batch = train[:5]
+    _, keys, labels, _ = forward_keys(model, batch)  # the full forward pass, logits included
+    head_calls = []
+    handle = model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+    try:
+        k16, values = datastore_keys(model, batch)
+    finally:
+        handle.remove()
+    assert head_calls == []  # the forward pass ended at the key module: no LM head
+    assert k16.dtype == torch.float16 and torch.equal(values, labels)
+    np.testing.assert_array_equal(k16.numpy(), keys.numpy().astype(np.float16))
+    assert not key_module(model)._forward_hooks  # hook removed, the exception swallowed
+    assert model(input_ids=torch.tensor([batch[0]])).logits.shape[1] == len(batch[0])
+
+
+def test_build_rows_follow_input_order_whatever_the_batching(tiny, tmp_path):
+    # batches are sorted by length inside a chunk, rows stay in input order; texts of < 2 tokens
+    # give no key and no batch (an all-empty batch would not run)
+    _, model, train, _ = tiny
+    seqs = [train[0][:1], *train[:30], [], train[1][:1]]
+    build_datastore(model, seqs, tmp_path / "one", batch_size=1, chunk_tokens=10**6)  # unpadded
+    build_datastore(model, seqs, tmp_path / "many", batch_size=7, chunk_tokens=100)
+    one, many = load_datastore(tmp_path / "one"), load_datastore(tmp_path / "many")
+    assert one.values.tolist() == many.values.tolist() == [t for s in seqs for t in s[1:]]
+    np.testing.assert_allclose(many.keys, one.keys, rtol=2e-3, atol=2e-3)
+    # rows of sequences 3, 0, 2, 1 with 4, 3, 0, 2 keys, hand-written
+    assert _key_rows(np.array([0, 3, 5, 5, 9]), np.array([3, 0, 2, 1])).tolist() == [5, 6, 7, 8, 0, 1, 2, 3, 4]
 
 
 def test_build_resumes_after_interruption(tiny, tmp_path):

@@ -9,6 +9,7 @@ from beyondlm.lookup.datastore import (
     DatastoreInfo,
     build_datastore,
     capture_keys,
+    datastore_keys,
     forward_keys,
     key_module,
     load_datastore,
@@ -25,7 +26,7 @@ from beyondlm.lookup.knnlm import (
 )
 
 __all__ = [
-    "Datastore", "DatastoreInfo", "build_datastore", "capture_keys", "forward_keys", "key_module",
-    "load_datastore", "build_index", "evaluate_knnlm", "interpolate", "knn_logprobs", "load_index",
-    "recall_at_k", "save_index", "set_search_params",
+    "Datastore", "DatastoreInfo", "build_datastore", "capture_keys", "datastore_keys", "forward_keys",
+    "key_module", "load_datastore", "build_index", "evaluate_knnlm", "interpolate", "knn_logprobs",
+    "load_index", "recall_at_k", "save_index", "set_search_params",
 ]

@@ -54,13 +54,31 @@ def key_module(model: torch.nn.Module) -> torch.nn.Module:
     return KEY_MODULES[arch](model)
 
 
+class _KeysCaptured(Exception):
+    """Raised by the key hook of ``capture_keys(stop=True)`` to end the forward pass early."""
+
+
 @contextlib.contextmanager
-def capture_keys(model: torch.nn.Module) -> Iterator[dict[str, Tensor]]:
-    """While active, every forward pass stores the key module's output (B, T, D) in ``["keys"]``."""
+def capture_keys(model: torch.nn.Module, *, stop: bool = False) -> Iterator[dict[str, Tensor]]:
+    """While active, every forward pass stores the key module's output (B, T, D) in ``["keys"]``.
+
+    ``stop``: end each forward pass right there (the hook raises, the context swallows it): the
+    datastore needs no logits, and the rest of the last block, the final norm and the LM head are
+    about half the FLOPs of the default tiny model (n_embd 64, 2 layers, V 502), plus the (n, V)
+    logits tensor. Run the model as the last statement inside the ``with`` block.
+    """
     store: dict[str, Tensor] = {}
-    handle = key_module(model).register_forward_hook(lambda _m, _i, out: store.__setitem__("keys", out))
+
+    def hook(_module, _inputs, out):
+        store["keys"] = out
+        if stop:
+            raise _KeysCaptured
+
+    handle = key_module(model).register_forward_hook(hook)
     try:
         yield store
+    except _KeysCaptured:
+        pass  # the forward pass ended at the key module on purpose
     finally:
         handle.remove()
 
@@ -77,6 +95,20 @@ def forward_keys(model, seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor, 
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
     keys = store["keys"][:, :-1]  # (B, T-1, D): the key at position t predicts x_{t+1}
     return logits[mask].float(), keys[mask].float(), labels[mask], mask.sum(-1)
+
+
+@torch.inference_mode()
+def datastore_keys(model, seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """``(keys (n, D) float16, values (n,))`` of ``forward_keys`` without the logits: the forward
+    pass stops at the key module (``capture_keys(stop=True)``). Rows as in ``forward_keys``."""
+    device = next(model.parameters()).device
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids, attn = pad_batch(seqs, pad_id, device)
+    labels, mask = lm_targets(ids, attn)  # (B, T-1) each
+    with capture_keys(model, stop=True) as store:
+        model(input_ids=ids, attention_mask=attn, use_cache=False)
+    keys = store["keys"][:, :-1]  # (B, T-1, D): the key at position t predicts x_{t+1}
+    return keys[mask].to(torch.float16), labels[mask]
 
 
 @dataclass(frozen=True)
@@ -111,14 +143,15 @@ def model_sha(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def build_datastore(model, seqs: Sequence[Sequence[int]], out_dir: str | Path, *, batch_size: int = 64,
+def build_datastore(model, seqs: Sequence[Sequence[int]], out_dir: str | Path, *, batch_size: int = 256,
                     chunk_tokens: int = 65536, resume: bool = True, model_name: str | None = None,
                     on_chunk: Callable[[int, int], None] | None = None) -> DatastoreInfo:
     """Write keys (N, D) fp16 and values (N,) int32 for ``seqs`` (each ``[BOS] x_1..x_n``).
 
-    Sequences are processed in input order in chunks of about ``chunk_tokens`` keys (batches of
-    ``batch_size`` inside); after each chunk the memmaps are flushed, ``progress.json`` is updated
-    and ``on_chunk(n_seqs_done, n_keys_done)`` is called. With ``resume`` a rerun skips the
+    Sequences are processed in input order in chunks of about ``chunk_tokens`` keys (inside a
+    chunk, batches of ``batch_size`` sequences of similar length, see ``_write_chunk``; the
+    forward pass stops at the key module); after each chunk the memmaps are flushed,
+    ``progress.json`` is updated and ``on_chunk(n_seqs_done, n_keys_done)`` is called. With ``resume`` a rerun skips the
     sequences ``progress.json`` records as done (and returns at once if ``meta.json`` exists).
     """
     from tqdm.auto import tqdm
@@ -141,13 +174,7 @@ def build_datastore(model, seqs: Sequence[Sequence[int]], out_dir: str | Path, *
         while done < len(seqs):
             end = int(np.searchsorted(offsets, offsets[done] + chunk_tokens, side="right")) - 1
             end = min(max(end, done + 1), len(seqs))  # at least one sequence per chunk
-            for lo in range(done, end, batch_size):
-                batch = [seqs[i] for i in range(lo, min(lo + batch_size, end))]
-                _, k, v, _ = forward_keys(model, batch)
-                rows = slice(int(offsets[lo]), int(offsets[lo + len(batch)]))
-                keys[rows] = k.cpu().numpy().astype(np.float16)
-                values[rows] = v.cpu().numpy().astype(np.int32)
-                bar.update(rows.stop - rows.start)
+            _write_chunk(model, seqs, np.arange(done, end), offsets, keys, values, batch_size, bar)
             keys.flush(), values.flush()
             done = end
             write_json(out / "progress.json", {**asdict(info), "n_seqs_done": done,
@@ -161,6 +188,34 @@ def build_datastore(model, seqs: Sequence[Sequence[int]], out_dir: str | Path, *
     write_json(out / "meta.json", asdict(info))
     (out / "progress.json").unlink(missing_ok=True)
     return info
+
+
+def _write_chunk(model, seqs, chunk: np.ndarray, offsets: np.ndarray, keys, values, batch_size: int,
+                 bar) -> None:
+    """Keys and values of the sequences ``chunk`` into their rows ``offsets[i]:offsets[i+1]``.
+
+    Batches take the chunk's sequences longest first, so each pads to about its own length: in
+    input order a batch of 64 pads to its longest text, 2.85× the real tokens on the default
+    synthetic train split (mean 21, max 65 tokens), vs 1.01× sorted. Sequences with no key
+    (fewer than 2 tokens) are skipped, so no batch is all padding.
+    """
+    n_keys = offsets[chunk + 1] - offsets[chunk]  # (S,)
+    order = chunk[np.argsort(-n_keys, kind="stable")]
+    order = order[offsets[order + 1] > offsets[order]]
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo : lo + batch_size]  # (b,) sequence numbers
+        k, v = datastore_keys(model, [seqs[i] for i in idx])  # (n, D) fp16, (n,)
+        rows = _key_rows(offsets, idx)  # (n,): sequence by sequence, positions ascending
+        keys[rows] = k.cpu().numpy()
+        values[rows] = v.cpu().numpy()
+        bar.update(len(rows))
+
+
+def _key_rows(offsets: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Datastore rows of sequences ``idx`` (b,), concatenated: offsets[i] .. offsets[i+1]−1 each."""
+    starts, lens = offsets[idx], offsets[idx + 1] - offsets[idx]  # (b,) each
+    first = np.cumsum(lens) - lens  # (b,): where each sequence begins in the batch's rows
+    return np.repeat(starts - first, lens) + np.arange(int(lens.sum()))
 
 
 def _resume_point(out: Path, info: DatastoreInfo) -> int | None:
@@ -220,7 +275,9 @@ class DatastoreConfig:
     model: str = "models/sft/mle-s0"  # HF model dir (also a DVC dep of the stage)
     split: str = "train"
     max_seqs: int = 0  # 0 = the whole split
-    batch_size: int = 64
+    # sequences per forward pass (of similar length: little padding). 256 vs 64: 1.6 vs 0.6M keys/min
+    # with the tiny default model on 2 busy cores; lower it for long texts or big models (memory)
+    batch_size: int = 256
     chunk_tokens: int = 262144  # keys between flushes / progress records (resume granularity)
 
     def __post_init__(self) -> None:

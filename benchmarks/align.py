@@ -1,0 +1,291 @@
+"""Offline alignment per-step cost: our DPO vs TRL's DPOTrainer, and EXO-rw vs DPO-rw.
+
+    python -m benchmarks.align --impl ours|trl|rw     # one measurement, one JSON line
+    python -m benchmarks.align                        # the whole bench → reports/bench/align.json
+
+1. DPO (targets: ours ≤ 1.0× TRL per optimizer step). Ours: ``dpo_pref`` through ``train_loop`` +
+   ``offline_loss_fn`` + ``pair_collate``, reference log-probs stored in each ``PrefPair`` (as the
+   ``preferences`` stage does). TRL: ``DPOTrainer(loss_type="sigmoid", precompute_ref_log_probs=True)``,
+   so neither runs the reference model during the timed steps. Same tiny GPT-2 (``sft.model`` of
+   params.yaml), same pairs (prompt = BOS + 8 words of a text of the synthetic language, completions
+   = the rest of two texts, ≤ 56 tokens with EOS; TRL gets them as text and its token ids are checked
+   equal to ours), same batch, lr schedule, AdamW (fused, β2 = 0.95), clipping, fp32 on CPU, no
+   gradient checkpointing (TRL's default is on), no length grouping (the ``align`` stage's setting).
+   Each run is a fresh process; the clock runs from the end of step ``warmup`` to the end of the last
+   step; the median over interleaved rounds is reported.
+2. EXO-rw vs DPO-rw (target ≤ 1.2×): both through our loop on the same groups of K = 4 and the same
+   prompt batches (same seed), interleaved in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from beyondlm.align.data import Group, PrefPair
+from beyondlm.align.train import group_collate, offline_loss_fn, pair_collate
+from beyondlm.config import ModelConfig, TrainConfig, load_section, read_params, section
+from beyondlm.data import tokenization
+from beyondlm.data.synthetic import LanguageSpec, SyntheticLanguage
+from beyondlm.logprobs import sequence_logps
+from beyondlm.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_WORDS = 8  # prepare.prompt_len; with BOS the prompt is 9 tokens
+MAX_COMPLETION = 56  # prepare.max_len − prompt_len: the samplers' max_new_tokens
+BETA = 0.1  # align.hyperparams.dpo_pref
+RW = {"beta_pi": 0.1, "beta_r": 1.0}  # align.hyperparams.{dpo_rw, exo_rw}
+# One intra-op thread per measured process: on the 2 shared cores, 2 OpenMP threads under load made
+# a step ~10x slower and erratic (threads waiting on each other), which would swamp the ratios.
+THREADS = 1
+
+
+def setup(n_prompts: int, K: int):
+    """Tokenizer, the default tiny GPT-2, and ``n_prompts`` prompts with K completions each:
+    prompt = [BOS] + the first 8 words of a text, completions = the tails of K other texts."""
+    language = SyntheticLanguage.build(LanguageSpec())
+    tok = tokenization.word_tokenizer(language.vocab)
+    texts = [s for s in language.sample(4 * n_prompts * (K + 1), np.random.default_rng(0))
+             if len(s) > PROMPT_WORDS + 1]
+    prompts = [[tok.bos_token_id, *s[:PROMPT_WORDS]] for s in texts[:n_prompts]]
+    tails = [s[PROMPT_WORDS:][:MAX_COMPLETION] for s in texts[n_prompts:]]  # ends with EOS (texts ≤ 64 tokens)
+    completions = [tails[i * K : (i + 1) * K] for i in range(n_prompts)]
+    model_cfg = load_section(ModelConfig, section(read_params(ROOT / "params.yaml"), "sft").get("model"), "sft.model")
+    torch.manual_seed(0)
+    return tok, build_model(model_cfg, tok), prompts, completions
+
+
+def reference_logps(model, tok, prompts, completions) -> np.ndarray:
+    """log π_ref(y | x) of every completion, (N, K): computed once, as the align_sample stage does."""
+    K = len(completions[0])
+    seqs = [p + c for p, cs in zip(prompts, completions) for c in cs]
+    starts = [len(p) for p in prompts for _ in range(K)]
+    ref, _ = sequence_logps(model, seqs, pad_id=tok.pad_token_id, starts=starts)
+    return ref.numpy().reshape(len(prompts), K)
+
+
+def train_cfg(steps: int, batch_size: int) -> TrainConfig:
+    """The ``align`` stage's loop settings (no checkpoints: they are not part of a step)."""
+    return TrainConfig(lr=1e-3, batch_size=batch_size, max_steps=steps, warmup_steps=5, ckpt_every=0,
+                       log_every=10, group_by_length=False)
+
+
+def timed_loop(model, data, loss_fn, collate, cfg: TrainConfig, warmup: int) -> dict:
+    """Run our loop for cfg.max_steps steps; seconds per step after step ``warmup``, and the mean
+    padded width of the batches."""
+    from beyondlm.training import train_loop
+
+    marks, widths, fill = {}, [], []
+
+    def on_step(step: int) -> None:
+        if step in (warmup, cfg.max_steps):
+            marks[step] = time.perf_counter()
+
+    def counting(rows):
+        batch = collate(rows)
+        widths.append(batch["input_ids"].shape[1])
+        fill.append(batch["attention_mask"].float().mean().item())
+        return batch
+
+    train_loop(model, data, loss_fn, cfg, collate=counting, on_step=on_step, desc="bench")
+    return {"step_s": (marks[cfg.max_steps] - marks[warmup]) / (cfg.max_steps - warmup),
+            "mean_width": float(np.mean(widths[warmup:])), "real_token_fraction": float(np.mean(fill[warmup:]))}
+
+
+def pair_data(steps: int, batch_size: int, ref_rows: int | None = None):
+    """Tokenizer, model, pairs with stored reference log-probs, and the loop's batch order (one
+    epoch, seed 0, no length grouping); ``ref_rows`` limits the reference pass to the first rows."""
+    from beyondlm.training import BatchOrder
+
+    tok, model, prompts, comps = setup(batch_size * steps, K=2)
+    n = ref_rows or len(prompts)
+    ref = reference_logps(model, tok, prompts[:n], comps[:n])
+    pairs = [PrefPair(p, c[0], c[1], float(r[0]), float(r[1])) for p, c, r in zip(prompts, comps, ref)]
+    order = BatchOrder(len(prompts), batch_size, seed=0)
+    return tok, model, prompts, comps, pairs, order
+
+
+def run_ours(steps: int, warmup: int, batch_size: int) -> dict:
+    tok, model, _, _, pairs, _ = pair_data(steps + warmup, batch_size)
+    out = timed_loop(model, pairs, offline_loss_fn("dpo_pref", {"beta": BETA}), pair_collate(tok.pad_token_id),
+                     train_cfg(steps + warmup, batch_size), warmup)
+    return {"impl": "ours", **out, "vocab": len(tok), "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def _trl_dataset(tok, prompts, comps):
+    """Text rows that the word tokenizer maps back to exactly our ids (checked after TRL tokenizes)."""
+    import datasets
+
+    text = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    return datasets.Dataset.from_dict({"prompt": [text(p) for p in prompts],
+                                       "chosen": [" " + text(c[0]) for c in comps],
+                                       "rejected": [" " + text(c[1]) for c in comps]})
+
+
+def run_trl(steps: int, warmup: int, batch_size: int) -> dict:
+    import trl
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    total = steps + warmup
+    tok, model, prompts, comps, pairs, order = pair_data(total, batch_size, ref_rows=4 * batch_size)
+    # rows in our loop's batch order, read sequentially: TRL gets exactly our batches, step by step
+    rows = [i for s in range(total) for i in order.indices(s)]
+    marks, widths = {}, []
+
+    class Clock(TrainerCallback):  # same marks as ours: end of step `warmup`, end of the last step
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in (warmup, total):
+                marks[state.global_step] = time.perf_counter()
+
+    cfg = train_cfg(total, batch_size)
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(
+            output_dir=out, loss_type="sigmoid", beta=BETA, precompute_ref_log_probs=True,
+            precompute_ref_batch_size=256, per_device_train_batch_size=batch_size, max_steps=total,
+            learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps,
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, adam_beta2=0.95,
+            optim="adamw_torch_fused", logging_steps=cfg.log_every, save_strategy="no", report_to=[],
+            use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, max_length=None,
+            train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed,
+        )
+        data = _trl_dataset(tok, [prompts[i] for i in rows], [comps[i] for i in rows])
+        trainer = DPOTrainer(model=model, args=args, processing_class=tok, train_dataset=data, callbacks=[Clock()])
+        ds = trainer.train_dataset
+        if (ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]) != (
+                [prompts[i] for i in rows], [comps[i][0] for i in rows], [comps[i][1] for i in rows]):
+            raise RuntimeError("TRL tokenized the pairs differently from ours: the comparison would be unfair")
+        checked = [j for j, i in enumerate(rows) if i < 4 * batch_size]  # rows whose reference we computed
+        trl_ref = np.array([[ds["ref_chosen_logps"][j], ds["ref_rejected_logps"][j]] for j in checked])
+        ours_ref = np.array([[pairs[rows[j]].ref_chosen, pairs[rows[j]].ref_rejected] for j in checked])
+        collator = trainer.data_collator
+
+        def counting(batch_rows):
+            batch = collator(batch_rows)
+            widths.append(batch["input_ids"].shape[1])
+            return batch
+
+        trainer.data_collator = counting
+        trainer.train()
+    return {"impl": "trl", "step_s": (marks[total] - marks[warmup]) / steps,
+            "mean_width": float(np.mean(widths[warmup:])), "trl_version": trl.__version__,
+            "ref_logps_max_abs_diff_vs_ours": float(np.abs(trl_ref - ours_ref).max())}
+
+
+def run_rw(steps: int, warmup: int, batch_size: int, K: int, rounds: int) -> dict:
+    """DPO-rw vs EXO-rw through our loop: same groups, same batches, interleaved rounds."""
+    tok, model, prompts, comps = setup(batch_size * (steps + warmup), K=K)
+    ref = reference_logps(model, tok, prompts, comps)
+    rewards = np.random.default_rng(1).normal(size=ref.shape)  # any scores: the cost does not depend on them
+    groups = [Group(p, cs, r.tolist(), s.tolist()) for p, cs, r, s in zip(prompts, comps, ref, rewards)]
+    collate = group_collate(tok.pad_token_id)
+    cfg = train_cfg(steps + warmup, batch_size)
+    times: dict[str, list[float]] = {"dpo_rw": [], "exo_rw": []}
+    for _ in range(rounds):
+        for name in times:  # interleaved: machine-load drift hits both alike
+            times[name].append(timed_loop(copy.deepcopy(model), groups, offline_loss_fn(name, RW), collate,
+                                          cfg, warmup)["step_s"])
+    return {"impl": "rw", "K": K, "groups_per_batch": batch_size, "hyperparams": RW, "steps": steps,
+            "rounds": rounds, "step_s": {k: median(v) for k, v in times.items()}, "runs": times}
+
+
+def machine_extras() -> dict:
+    """What the measured processes ran with, on top of ``benchmarks.run.machine_info``."""
+    import transformers
+    import trl
+
+    return {"torch_threads": THREADS, "transformers": transformers.__version__, "trl": trl.__version__}
+
+
+def _measure(impl: str, steps: int, warmup: int, batch_size: int, extra: Sequence[str] = ()) -> dict:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.align", "--impl", impl, "--steps", str(steps), "--warmup", str(warmup),
+           "--batch-size", str(batch_size), "--threads", str(THREADS), *extra]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def align_bench(steps: int = 20, warmup: int = 5, batch_size: int = 32, rounds: int = 3,
+                rw_steps: int = 8, rw_batch: int = 32, K: int = 4) -> dict:
+    """The whole bench (fresh processes); the dict written to reports/bench/align.json."""
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    t0, load_before = time.perf_counter(), os.getloadavg()
+    for _ in range(rounds):  # interleaved, so drifting machine load hits both alike
+        for impl in runs:
+            runs[impl].append(_measure(impl, steps, warmup, batch_size))
+    ours, theirs = (median(r["step_s"] for r in runs[k]) for k in ("ours", "trl"))
+    rw = _measure("rw", rw_steps, 2, rw_batch, ["--K", str(K), "--rounds", str(rounds)])
+    rw_ratio = rw["step_s"]["exo_rw"] / rw["step_s"]["dpo_rw"]
+    return {
+        "dpo_vs_trl": {
+            "conditions": {
+                "model": "tiny GPT-2 of params.yaml sft.model", "vocab": runs["ours"][0]["vocab"],
+                "n_params": runs["ours"][0]["n_params"], "dtype": "float32", "device": "cpu",
+                "pairs_per_step": batch_size, "rows_per_step": 2 * batch_size, "prompt_tokens": PROMPT_WORDS + 1,
+                "max_completion_tokens": MAX_COMPLETION, "data": "texts of the synthetic language (prompt = "
+                "BOS + first 8 words; chosen/rejected = tails of two other texts); identical token ids in both",
+                "batches": "identical in both: our loop's order (seed 0, no length grouping), fed to TRL in that "
+                "order with train_sampling_strategy=sequential; each padded to its longest row",
+                "timed_steps": steps, "warmup_steps_untimed": warmup, "rounds": rounds,
+                "fresh_process_per_run": True, "threads_per_run": THREADS, "loss": "DPO sigmoid, beta=0.1",
+                "reference": "precomputed, stored with the data in both (TRL precompute_ref_log_probs=True)",
+                "optimizer": "AdamW fused, lr 1e-3, betas (0.9, 0.95), wd 0.01, clip 1.0, cosine, 5 warmup",
+                "trl_settings": "gradient_checkpointing=False, bf16=False, optim=adamw_torch_fused, "
+                "dataloader_num_workers=0, logging_steps=10, its own fused chunked LM head and metrics",
+                "ours_settings": "align stage loop: group_by_length=False, no checkpoints",
+            },
+            "ours_step_s": ours, "trl_step_s": theirs, "ratio_ours_over_trl": ours / theirs,
+            "ratio_per_round": [a["step_s"] / b["step_s"] for a, b in zip(runs["ours"], runs["trl"])],
+            "target": "<= 1.0", "met": ours / theirs <= 1.0, "runs": runs,
+        },
+        "exo_rw_vs_dpo_rw": {**rw, "ratio_exo_over_dpo": rw_ratio, "target": "<= 1.2", "met": rw_ratio <= 1.2},
+        "bench_wall_s": time.perf_counter() - t0,
+        "load_average": {"before": load_before, "after": os.getloadavg()},  # other jobs on the same cores
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impl", choices=("ours", "trl", "rw"))
+    p.add_argument("--steps", type=int, default=20, help="timed steps of one DPO run")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--K", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=THREADS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.impl is None:
+        from benchmarks.run import machine_info
+        from beyondlm.io import write_json
+
+        bench = align_bench(args.steps, args.warmup, args.batch_size, args.rounds, K=args.K)
+        result = {"machine": {**machine_info(), **machine_extras()}, **bench}
+        write_json(ROOT / "reports" / "bench" / "align.json", result)
+        print(json.dumps(result, indent=1))
+        return
+    if args.impl == "rw":
+        result = run_rw(args.steps, args.warmup, args.batch_size, args.K, args.rounds)
+    else:
+        result = (run_ours if args.impl == "ours" else run_trl)(args.steps, args.warmup, args.batch_size)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
