@@ -60,6 +60,16 @@ def _generation_config(cfg: SamplingConfig, eos_id: int, pad_id: int, **extra) -
     )
 
 
+def _batches(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, pad_id: int, seed: int,
+             desc: str | None):
+    """Seed the draws, put the model in eval mode, then yield left-padded prompt batches (ids, mask)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    model.eval()
+    for lo in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, disable=desc is None, mininterval=2.0):
+        yield _left_pad(prompts[lo : lo + cfg.batch_size], pad_id, device)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -72,18 +82,11 @@ def sample(
     desc: str | None = None,
 ) -> list[list[int]]:
     """One completion per prompt (repeat prompts for several). Seeded: same seed → same samples."""
-    device = next(model.parameters()).device
     gen = _generation_config(cfg, eos_id, pad_id)
-    torch.manual_seed(seed)
-    model.eval()
     out: list[list[int]] = []
-    starts = range(0, len(prompts), cfg.batch_size)
-    for lo in tqdm(starts, desc=desc, disable=desc is None, mininterval=2.0):
-        batch = prompts[lo : lo + cfg.batch_size]
-        ids, mask = _left_pad(batch, pad_id, device)
+    for ids, mask in _batches(model, prompts, cfg, pad_id=pad_id, seed=seed, desc=desc):
         seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-        for row in seqs[:, ids.shape[1] :].tolist():  # (B, new tokens)
-            out.append(_strip(row, eos_id))
+        out += [_strip(row, eos_id) for row in seqs[:, ids.shape[1] :].tolist()]  # (B, new tokens)
     return out
 
 
@@ -146,16 +149,11 @@ def sample_scored(
 
     Memory: the step logits of a batch are kept until it ends, batch_size × max_new_tokens × V
     floats (117 MB for 1024 × 56 × 512)."""
-    device = next(model.parameters()).device
     gen = _generation_config(cfg, eos_id, pad_id, return_dict_in_generate=True, output_logits=True,
                              output_hidden_states=states)
-    torch.manual_seed(seed)
-    model.eval()
     rows: list[list[int]] = []
     parts: list[SampleScores] = []
-    starts = range(0, len(prompts), cfg.batch_size)
-    for lo in tqdm(starts, desc=desc, disable=desc is None, mininterval=2.0):
-        ids, mask = _left_pad(prompts[lo : lo + cfg.batch_size], pad_id, device)
+    for ids, mask in _batches(model, prompts, cfg, pad_id=pad_id, seed=seed, desc=desc):
         batch_rows, scores = _scored_batch(model, ids, mask, gen, eos_id=eos_id)
         rows += batch_rows
         parts.append(scores)

@@ -22,6 +22,7 @@ from beyondlm.align.experiment import (
     BestOfNConfig,
     EvalConfig,
     PreferencesConfig,
+    RLOOConfig,
     RewardConfig,
     SampleConfig,
     load_pairs,
@@ -158,7 +159,7 @@ def test_the_chain_on_the_tiny_language(tmp_path):
     cfg = AlignConfig(seeds=[0, 1], eval_every=2, eval=EvalConfig(n_prompts=8),
                       train=TrainConfig(lr=1e-3, batch_size=4, max_steps=4, warmup_steps=1, ckpt_every=2,
                                         group_by_length=False),
-                      rloo=load_section(AlignConfig, {}, "align").rloo)
+                      rloo=RLOOConfig(K=2, batch_size=4, max_steps=4))
     kw = dict(sft_dir=tmp_path / "sft", reward_model=rm, tokenizer=tok, language=language,
               samples=tmp_path / "samples.parquet", pairs=tmp_path / "pairs.parquet", test_prompts=test_prompts,
               max_new_tokens=16)
@@ -194,3 +195,14 @@ def test_equal_kl_comparison_by_hand():
     f = frontier(a)
     assert [r["step"] for r in f] == [0, 10] and f[1]["oracle_reward"] == 6.0 and f[1]["kl_std"] == 0.0
     assert compare_at_equal_kl(a, _result([[(5, 0), (6, 1)]])) == []  # no overlap
+
+
+def test_evaluations_resume_only_with_their_config(tmp_path):
+    from beyondlm.align.experiment import EVALS, _resumed_evals
+    from beyondlm.io import write_json
+
+    fp = {"method": "dpo_pref", "train": {"lr": 1e-3, "seeds": (0, 1)}}
+    write_json(tmp_path / EVALS, {"fingerprint": fp, "evals": [{"step": 10, "kl": 1.0}]})
+    assert _resumed_evals(tmp_path, fp) == [{"step": 10, "kl": 1.0}]  # same config: kept
+    assert _resumed_evals(tmp_path, {**fp, "method": "exo_pref"}) == []  # another config: dropped
+    assert not (tmp_path / EVALS).exists() and _resumed_evals(tmp_path, fp) == []

@@ -116,6 +116,8 @@ class RLOOConfig:
     K: int = 4  # on-policy samples per prompt
     beta: float = 0.05  # KL coefficient in the sequence reward
     batch_size: int = 16  # prompts per step (K·batch_size rollouts); align.train.batch_size is for the offline methods
+    lr: float = 1e-3  # on-policy steps cost a rollout each: fewer, larger steps than the offline methods
+    max_steps: int = 60
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,22 @@ def _training_data(method: str, samples: Path, pairs: Path, reward_model, tokeni
             for p, g, ref, r in zip(t["prompt_ids"], t["completions"], t["ref_logps"], rm)]
 
 
+EVALS = "evals.json"
+
+
+def _resumed_evals(ckpt: Path, fingerprint: dict) -> list[dict]:
+    """Evaluations an interrupted run of the same config already made (its training resumes from
+    its checkpoint along the same seeded trajectory); none after a finished run or a config change."""
+    path = ckpt / EVALS
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    if saved.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        path.unlink()
+        return []
+    return saved["evals"]
+
+
 def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tokenizer, language,
               samples: Path, pairs: Path, test_prompts, max_new_tokens: int, out_dir: Path,
               ckpt_dir: Path) -> dict:
@@ -321,7 +339,8 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
         policy = load_model(sft_dir)
         stats: dict = {}
         if method == "rloo":
-            train_cfg = replace(train_cfg, batch_size=cfg.rloo.batch_size)
+            train_cfg = replace(train_cfg, batch_size=cfg.rloo.batch_size, lr=cfg.rloo.lr,
+                                max_steps=cfg.rloo.max_steps, group_by_length=False)
             rollout = replace(pure, batch_size=cfg.rloo.batch_size * cfg.rloo.K)
             loss_fn = rloo_loss_fn(sft, reward_model, K=cfg.rloo.K, beta=cfg.rloo.beta, sampling=rollout,
                                    eos_id=tokenizer.eos_token_id, pad_id=pad, seed=seed, stats=stats)
@@ -330,23 +349,21 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
             loss_fn = offline_loss_fn(method, hyper)
             collate = (pair_collate if PREFERENCE_LOSSES[method].kind == "pair" else group_collate)(pad)
         seed_ckpt = ckpt_dir / f"s{seed}"
-        evals_path = seed_ckpt / "evals.json"
-        evals = [{"step": 0, **base}]
-        if evals_path.exists():  # resumed: keep the evaluations already made
-            evals = json.loads(evals_path.read_text())
+        fingerprint = {"method": method, "hyper": hyper, "train": asdict(train_cfg),
+                       "eval_every": cfg.eval_every, "n": len(data)}
+        evals = [{"step": 0, **base}] + _resumed_evals(seed_ckpt, fingerprint)
 
-        def on_step(step: int, policy=policy, evals=evals, evals_path=evals_path, seed=seed) -> None:
+        def on_step(step: int, policy=policy, evals=evals, ckpt=seed_ckpt, fingerprint=fingerprint) -> None:
             if step % cfg.eval_every == 0 and all(e["step"] != step for e in evals):
                 evals.append({"step": step, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)})
                 policy.train()
-                write_json(evals_path, evals)
+                write_json(ckpt / EVALS, {"fingerprint": fingerprint, "evals": evals[1:]})
 
-        fingerprint = {"method": method, "hyper": hyper, "train": asdict(train_cfg),
-                       "eval_every": cfg.eval_every, "n": len(data)}
         policy, result = train_loop(policy, data, loss_fn, train_cfg, collate=collate, ckpt_dir=seed_ckpt,
                                     fingerprint=fingerprint, desc=f"align {method} s{seed}", on_step=on_step)
+        (seed_ckpt / EVALS).unlink(missing_ok=True)  # finished: nothing left to resume
         policy.eval()
-        if evals[-1]["step"] != result.steps:
+        if all(e["step"] != result.steps for e in evals):
             evals.append({"step": result.steps, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)})
         save_model(policy, tokenizer, out_dir / f"s{seed}")
         per_seed[f"s{seed}"] = {"train": asdict(result), "evals": sorted(evals, key=lambda e: e["step"]),
