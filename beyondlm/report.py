@@ -368,11 +368,13 @@ def knnlm_section(metrics: Path, reports: Path) -> list[str]:
            + (f" of dimension {store['dim']}, built at {store['keys_per_s'] * 60 / 1e6:.2f} M keys/min" if store else "")
            + f". Index `{idx.get('cfg/kind')}`"
            + (f", {recall[0]} against exact search {recall[1]:.3f}" if recall else "") + ".", "",
-           "| split | LM perplexity | best kNN-LM perplexity | k | λ |", "|---|---|---|---|---|"]
+           "| split | LM perplexity | best kNN-LM perplexity | k | λ | LM fwd KL(p_d‖p) | kNN-LM fwd KL |",
+           "|---|---|---|---|---|---|---|"]
     for split, m in k.items():
         if isinstance(m, dict) and "best" in m:
             b = m["best"]
-            out.append(f"| {split} | {_f(m.get('lm_ppl'), '.3f')} | {b['ppl']:.3f} | {b['k']} | {b['lambda']} |")
+            out.append(f"| {split} | {_f(m.get('lm_ppl'), '.3f')} | {b['ppl']:.3f} | {b['k']} | {b['lambda']} | "
+                       f"{_f(m.get('lm_forward_kl'), '.3f')} | {_f(b.get('forward_kl'), '.3f')} |")
     out.append("")
     png = plot_knnlm(reports / "plots" / "knnlm" / "ppl.tsv", reports / "plots" / "report" / "knnlm.png")
     if png is not None:

@@ -54,17 +54,24 @@ def main() -> None:
     metrics = {"index": {"build_seconds": time.perf_counter() - start}}
     rows = ["split\tk\tlambda\tppl"]
     for split in cfg.splits:
-        ids = load_split(data_dir, split)["input_ids"]
-        seqs = [list(s) for s in (ids[: cfg.max_eval] if cfg.max_eval else ids)]  # [BOS] x .. EOS
+        ds = load_split(data_dir, split)
+        n = cfg.max_eval or len(ds)
+        seqs = [list(s) for s in ds["input_ids"][:n]]  # [BOS] x .. EOS
+        logp_data = ds["logp_data"][:n] if "logp_data" in ds.column_names else None  # synthetic: exact
         if split == cfg.splits[0]:
             metrics["index"].update(index_metrics(cfg, index, store.keys, model, seqs))
-        metrics[split] = split_metrics(cfg, model, index, store, seqs, rows, split)
+        metrics[split] = split_metrics(cfg, model, index, store, seqs, rows, split, logp_data)
     write_json(args.metrics, metrics)
     write_text(args.plot, "\n".join(rows) + "\n")
 
 
-def split_metrics(cfg: KnnlmConfig, model, index, store, seqs, rows: list[str], split: str) -> dict:
-    """Perplexity per k and λ on one split; ``best`` is the lowest (tune λ, k on valid only)."""
+def split_metrics(cfg: KnnlmConfig, model, index, store, seqs, rows: list[str], split: str,
+                  logp_data=None) -> dict:
+    """Perplexity per k and λ on one split; ``best`` is the lowest (tune λ, k on valid only).
+
+    With the exact log p_d of the texts (synthetic language; they are draws from p_d), also the
+    forward KL(p_d‖p) = mean_x [log p_d(x) − log p(x)] in nats per sequence, every token after
+    BOS scored (EOS included), as in ``evaluate``."""
     out: dict = {"k": {}}
     for k in cfg.k:
         res = evaluate_knnlm(model, index, store.values, seqs, lambdas=cfg.lambdas, k=k,
@@ -72,13 +79,20 @@ def split_metrics(cfg: KnnlmConfig, model, index, store, seqs, rows: list[str], 
                              exact_keys=store.keys if cfg.exact_distances else None)
         out["k"][str(k)] = {"ppl": {str(lam): v for lam, v in res["perplexity"].items()},
                             "knn_hit_rate": res["knn_hit_rate"]}
+        if logp_data is not None:
+            out["k"][str(k)]["forward_kl"] = {str(lam): float(np.mean(logp_data) - lp.sum() / len(seqs))
+                                              for lam, lp in res["token_logps"].items()}
         out["n_tokens"] = res["n_tokens"]
         rows += [f"{split}\t{k}\t{lam}\t{v:.4f}" for lam, v in res["perplexity"].items()]
     grid = [(v, int(k), float(lam)) for k, r in out["k"].items() for lam, v in r["ppl"].items()]
     ppl, k, lam = min(grid)
     out["best"] = {"ppl": ppl, "k": k, "lambda": lam}
+    if logp_data is not None:
+        out["best"]["forward_kl"] = out["k"][str(k)]["forward_kl"][str(lam)]
     if 0.0 in [float(x) for x in cfg.lambdas]:
         out["lm_ppl"] = out["k"][str(cfg.k[0])]["ppl"]["0.0"]
+        if logp_data is not None:
+            out["lm_forward_kl"] = out["k"][str(cfg.k[0])]["forward_kl"]["0.0"]
     return out
 
 

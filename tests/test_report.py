@@ -67,5 +67,5 @@ def test_vq_and_knnlm_sections(tmp_path):
     (tmp_path / "plots" / "knnlm").mkdir(parents=True)
     (tmp_path / "plots" / "knnlm" / "ppl.tsv").write_text("split\tk\tlambda\tppl\nvalid\t256\t0.0\t40\nvalid\t256\t0.25\t33.5\n")
     text = "\n".join(knnlm_section(tmp_path / "metrics", tmp_path))
-    assert "recall@256 against exact search 0.950" in text and "| valid | 40.000 | 33.500 | 256 | 0.25 |" in text
+    assert "recall@256 against exact search 0.950" in text and "| valid | 40.000 | 33.500 | 256 | 0.25 | – | – |" in text
     assert (tmp_path / "plots" / "report" / "knnlm.png").exists()
