@@ -118,12 +118,13 @@ def test_metrics_are_sane_and_dvc_reads_them(repo):
 def test_exp_run_with_set_param_and_params_diff(repo):
     sh("git", "add", "-A", cwd=repo)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "repro", cwd=repo)
-    out = dvc("exp", "run", "-S", "sft.lr=0.002", cwd=repo).stdout
-    assert "Stage 'prepare' didn't change" in out  # only what depends on sft.lr reruns
+    out = dvc("exp", "run", "-S", "evaluate.n_samples=48", cwd=repo).stdout
+    assert "Running stage 'evaluate@mle-0'" in out
+    assert "Stage 'sft@mle-0' didn't change" in out  # only what depends on evaluate.n_samples reruns
     diff = json.loads(dvc("params", "diff", "--json", cwd=repo).stdout)
-    assert diff["params.yaml"]["sft.lr"]["new"] == 0.002
+    assert diff["params.yaml"]["evaluate.n_samples"]["new"] == 48
     table = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
-    assert "0.002" in json.dumps(table)
+    assert '"n_samples": 48' in json.dumps(table)
 
 
 def test_bad_params_stop_with_one_clear_line(repo, tmp_path):
@@ -135,6 +136,35 @@ def test_bad_params_stop_with_one_clear_line(repo, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: params.yaml: unknown key 'sft.lrr'")
     assert not (work / "o").exists() and not (work / "m.json").exists()
+
+
+# Runs before the kill test below, which retrains sft with other params (all downstream stale).
+def test_prefect_flow_runs_stages_and_mirrors_them_into_mlflow(repo, mlflow_server):
+    from mlflow.tracking import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.reproduce import reproduce
+
+    edit_params(repo / "params.yaml", "evaluate", seed=1)  # evaluate@mle-0 and report really run in the flow
+    with prefect_test_harness(server_startup_timeout=180):
+        done = reproduce(root=str(repo), tracking_uri=mlflow_server)
+    names = [s.name for s in pipeline_stages(repo)]
+    assert done == names
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("beyondlm")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.info.run_name == "reproduce"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == set(names)
+    ev = children["evaluate@mle-0"]
+    local = json.loads((repo / "reports/metrics/evaluate/mle-s0.json").read_text())
+    assert ev.data.metrics["test/perplexity"] == pytest.approx(local["test"]["perplexity"])
+    lr = load_yaml(repo / "params.yaml")["sft"]["lr"]
+    assert float(children["sft@mle-0"].data.params["sft.lr"]) == lr
+    history = client.get_metric_history(children["sft@mle-0"].info.run_id, "train/loss")
+    assert len(history) >= 2
+    assert any(k.startswith("dvc/") for k in children["sft@mle-0"].data.tags)
 
 
 def test_killed_training_resumes_from_its_checkpoint(repo):
@@ -157,30 +187,3 @@ def test_killed_training_resumes_from_its_checkpoint(repo):
     assert metrics["train"]["resumed_from"] is not None and metrics["train"]["resumed_from"] >= 25
     assert metrics["train"]["steps"] == 300
     assert json.loads((ckpt / "complete.json").read_text())["steps"] == 300
-
-
-def test_prefect_flow_runs_stages_and_mirrors_them_into_mlflow(repo, mlflow_server):
-    from mlflow.tracking import MlflowClient
-    from prefect.testing.utilities import prefect_test_harness
-
-    from pipelines.reproduce import reproduce
-
-    with prefect_test_harness(server_startup_timeout=180):
-        done = reproduce(root=str(repo), tracking_uri=mlflow_server)
-    names = [s.name for s in pipeline_stages(repo)]
-    assert done == names
-    client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("beyondlm")
-    runs = client.search_runs([exp.experiment_id], max_results=100)
-    parents = [r for r in runs if r.info.run_name == "reproduce"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == set(names)
-    ev = children["evaluate@mle-0"]
-    local = json.loads((repo / "reports/metrics/evaluate/mle-s0.json").read_text())
-    assert ev.data.metrics["test/perplexity"] == pytest.approx(local["test"]["perplexity"])
-    lr = load_yaml(repo / "params.yaml")["sft"]["lr"]
-    assert float(children["sft@mle-0"].data.params["sft.lr"]) == lr
-    history = client.get_metric_history(children["sft@mle-0"].info.run_id, "train/loss")
-    assert len(history) >= 2
-    assert any(k.startswith("dvc/") for k in children["sft@mle-0"].data.tags)
