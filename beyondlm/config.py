@@ -299,6 +299,12 @@ def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
     )
 
 
+def check_param(key: str, ok: bool, value: Any, allowed: str) -> None:
+    """ConfigError naming ``key``, its ``value`` and what is ``allowed`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"params.yaml: '{key}'={value!r}: {allowed}")
+
+
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"params.yaml: '{key}'={value!r} is not one of {', '.join(allowed)}")

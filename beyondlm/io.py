@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -79,5 +80,11 @@ def write_text(path: str | Path, text: str) -> None:
 def write_tsv(path: str | Path, rows: list[dict]) -> None:
     """Rows of one schema (the first row's keys) as a tab-separated table; None → empty cell."""
     cols = list(rows[0]) if rows else []
-    fmt = lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def fmt(v) -> str:
+        if v is None:
+            return ""
+        real = isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral)  # numpy floats too
+        return f"{v:.6g}" if real else str(v)
+
     write_text(path, "\n".join(["\t".join(cols)] + ["\t".join(fmt(r.get(c)) for c in cols) for r in rows]) + "\n")

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from beyondlm.io import atomic_path, write_text  # noqa: E402
+from beyondlm.io import atomic_path, write_text, write_tsv  # noqa: E402
 
 RUN = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
 
@@ -159,9 +159,8 @@ def plot_quality_vs_m(rows: list[dict], tsv: Path, png: Path, *, chance_mauve: f
 
     ``chance_mauve``: MAUVE of a second plain-sampling draw, drawn as a line: how far MAUVE moves
     between two draws of the same decoder."""
+    write_tsv(tsv, rows)
     cols = list(rows[0])
-    write_text(tsv, "\n".join(["\t".join(cols)] + ["\t".join(f"{r[c]:.6g}" for c in cols)
-                                                   for r in rows]) + "\n")
     Ms = [r["M"] for r in rows]
     gaps = [c for c in cols if c.startswith("gap_")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

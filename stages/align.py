@@ -15,8 +15,9 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.align.experiment import AlignConfig, frontier_rows, load_table, run_align
+from beyondlm.align.experiment import AlignConfig, frontier_rows, run_align
 from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
+from beyondlm.data.prepare import load_split
 from beyondlm.io import write_json, write_tsv
 from beyondlm.models import load_model
 
@@ -37,7 +38,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.sft)
     result = run_align(args.method, cfg, sft_dir=args.sft, reward_model=load_model(args.reward, kind="reward"),
                        tokenizer=tokenizer, language=prep.language(), samples=args.samples, pairs=args.pairs,
-                       test_prompts=load_table(prep.data_dir / "prompts_test.parquet")["prompt_ids"],
+                       test_prompts=load_split(prep.data_dir, "prompts_test")["prompt_ids"],
                        max_new_tokens=prep.max_len - prep.prompt_len, out_dir=args.out, ckpt_dir=args.ckpt)
     write_tsv(args.plot, frontier_rows(result))
     write_json(args.metrics, result)

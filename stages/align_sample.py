@@ -13,8 +13,9 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.align.experiment import SampleConfig, load_table, run_sample
+from beyondlm.align.experiment import SampleConfig, run_sample
 from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.data.prepare import load_split
 from beyondlm.io import atomic_path, write_json
 from beyondlm.models import load_model
 
@@ -30,7 +31,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer, model = AutoTokenizer.from_pretrained(args.model), load_model(args.model)
-    prompts = load_table(prep.data_dir / "prompts_train.parquet")["prompt_ids"]
+    prompts = load_split(prep.data_dir, "prompts_train")["prompt_ids"]
     with atomic_path(args.out) as tmp:
         metrics = run_sample(cfg, model, tokenizer, prompts, max_new_tokens=prep.max_len - prep.prompt_len,
                              language=prep.language(), out=tmp)

@@ -11,8 +11,9 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.align.experiment import AlignConfig, BestOfNConfig, load_table, run_best_of_n
+from beyondlm.align.experiment import AlignConfig, BestOfNConfig, run_best_of_n
 from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.data.prepare import load_split
 from beyondlm.io import write_json, write_tsv
 from beyondlm.models import load_model
 
@@ -30,7 +31,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.sft)
     result = run_best_of_n(cfg, load_model(args.sft).eval(), load_model(args.reward, kind="reward"), tokenizer,
-                           prep.language(), load_table(prep.data_dir / "prompts_test.parquet")["prompt_ids"],
+                           prep.language(), load_split(prep.data_dir, "prompts_test")["prompt_ids"],
                            eval_cfg=align.eval, max_new_tokens=prep.max_len - prep.prompt_len)
     write_tsv(args.plot, [{k: r.get(k) for k in ("N", "kl", "oracle_reward", "rm_reward")} for r in result["rows"]])
     write_json(args.metrics, result)

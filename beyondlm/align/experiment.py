@@ -31,7 +31,7 @@ from beyondlm.align.train import (
     prompt_collate,
     rloo_loss_fn,
 )
-from beyondlm.config import ConfigError, TrainConfig
+from beyondlm.config import ConfigError, TrainConfig, check_param
 from beyondlm.io import write_json
 from beyondlm.logprobs import sequence_logps
 from beyondlm.objectives.preference import PREFERENCE_LOSSES, resolve_preference_loss
@@ -43,11 +43,6 @@ from beyondlm.training import train_loop
 log = logging.getLogger(__name__)
 
 METHODS = (*PREFERENCE_LOSSES, "rloo")
-
-
-def _check(key: str, ok: bool, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"params.yaml: '{key}'={value!r}: {allowed}")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -63,9 +58,9 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check("align_sample.K", self.K >= 2, self.K, "need at least 2 samples per prompt")
-        _check("align_sample.temperature", self.temperature > 0, self.temperature, "must be > 0")
-        _check("align_sample.n_prompts", self.n_prompts >= 0, self.n_prompts, "must be >= 0")
+        check_param("align_sample.K", self.K >= 2, self.K, "need at least 2 samples per prompt")
+        check_param("align_sample.temperature", self.temperature > 0, self.temperature, "must be > 0")
+        check_param("align_sample.n_prompts", self.n_prompts >= 0, self.n_prompts, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -88,8 +83,8 @@ class PreferencesConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check("preferences.source", self.source in ("samples", "file"), self.source, "samples | file")
-        _check("preferences.valid_fraction", 0 < self.valid_fraction < 1, self.valid_fraction,
+        check_param("preferences.source", self.source in ("samples", "file"), self.source, "samples | file")
+        check_param("preferences.valid_fraction", 0 < self.valid_fraction < 1, self.valid_fraction,
                "must lie in (0, 1)")
         if self.source == "file" and not self.file.path:
             raise ConfigError("params.yaml: preferences.source=file needs preferences.file.path")
@@ -136,12 +131,12 @@ class AlignConfig:
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
-        _check("align.methods", self.methods and not bad, self.methods, f"choose from {list(METHODS)}")
+        check_param("align.methods", self.methods and not bad, self.methods, f"choose from {list(METHODS)}")
         unknown = sorted(set(self.hyperparams) - set(PREFERENCE_LOSSES))
-        _check("align.hyperparams", not unknown, unknown, f"keys must be among {list(PREFERENCE_LOSSES)}")
-        _check("align.eval_every", self.eval_every >= 1, self.eval_every, "must be >= 1")
-        _check("align.rloo.K", self.rloo.K >= 2, self.rloo.K, "RLOO needs K >= 2")
-        _check("align.rloo.batch_size", self.rloo.batch_size >= 1, self.rloo.batch_size, "must be >= 1")
+        check_param("align.hyperparams", not unknown, unknown, f"keys must be among {list(PREFERENCE_LOSSES)}")
+        check_param("align.eval_every", self.eval_every >= 1, self.eval_every, "must be >= 1")
+        check_param("align.rloo.K", self.rloo.K >= 2, self.rloo.K, "RLOO needs K >= 2")
+        check_param("align.rloo.batch_size", self.rloo.batch_size >= 1, self.rloo.batch_size, "must be >= 1")
 
     def loss(self, method: str) -> dict[str, float]:
         try:
@@ -155,7 +150,7 @@ class BestOfNConfig:
     Ns: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
 
     def __post_init__(self) -> None:
-        _check("best_of_n.Ns", bool(self.Ns) and all(n >= 1 for n in self.Ns), self.Ns,
+        check_param("best_of_n.Ns", bool(self.Ns) and all(n >= 1 for n in self.Ns), self.Ns,
                "a non-empty list of integers >= 1")
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-from beyondlm.config import ConfigError
+from beyondlm.config import check_param
 from beyondlm.ebm.features import EMBEDDERS, FEATURES, compute_features, continuation_logps
 from beyondlm.ebm.sir import sample_with_features, sir_select, sir_weights
 from beyondlm.ebm.solver import EBMSolution, log_p_star, solve_dual
@@ -42,11 +42,6 @@ from beyondlm.sampling import SamplingConfig, sample
 # sr4 is available but not a default: short reviews never repeat a 4-gram, so its target is 0, on
 # the edge of what any reweighting of samples can reach (solve_dual rejects it by name).
 DEFAULT_FEATURES = ("tr32", "div", "length", "nll", "coherence")
-
-
-def _check(key: str, ok: bool, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"params.yaml: '{key}'={value!r}: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -64,15 +59,15 @@ class EBMConfig:
 
     def __post_init__(self) -> None:
         feats = self.features
-        _check("ebm.features", bool(feats) and all(f in FEATURES for f in feats)
+        check_param("ebm.features", bool(feats) and all(f in FEATURES for f in feats)
                and len(set(feats)) == len(feats), feats,
                f"a non-empty list without repeats of {', '.join(FEATURES)}")
-        _check("ebm.embedder", self.embedder in EMBEDDERS, self.embedder, f"one of {EMBEDDERS}")
-        _check("ebm.n_prompts", self.n_prompts >= 2, self.n_prompts, "need at least 2")
-        _check("ebm.samples_per_prompt", self.samples_per_prompt >= 1, self.samples_per_prompt,
+        check_param("ebm.embedder", self.embedder in EMBEDDERS, self.embedder, f"one of {EMBEDDERS}")
+        check_param("ebm.n_prompts", self.n_prompts >= 2, self.n_prompts, "need at least 2")
+        check_param("ebm.samples_per_prompt", self.samples_per_prompt >= 1, self.samples_per_prompt,
                "need at least 1")
-        _check("ebm.tol", self.tol > 0, self.tol, "must be positive")
-        _check("ebm.batch_size", self.batch_size >= 1, self.batch_size, "must be positive")
+        check_param("ebm.tol", self.tol > 0, self.tol, "must be positive")
+        check_param("ebm.batch_size", self.batch_size >= 1, self.batch_size, "must be positive")
 
 
 @dataclass(frozen=True)
@@ -89,13 +84,13 @@ class EBMEvalConfig:
 
     def __post_init__(self) -> None:
         Ms = self.Ms
-        _check("ebm_eval.Ms", bool(Ms) and all(isinstance(m, int) and m >= 1 for m in Ms)
+        check_param("ebm_eval.Ms", bool(Ms) and all(isinstance(m, int) and m >= 1 for m in Ms)
                and len(set(Ms)) == len(Ms), Ms, "a non-empty list of distinct integers >= 1")
-        _check("ebm_eval.top_k", self.top_k >= 1, self.top_k, "must be >= 1")
-        _check("ebm_eval.top_p", 0 < self.top_p <= 1, self.top_p, "must lie in (0, 1]")
-        _check("ebm_eval.n_prompts", self.n_prompts >= 2, self.n_prompts, "need at least 2")
-        _check("ebm_eval.ppl_samples", self.ppl_samples >= 2, self.ppl_samples, "need >= 2")
-        _check("ebm_eval.batch_size", self.batch_size >= 1, self.batch_size, "must be positive")
+        check_param("ebm_eval.top_k", self.top_k >= 1, self.top_k, "must be >= 1")
+        check_param("ebm_eval.top_p", 0 < self.top_p <= 1, self.top_p, "must lie in (0, 1]")
+        check_param("ebm_eval.n_prompts", self.n_prompts >= 2, self.n_prompts, "need at least 2")
+        check_param("ebm_eval.ppl_samples", self.ppl_samples >= 2, self.ppl_samples, "need >= 2")
+        check_param("ebm_eval.batch_size", self.batch_size >= 1, self.batch_size, "must be positive")
 
 
 # ----------------------------------------------------------------------------- data

@@ -30,15 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from beyondlm.config import ConfigError, ModelConfig
+from beyondlm.config import ModelConfig, check_param
 from beyondlm.io import atomic_path
 from beyondlm.latent.quantizers import DISCRETIZERS, GumbelConfig, NearestConfig, Quantized
 from beyondlm.models import tiny_gpt2_config
-
-
-def _check(key: str, ok: bool, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"params.yaml: '{key}'={value!r}: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -58,22 +53,22 @@ class PlanModelConfig:
     nearest: NearestConfig = field(default_factory=NearestConfig)
 
     def __post_init__(self) -> None:
-        _check("vq.model.discretizer", self.discretizer in DISCRETIZERS, self.discretizer,
+        check_param("vq.model.discretizer", self.discretizer in DISCRETIZERS, self.discretizer,
                f"one of {', '.join(DISCRETIZERS)}")
-        _check("vq.model.n_codes", 2 <= self.n_codes <= 2**20, self.n_codes, "between 2 and 2**20")
-        _check("vq.model.n_down", 1 <= self.n_down <= 8, self.n_down, "between 1 and 8")
-        _check("vq.model.code_dim", self.code_dim >= 1, self.code_dim, "must be >= 1")
-        _check("vq.model.encoder_layers", self.encoder_layers >= 0, self.encoder_layers, "must be >= 0")
-        _check("vq.model.n_embd", self.n_embd % self.n_head == 0, self.n_embd,
+        check_param("vq.model.n_codes", 2 <= self.n_codes <= 2**20, self.n_codes, "between 2 and 2**20")
+        check_param("vq.model.n_down", 1 <= self.n_down <= 8, self.n_down, "between 1 and 8")
+        check_param("vq.model.code_dim", self.code_dim >= 1, self.code_dim, "must be >= 1")
+        check_param("vq.model.encoder_layers", self.encoder_layers >= 0, self.encoder_layers, "must be >= 0")
+        check_param("vq.model.n_embd", self.n_embd % self.n_head == 0, self.n_embd,
                f"must be a multiple of vq.model.n_head={self.n_head}")
-        _check("vq.model.dropout", 0.0 <= self.dropout < 1.0, self.dropout, "must lie in [0, 1)")
+        check_param("vq.model.dropout", 0.0 <= self.dropout < 1.0, self.dropout, "must lie in [0, 1)")
         g, q = self.gumbel, self.nearest
-        _check("vq.model.gumbel.tau_min", 0 < g.tau_min <= g.tau0, g.tau_min, "must lie in (0, tau0]")
-        _check("vq.model.gumbel.rate", g.rate >= 0, g.rate, "must be >= 0")
-        _check("vq.model.gumbel.entropy_weight", g.entropy_weight >= 0, g.entropy_weight, "must be >= 0")
-        _check("vq.model.nearest.beta", q.beta >= 0, q.beta, "must be >= 0")
-        _check("vq.model.nearest.decay", 0 <= q.decay < 1, q.decay, "must lie in [0, 1)")
-        _check("vq.model.nearest.eps", q.eps > 0, q.eps, "must be > 0")
+        check_param("vq.model.gumbel.tau_min", 0 < g.tau_min <= g.tau0, g.tau_min, "must lie in (0, tau0]")
+        check_param("vq.model.gumbel.rate", g.rate >= 0, g.rate, "must be >= 0")
+        check_param("vq.model.gumbel.entropy_weight", g.entropy_weight >= 0, g.entropy_weight, "must be >= 0")
+        check_param("vq.model.nearest.beta", q.beta >= 0, q.beta, "must be >= 0")
+        check_param("vq.model.nearest.decay", 0 <= q.decay < 1, q.decay, "must lie in [0, 1)")
+        check_param("vq.model.nearest.eps", q.eps > 0, q.eps, "must be > 0")
 
     @property
     def factor(self) -> int:
@@ -250,7 +245,7 @@ class PriorConfig:
     warmup_steps: int = 10
 
     def __post_init__(self) -> None:
-        _check("vq.prior.n_embd", self.n_embd % self.n_head == 0, self.n_embd,
+        check_param("vq.prior.n_embd", self.n_embd % self.n_head == 0, self.n_embd,
                f"must be a multiple of vq.prior.n_head={self.n_head}")
 
 
