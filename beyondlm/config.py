@@ -160,12 +160,21 @@ class TrainConfig:
     log_every: int = 10
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
     group_by_length: bool = True  # batches of similar lengths: far less padding (see BatchOrder)
+    eval_every: int = 0  # steps between held-out evaluations (0 = max_steps // 10)
+    converge_tol: float = 0.01  # converged: held-out loss improved < this (relative) in the last quarter
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_range("lr", self.lr, 0.0, 10.0)
         for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
             _check_range(key, getattr(self, key), 1, 10**9)
+        _check_range("eval_every", self.eval_every, 0, self.max_steps)
+        _check_range("converge_tol", self.converge_tol, 0.0, 1.0)
+
+    @property
+    def eval_interval(self) -> int:
+        """Steps between held-out evaluations: ``eval_every``, or a tenth of the run."""
+        return self.eval_every or max(1, self.max_steps // 10)
         _check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
         _check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
 

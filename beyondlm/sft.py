@@ -19,7 +19,7 @@ from beyondlm.logprobs import lm_targets, pad_batch, sequence_logps
 from beyondlm.metrics import perplexity
 from beyondlm.models import build_model, count_parameters, save_model
 from beyondlm.objectives import OBJECTIVES, sft_token_loss
-from beyondlm.training import train_loop
+from beyondlm.training import heldout_loss, target_tokens, train_loop
 
 
 def file_digest(path: Path) -> str:
@@ -63,9 +63,11 @@ def run_sft(cfg: SFTConfig, data_dir: Path, *, out_dir: Path, ckpt_dir: Path, li
         ids, mask = pad_batch(rows, pad_id)
         return {"input_ids": ids, "attention_mask": mask}
 
+    loss_fn = make_loss_fn(cfg)
     model, result = train_loop(
-        model, train, make_loss_fn(cfg), cfg.train, collate=collate, ckpt_dir=ckpt_dir,
-        live_dir=live_dir, fingerprint=fingerprint, desc=f"sft {cfg.variant} s{cfg.train.seed}",
+        model, train, loss_fn, cfg.train, collate=collate, units=target_tokens(train),
+        validate=heldout_loss(loss_fn, valid, collate), ckpt_dir=ckpt_dir, live_dir=live_dir,
+        fingerprint=fingerprint, desc=f"sft {cfg.variant} s{cfg.train.seed}",
     )
     save_model(model, tokenizer, out_dir)
     model.eval()
@@ -75,6 +77,8 @@ def run_sft(cfg: SFTConfig, data_dir: Path, *, out_dir: Path, ckpt_dir: Path, li
         "hyperparams": dict(cfg.hyperparams),
         "seed": cfg.train.seed,
         "n_params": count_parameters(model),
+        "converged": result.convergence["converged"],
+        "convergence": result.convergence,
         "train": asdict(result),
         "valid": {
             "nll_per_token": float(-logp.sum() / n_tok.sum()),

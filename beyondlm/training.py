@@ -2,8 +2,20 @@
 
 Objectives plug in as ``loss_fn(model, batch) -> (loss_sum, n_units)``: the loss summed over the
 micro-batch's units (tokens for SFT, pairs for preference losses) and their count. Gradients of
-all micro-batches of one optimizer step are summed and divided by the step's total unit count, so
-the update is the exact per-unit mean whatever the accumulation split (4×2 = 2×4 = 8×1).
+all micro-batches of one optimizer step are summed and divided by one normaliser per step, so the
+update does not depend on the accumulation split (4×2 = 2×4 = 8×1).
+
+The normaliser is a constant when ``units`` (each example's unit count, e.g. its target tokens)
+is given: the expected units of a step, ``per_step · mean(units)``. Dividing by the step's *own*
+count instead weights every token by 1/(tokens in its batch): with length-grouped batches a short
+text's tokens then weigh several times a long text's, and the model learns to stop early
+(shared/METHODS.md, "Training objective vs batching"). With the constant, the steps of an epoch
+add up to exactly the full-corpus token-mean gradient, whatever the grouping. Losses with one unit
+per example (pairs, groups) have a constant count anyway.
+
+Convergence: with ``validate(model, step)`` (a held-out loss, lower is better) the loop evaluates at step 0,
+every ``cfg.eval_interval`` steps and at the end, logs the curve (dvclive ``valid/loss``), keeps
+the best weights and returns them with the verdict of :mod:`beyondlm.convergence`.
 
 What the loop owns: AdamW (no decay on biases/norms), linear warmup + cosine decay, clipping,
 accumulation, devices and mixed precision (``accelerate``), seeded deterministic data order,
@@ -30,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from beyondlm import convergence
 from beyondlm.config import TrainConfig
 from beyondlm.io import atomic_path, write_json
 
@@ -37,6 +50,8 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Tensor]], tuple[Tensor, Tensor]]
 Collate = Callable[[list], Mapping[str, Tensor]]
+Validate = Callable[[torch.nn.Module, int], float]  # (model, step) -> held-out loss
+BEST = "best.safetensors"
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,9 @@ class LoopResult:
     tokens_per_s: float
     final_loss: float
     resumed_from: int | None
+    normaliser: float | None = None  # units per step the summed loss was divided by (None: its own count)
+    valid_curve: list | None = None  # [(step, held-out loss)], with ``validate``
+    convergence: dict | None = None  # beyondlm.convergence.Verdict as a dict, with ``validate``
 
 
 class BatchOrder:
@@ -106,7 +124,8 @@ class Checkpoints:
     """``<dir>/step-XXXXXXXX/`` resumable states, newest kept; ``complete.json`` when done.
 
     A state is resumed only if its fingerprint (params + data identity) equals the current one,
-    so a rerun after a params change never continues a stale run.
+    so a rerun after a params change never continues a stale run. Beside the accelerate state a
+    checkpoint holds the held-out curve so far (``loop.json``) and the best weights (``BEST``).
     """
 
     def __init__(self, root: Path | None, fingerprint: Mapping):
@@ -122,12 +141,14 @@ class Checkpoints:
             log.warning("ignoring checkpoint %s: written with other params or data", path)
         return None
 
-    def save(self, accelerator: Accelerator, step: int, tokens: int) -> None:
+    def save(self, accelerator: Accelerator, step: int, tokens: int, tracker: "HeldOut") -> None:
         if self.root is None:
             return
         with atomic_path(self.root / f"step-{step:08d}", is_dir=True) as tmp:
             accelerator.save_state(str(tmp), safe_serialization=True)
-            write_json(tmp / "loop.json", {"step": step, "tokens": tokens, "fingerprint": self.fingerprint})
+            tracker.save(tmp)
+            write_json(tmp / "loop.json", {"step": step, "tokens": tokens, "fingerprint": self.fingerprint,
+                                           "valid_curve": tracker.curve})
         for old in self.root.glob("step-*"):
             if old.name != f"step-{step:08d}":
                 shutil.rmtree(old, ignore_errors=True)
@@ -141,6 +162,58 @@ class Checkpoints:
         write_json(self.root / "complete.json", {**asdict(result), "fingerprint": self.fingerprint})
 
 
+class HeldOut:
+    """The held-out curve of one run and a CPU copy of its best weights."""
+
+    def __init__(self, validate: Validate | None, cfg: TrainConfig):
+        self.validate, self.cfg = validate, cfg
+        self.curve: list[tuple[int, float]] = []
+        self.best: dict[str, Tensor] | None = None
+
+    def due(self, step: int) -> bool:
+        return self.validate is not None and (step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps) \
+            and all(s != step for s, _ in self.curve)
+
+    def evaluate(self, model: torch.nn.Module, step: int) -> float:
+        model.eval()
+        with torch.no_grad():
+            value = float(self.validate(model, step))
+        model.train()
+        if not self.curve or value < min(v for _, v in self.curve):
+            self.best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.curve.append((step, value))
+        return value
+
+    def save(self, directory: Path) -> None:
+        if self.best is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.best.items()}, str(directory / BEST))
+
+    def load(self, directory: Path, meta: Mapping) -> None:
+        self.curve = [(int(s), float(v)) for s, v in meta.get("valid_curve") or []]
+        if (directory / BEST).exists():
+            from safetensors.torch import load_file
+
+            self.best = load_file(str(directory / BEST))
+
+    def restore_best(self, model: torch.nn.Module) -> int | None:
+        """Load the best weights into ``model``; the step they come from (None without a curve)."""
+        if not self.curve:
+            return None
+        step = min(self.curve, key=lambda p: (p[1], p[0]))[0]
+        if step != self.curve[-1][0]:
+            if self.best is None:
+                raise RuntimeError("the best held-out weights were not kept (checkpoint without best.safetensors)")
+            model.load_state_dict(self.best)
+        return step
+
+    def verdict(self) -> dict | None:
+        if self.validate is None:
+            return None
+        return convergence.verdict(self.curve, tol=self.cfg.converge_tol).to_dict()
+
+
 def _truncate_history(live_dir: Path, step: int) -> None:
     """After resuming at ``step``, drop curve rows logged after the checkpoint (they are redone)."""
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
@@ -150,6 +223,28 @@ def _truncate_history(live_dir: Path, step: int) -> None:
         tsv.write_text("\n".join(kept) + "\n")
 
 
+def heldout_loss(loss_fn: LossFn, examples: Sequence, collate: Collate, batch_size: int = 256) -> Validate:
+    """``validate(model)``: the training objective itself on held-out ``examples`` (Σ loss / Σ
+    units over length-sorted batches), so each run is judged by what it optimises."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+
+    def validate(model: torch.nn.Module, step: int | None = None) -> float:
+        device = next(model.parameters()).device
+        total, units = 0.0, 0.0
+        for lo in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[lo : lo + batch_size]])
+            loss, n = loss_fn(model, {k: v.to(device) for k, v in batch.items()})
+            total, units = total + float(loss), units + float(n)
+        return total / max(units, 1.0)
+
+    return validate
+
+
+def target_tokens(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """Units of a next-token loss on ``[BOS] x``: every position after the first."""
+    return [len(s) - 1 for s in seqs]
+
+
 def train_loop(
     model: torch.nn.Module,
     examples: Sequence,
@@ -157,13 +252,21 @@ def train_loop(
     cfg: TrainConfig,
     *,
     collate: Collate,
+    units: Sequence[float] | None = None,
+    validate: Validate | None = None,
     ckpt_dir: Path | None = None,
     live_dir: Path | None = None,
     fingerprint: Mapping | None = None,
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[torch.nn.Module, LoopResult]:
-    """Train ``model`` for ``cfg.max_steps`` optimizer steps; resume from ``ckpt_dir`` if possible."""
+    """Train ``model`` for ``cfg.max_steps`` optimizer steps; resume from ``ckpt_dir`` if possible.
+
+    ``units``: each example's unit count (e.g. :func:`target_tokens`); the loss is then divided by
+    the constant expected units per step, an unbiased estimate of the corpus mean whatever the
+    batching. ``validate(model, step) -> held-out loss``: tracked along training; the best weights are
+    returned (``result.convergence`` has the verdict).
+    """
     set_seed(cfg.seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     optimizer = make_optimizer(model, cfg)
@@ -171,23 +274,32 @@ def train_loop(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ckpts = Checkpoints(ckpt_dir, fingerprint or {})
     lengths = [len(x) for x in examples] if cfg.group_by_length else None
-    order = BatchOrder(len(examples), cfg.batch_size * cfg.grad_accum, cfg.seed, lengths)
+    per_step = cfg.batch_size * cfg.grad_accum
+    order = BatchOrder(len(examples), per_step, cfg.seed, lengths)
+    if units is not None and len(units) != len(examples):
+        raise ValueError(f"units has {len(units)} entries for {len(examples)} examples")
+    normaliser = per_step * float(np.mean(units)) if units is not None else None
+    held_out = HeldOut(validate, cfg)
 
     step, tokens, resumed = 0, 0, None
     if (state := ckpts.latest()) is not None:
         accelerator.load_state(str(state))
         meta = json.loads((state / "loop.json").read_text())
         step, tokens, resumed = meta["step"], meta["tokens"], meta["step"]
+        held_out.load(state, meta)
         log.info("resumed from %s (step %d)", state, step)
     live = _open_live(live_dir, resumed)
-
     model.train()
+    if held_out.due(step):
+        _log_valid(live, step, held_out.evaluate(model, step))
+
     t0, tokens0, losses = time.perf_counter(), tokens, []
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, mininterval=2.0,
                disable=not accelerator.is_main_process)
     while step < cfg.max_steps:
-        loss, n_tok, grad_norm = _optimizer_step(model, examples, order, step, loss_fn, collate,
-                                                 accelerator, optimizer, scheduler, cfg)
+        idx = order.indices(step)
+        loss, n_tok, grad_norm = _optimizer_step(model, examples, idx, loss_fn, collate, accelerator, optimizer,
+                                                 scheduler, cfg, normaliser, units)
         step, tokens = step + 1, tokens + n_tok
         losses.append(loss)
         bar.update(1)
@@ -195,13 +307,20 @@ def train_loop(
             rate = (tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
             _log_step(live, step, float(np.mean(losses[-cfg.log_every:])), scheduler, grad_norm, rate)
             bar.set_postfix(loss=f"{np.mean(losses[-cfg.log_every:]):.4f}", refresh=False)
+        if held_out.due(step):
+            _log_valid(live, step, held_out.evaluate(model, step))
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
-            ckpts.save(accelerator, step, tokens)
+            ckpts.save(accelerator, step, tokens, held_out)
         if on_step is not None:
             on_step(step)
     bar.close()
 
     wall = time.perf_counter() - t0
+    unwrapped = accelerator.unwrap_model(model)
+    verdict = held_out.verdict()
+    best_step = held_out.restore_best(unwrapped)
+    if verdict is not None and best_step != step:
+        log.info("%s: keeping the best held-out checkpoint (step %d of %d)", desc, best_step, step)
     result = LoopResult(
         steps=step,
         tokens=tokens,
@@ -209,30 +328,36 @@ def train_loop(
         tokens_per_s=(tokens - tokens0) / max(wall, 1e-9),
         final_loss=float(np.mean(losses[-cfg.log_every:])) if losses else float("nan"),
         resumed_from=resumed,
+        normaliser=normaliser,
+        valid_curve=[list(p) for p in held_out.curve] if validate is not None else None,
+        convergence=verdict,
     )
     if live is not None:
         live.end()
     ckpts.finish(result)
-    return accelerator.unwrap_model(model), result
+    return unwrapped, result
 
 
-def _optimizer_step(model, examples, order, step, loss_fn, collate, accelerator, optimizer,
-                    scheduler, cfg) -> tuple[float, int, float]:
+def _optimizer_step(model, examples, idx, loss_fn, collate, accelerator, optimizer, scheduler, cfg,
+                    normaliser: float | None, units: Sequence[float] | None) -> tuple[float, int, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens, grad norm)."""
-    idx = order.indices(step)[accelerator.process_index :: accelerator.num_processes]
-    loss_sum, units, n_tok = 0.0, 0.0, 0
+    mine = idx[accelerator.process_index :: accelerator.num_processes]
+    loss_sum, n_units, n_tok = 0.0, 0.0, 0
     for k in range(cfg.grad_accum):
-        batch = collate([examples[i] for i in idx[k * cfg.batch_size : (k + 1) * cfg.batch_size]])
+        batch = collate([examples[i] for i in mine[k * cfg.batch_size : (k + 1) * cfg.batch_size]])
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
         with accelerator.autocast():
             micro_loss, micro_units = loss_fn(model, batch)
-        accelerator.backward(micro_loss)  # summed; divided by the step's total units below
+        accelerator.backward(micro_loss)  # summed; divided by the step's normaliser below
         loss_sum += micro_loss.item()
-        units += float(micro_units)
+        n_units += float(micro_units)
         n_tok += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-    total = accelerator.reduce(torch.tensor(units, device=accelerator.device), "sum").item()
+    total = accelerator.reduce(torch.tensor(n_units, device=accelerator.device), "sum").item()
+    if units is not None and abs(total - sum(units[i] for i in idx)) > 0.5:
+        raise RuntimeError(f"loss_fn counted {total:g} units in a step whose examples have "
+                           f"{sum(units[i] for i in idx):g}: the units passed to train_loop are wrong")
     # DDP already averaged gradients over processes, hence the world-size factor.
-    scale = accelerator.num_processes / max(total, 1.0)
+    scale = accelerator.num_processes / (normaliser if normaliser is not None else max(total, 1.0))
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(scale)
@@ -240,7 +365,7 @@ def _optimizer_step(model, examples, order, step, loss_fn, collate, accelerator,
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / max(units, 1.0), n_tok, float(grad_norm)
+    return loss_sum / max(n_units, 1.0), n_tok, float(grad_norm)
 
 
 def _open_live(live_dir: Path | None, resumed: int | None) -> Live | None:
@@ -254,6 +379,12 @@ def _open_live(live_dir: Path | None, resumed: int | None) -> Live | None:
         log.warning("per-step curves disabled (%s): commit once in this git repo to enable them", err)
         live_dir.mkdir(parents=True, exist_ok=True)
         return None
+
+
+def _log_valid(live: Live | None, step: int, value: float) -> None:
+    if live is not None:
+        live.step = step
+        live.log_metric("valid/loss", value)
 
 
 def _log_step(live: Live | None, step: int, loss: float, scheduler, grad_norm: float, rate: float) -> None:

@@ -140,3 +140,98 @@ def test_length_grouping_keeps_epochs_complete_and_cuts_padding():
 
     assert padded(grouped) < 0.75 * padded(plain)
     assert grouped.indices(7) == BatchOrder(1000, 50, 1, lengths=lengths, group=8).indices(7)
+
+
+def _epoch_mean_grad(cfg: TrainConfig, examples, tok, model, **kw) -> dict[str, torch.Tensor]:
+    """Mean over one epoch's optimizer steps of the gradient each step applies (lr = 0: the
+    parameters stay put, so every step's gradient is taken at the same point)."""
+    names = {id(p): k for k, p in model.named_parameters()}
+    total: dict[str, torch.Tensor] = {}
+
+    def hook(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    total[names[id(p)]] = total.get(names[id(p)], 0) + p.grad.clone()
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        _run(model, examples, tok, cfg, **kw)
+    finally:
+        handle.remove()
+    return {k: v / cfg.max_steps for k, v in total.items()}
+
+
+def test_grouped_batches_give_the_corpus_token_mean_gradient():
+    """One short and one long text, each repeated: grouped batches hold only short or only long
+    texts. With the fixed normaliser the steps of an epoch average to the full-corpus token-mean
+    gradient exactly; dividing each step by its own token count over-weights the short texts."""
+    from beyondlm.training import target_tokens
+
+    language, tok, model = tiny_setup()
+    rng = np.random.default_rng(0)
+    texts = sorted(language.sample(200, rng), key=len)
+    short, long = [tok.bos_token_id, *texts[0]], [tok.bos_token_id, *texts[-1]]
+    assert len(long) >= 3 * len(short)
+    examples = [short, long] * 8  # 16 examples, 4 steps of 4: grouped → 2 short and 2 long steps
+    cfg = TrainConfig(lr=0.0, batch_size=4, max_steps=4, warmup_steps=0, ckpt_every=0, max_grad_norm=1e9,
+                      group_by_length=True)
+    model.zero_grad()
+    ids, mask = pad_batch(examples, tok.pad_token_id)
+    sft = SFTConfig(variant="mle", objective="mle", hyperparams={}, model=None, train=cfg)
+    loss_sum, n = make_loss_fn(sft)(model, {"input_ids": ids, "attention_mask": mask})
+    (loss_sum / n).backward()
+    corpus = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+
+    fixed = _epoch_mean_grad(cfg, examples, tok, model, units=target_tokens(examples))
+    own = _epoch_mean_grad(cfg, examples, tok, model)
+    for k in corpus:
+        torch.testing.assert_close(fixed[k], corpus[k], rtol=1e-4, atol=1e-7, msg=k)
+    biased = max(float((own[k] - corpus[k]).norm() / corpus[k].norm().clamp_min(1e-12)) for k in corpus)
+    assert biased > 0.05, "per-step normalisation should be visibly biased on this corpus"
+
+
+def test_wrong_units_are_refused():
+    examples, tok, model = _data()
+    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=1, warmup_steps=0, ckpt_every=0)
+    with pytest.raises(RuntimeError, match="units"):
+        _run(model, examples, tok, cfg, units=[len(x) for x in examples])  # not len - 1
+
+
+def test_held_out_curve_keeps_the_best_weights_and_judges_convergence(tmp_path):
+    """A validation that gets worse after step 4 (as if over-fitting): the loop returns the step-4
+    weights and a verdict over the curve; a crash and resume keep the curve and the best weights."""
+    examples, tok, model = _data()
+    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=8, warmup_steps=0, ckpt_every=3, eval_every=2)
+    snapshots: dict[int, dict] = {}
+    calls = []
+
+    def validate(m, step):
+        calls.append(step)
+        snapshots[step] = _params(m)
+        return abs(step - 4) + 1.0  # best at step 4
+
+    trained, result = _run(model, examples, tok, cfg, validate=validate, live_dir=tmp_path / "live")
+    assert [s for s, _ in result.valid_curve] == [0, 2, 4, 6, 8]
+    for k, v in _params(trained).items():
+        torch.testing.assert_close(v, snapshots[4][k], rtol=0, atol=0, msg=k)
+    assert result.convergence["best_step"] == 4 and result.convergence["converged"] is True
+    tsv = (tmp_path / "live" / "plots" / "metrics" / "valid" / "loss.tsv").read_text().splitlines()
+    assert len(tsv) == 1 + 5
+
+    # crash after the step-6 checkpoint, resume: same best weights, curve not re-evaluated
+    def crash(step):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    examples, tok, model = _data()
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, examples, tok, cfg, validate=validate, ckpt_dir=tmp_path / "c", on_step=crash)
+    examples, tok, model = _data()
+    resumed, again = _run(model, examples, tok, cfg, validate=validate, ckpt_dir=tmp_path / "c")
+    assert again.resumed_from == 6 and [s for s, _ in again.valid_curve] == [0, 2, 4, 6, 8]
+    assert calls == [0, 2, 4, 6, 8]  # the resumed run evaluated only what the crash left
+    for k, v in _params(resumed).items():
+        torch.testing.assert_close(v, _params(trained)[k], rtol=0, atol=0, msg=k)

@@ -1,0 +1,57 @@
+"""Is a training run done? A verdict from its held-out curve, and the best point on it.
+
+A run has *converged* when its held-out loss improved by less than ``tol`` (relative) over the
+last ``window`` of training: with ``L_cut`` the best held-out loss seen at or before step
+``(1 − window)·last_step`` and ``L_best`` the best over the whole run,
+
+    rel_improvement = (L_cut − L_best) / |L_cut|,    converged ⇔ rel_improvement < tol.
+
+A loss that rises in the last window (over-fitting) counts as converged: the best checkpoint is
+kept, and it lies before the window. A curve with no evaluation on both sides of the cut cannot
+say anything and is not converged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+TOL = 0.01
+WINDOW = 0.25
+
+
+@dataclass(frozen=True)
+class Verdict:
+    converged: bool
+    rel_improvement: float | None
+    tol: float
+    window: float
+    best_step: int | None
+    best_valid_loss: float | None
+    final_valid_loss: float | None
+    n_evals: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def verdict(curve: Sequence[tuple[int, float]], *, tol: float = TOL, window: float = WINDOW) -> Verdict:
+    """The verdict on a held-out curve ``[(step, loss), ...]`` (lower is better; any order)."""
+    points = sorted((int(s), float(v)) for s, v in curve)
+    if not points:
+        return Verdict(False, None, tol, window, None, None, None, 0)
+    best_step, best = min(points, key=lambda p: (p[1], p[0]))
+    cut = (1.0 - window) * points[-1][0]
+    before = [v for s, v in points if s <= cut]
+    after = [v for s, v in points if s > cut]
+    if not before or not after:
+        return Verdict(False, None, tol, window, best_step, best, points[-1][1], len(points))
+    l_cut = min(before)
+    rel = (l_cut - best) / max(abs(l_cut), 1e-12)
+    return Verdict(rel < tol, rel, tol, window, best_step, best, points[-1][1], len(points))
+
+
+def all_converged(verdicts: Iterable[dict | Verdict]) -> bool:
+    """True iff every verdict (dict or :class:`Verdict`) says converged."""
+    flags = [v.converged if isinstance(v, Verdict) else bool(v.get("converged")) for v in verdicts]
+    return bool(flags) and all(flags)
