@@ -1,8 +1,9 @@
-"""Stage ``evaluate@<run>``: perplexity, exact KL/TVD on the synthetic language, sample metrics.
+"""Stage ``evaluate@<run>``: perplexity, exact KL/TVD on the synthetic language, sample metrics,
+sample vs data length distributions (``length``: histograms, TVD and its noise level).
 
 params: prepare.out_dir, prepare.max_len, evaluate.*
-deps:   stages/evaluate.py, beyondlm/ (evaluation, metrics, sampling, logprobs), the model dir,
-        ${prepare.out_dir}
+deps:   stages/evaluate.py, beyondlm/ (evaluation, metrics, sampling, logprobs, models, config, io,
+        cli, data/prepare, data/synthetic), the model dir, ${prepare.out_dir}
 outs:   --samples (jsonl of the model's samples: text, ids, log p_θ, log p_d)
 metrics: --metrics
 plots:  --plot (TSV: log p_d vs log p_θ per possible sample, for ``dvc plots``)

@@ -7,17 +7,23 @@ import pytest
 
 from beyondlm.metrics import (
     Estimate,
+    conditional_reverse_kl,
     distinct_n,
     forward_kl,
+    impossible_at_data_lengths,
+    length_histogram,
+    length_report,
     mean_estimate,
     mean_length,
     per_token,
     perplexity,
+    ratio_estimate,
     rep_n,
-    reverse_kl,
     sample_metrics,
     token_repetition,
     total_variation,
+    tvd_noise,
+    tvd_of_counts,
 )
 
 # --- distributional -------------------------------------------------------------------------
@@ -52,16 +58,68 @@ def test_forward_kl_rejects_mismatched_lengths():
         forward_kl(np.zeros(2), np.zeros(3))
 
 
-def test_reverse_kl_reports_impossible_fraction():
-    # model log-probs all −1; data log-probs [−2, −inf, −3, −1] → finite ratios [1, 2, 0], mean 1;
-    # one of four samples impossible → 0.25
-    est, frac = reverse_kl(np.full(4, -1.0), np.array([-2.0, -np.inf, -3.0, -1.0]))
-    assert (est.mean, est.n, frac) == (1.0, 3, 0.25)
-    assert est.stderr == pytest.approx(1 / math.sqrt(3))  # std of [1, 2, 0] is 1
+def test_conditional_reverse_kl_by_hand():
+    # model log-probs all −1; data log-probs [−2, −inf, −3, −1]: s = [1, 0, 1, 1], s·r = [1, 0, 2, 0]
+    # a = 3/4, b = 3/4 → KL(q_A‖p_d) = a/b − log b = 1 − log(3/4); the old "mean over possible
+    # samples" would be a/b = 1, i.e. KL + log q(A)
+    rkl = conditional_reverse_kl(np.full(4, -1.0), np.array([-2.0, -np.inf, -3.0, -1.0]), np.array([2, 5, 3, 1]))
+    assert rkl.cond.mean == pytest.approx(1 - math.log(0.75)) and rkl.cond.n == 4
+    assert (rkl.impossible.mean, rkl.impossible.n) == (0.25, 4)
+    # per token: (a − b log b)/c with c = mean(s·len) = (2 + 3 + 1)/4 = 1.5
+    assert rkl.cond_per_token.mean == pytest.approx((0.75 - 0.75 * math.log(0.75)) / 1.5)
+    keys = set(rkl.to_dict())
+    assert {"reverse_kl_cond", "reverse_kl_cond_se", "reverse_kl_cond_per_token", "impossible_frac",
+            "impossible_frac_se"} <= keys and "reverse_kl" not in keys
 
 
-def test_reverse_kl_all_impossible_gives_none():
-    assert reverse_kl(np.zeros(2), np.full(2, -np.inf)) == (None, 1.0)
+def test_conditional_reverse_kl_all_impossible_gives_none():
+    rkl = conditional_reverse_kl(np.zeros(2), np.full(2, -np.inf))
+    assert rkl.cond is None and rkl.impossible.mean == 1.0 and "reverse_kl_cond" not in rkl.to_dict()
+
+
+# An enumerable toy: q over 5 strings, the last impossible under p_d; lengths 1..5 tokens.
+Q = np.array([0.35, 0.25, 0.15, 0.15, 0.10])
+P_D = np.array([0.40, 0.25, 0.20, 0.15, 0.0])
+LENS = np.array([1, 2, 3, 4, 5])
+
+
+def _exact_conditional_kl():
+    q_a = Q[:4] / Q[:4].sum()  # q restricted to A = {p_d > 0}, renormalised
+    kl = float(np.sum(q_a * np.log(q_a / P_D[:4])))
+    return kl, kl / float(q_a @ LENS[:4])
+
+
+def test_conditional_reverse_kl_matches_exact_toy_within_se():
+    kl, kl_tok = _exact_conditional_kl()  # ≈ 0.0139 nats; log q(A) = log 0.9 ≈ −0.105
+    x = np.random.default_rng(0).choice(5, 40_000, p=Q)
+    with np.errstate(divide="ignore"):
+        rkl = conditional_reverse_kl(np.log(Q[x]), np.log(P_D[x]), LENS[x])
+    assert abs(rkl.cond.mean - kl) < 3 * rkl.cond.stderr
+    assert abs(rkl.cond_per_token.mean - kl_tok) < 3 * rkl.cond_per_token.stderr
+    assert abs(rkl.impossible.mean - 0.1) < 3 * rkl.impossible.stderr
+    # the mean over possible samples alone estimates KL + log q(A) < 0 here
+    ok = np.isfinite(np.log(np.where(P_D[x] > 0, P_D[x], np.nan)))
+    assert np.mean(np.log(Q[x][ok]) - np.log(P_D[x][ok])) < 0 < rkl.cond.mean
+
+
+def test_conditional_reverse_kl_not_negative_in_expectation_and_se_calibrated():
+    kl, _ = _exact_conditional_kl()
+    rng = np.random.default_rng(1)
+    est = []
+    for _ in range(300):
+        x = rng.choice(5, 400, p=Q)
+        with np.errstate(divide="ignore"):
+            est.append(conditional_reverse_kl(np.log(Q[x]), np.log(P_D[x])).cond)
+    means = np.array([e.mean for e in est])
+    assert means.mean() > 0 and abs(means.mean() - kl) < 4 * means.std() / np.sqrt(len(means))
+    # the delta-method SE matches the spread over replicates (within 20%)
+    assert np.mean([e.stderr for e in est]) == pytest.approx(means.std(), rel=0.2)
+
+
+def test_ratio_estimate_by_hand():
+    # Σv/Σw = 6/6 = 1; residuals v − w = [−1, 0, 1]: std 1 → stderr = 1/(√3 · mean w = 2)
+    est = ratio_estimate(np.array([0.0, 2.0, 4.0]), np.array([1.0, 2.0, 3.0]))
+    assert est.mean == pytest.approx(1.0) and est.stderr == pytest.approx(1 / (2 * math.sqrt(3)))
 
 
 def test_total_variation_by_hand():
@@ -83,10 +141,11 @@ def test_monte_carlo_estimators_match_exact_values():
     p_m = np.array([0.25, 0.25, 0.25, 0.25])
     x_d, x_m = rng.choice(4, 20_000, p=p_d), rng.choice(4, 20_000, p=p_m)
     fkl = forward_kl(np.log(p_d[x_d]), np.log(p_m[x_d]))
-    rkl, frac = reverse_kl(np.log(p_m[x_m]), np.log(p_d[x_m]))
+    rkl = conditional_reverse_kl(np.log(p_m[x_m]), np.log(p_d[x_m]))
     tvd = total_variation(np.log(p_m[x_m]), np.log(p_d[x_m]))
     assert abs(fkl.mean - np.sum(p_d * np.log(p_d / p_m))) < 5 * fkl.stderr
-    assert abs(rkl.mean - np.sum(p_m * np.log(p_m / p_d))) < 5 * rkl.stderr and frac == 0.0
+    # no leakage (q(A) = 1): the conditional KL is the reverse KL itself
+    assert abs(rkl.cond.mean - np.sum(p_m * np.log(p_m / p_d))) < 5 * rkl.cond.stderr and rkl.impossible.mean == 0.0
     assert abs(tvd.mean - 0.5 * np.abs(p_d - p_m).sum()) < 5 * tvd.stderr
 
 
@@ -95,6 +154,48 @@ def test_perplexity_and_per_token():
     with pytest.raises(ValueError):
         perplexity(1.0, 0)
     assert per_token(Estimate(3.0, 1.5, 10), 3.0) == Estimate(1.0, 0.5, 10)
+
+
+# --- length ---------------------------------------------------------------------------------
+
+
+def test_length_histogram_tvd_and_noise():
+    assert length_histogram([1, 1, 3], 4).tolist() == [0, 2, 0, 1, 0]
+    with pytest.raises(ValueError, match="lengths must lie"):
+        length_histogram([5], 4)
+    # [2/3, 0, 1/3] vs [0, 1/2, 1/2]: ½(2/3 + 1/2 + 1/6) = 2/3
+    assert tvd_of_counts(np.array([2, 0, 1]), np.array([0, 1, 1])) == pytest.approx(2 / 3)
+    data = np.random.default_rng(0).integers(5, 30, 2000)
+    small, small_q95 = tvd_noise(data, 100, 2000, seed=0)
+    big, _ = tvd_noise(data, 1000, 2000, seed=0)
+    assert 0 < big < small < small_q95 < 1  # fewer samples → larger chance TVD
+    assert tvd_noise(data, 100, 2000, seed=0) == (small, small_q95)  # seeded
+
+
+def test_length_report_same_distribution_is_within_noise():
+    rng = np.random.default_rng(1)
+    data, same, short = rng.integers(5, 30, 2000), rng.integers(5, 30, 400), rng.integers(5, 15, 400)
+    rep = length_report(same, data, max_len=64)
+    assert rep["tvd"] < rep["tvd_noise_q95"] and rep["hist"]["length"][0] == 1
+    assert sum(rep["hist"]["samples"]) == 400 and sum(rep["hist"]["data"]) == 2000
+    assert length_report(short, data, max_len=64)["tvd"] > 3 * rep["tvd_noise_q95"]
+
+
+def test_impossible_rate_standardised_to_data_lengths():
+    # data: half length 2, half length 10 (two bins); model: 90 short samples, 10% impossible,
+    # 10 long ones, 50% impossible. Raw rate 14/100; at the data's lengths ½·0.1 + ½·0.5 = 0.3
+    data = [2] * 50 + [10] * 50
+    lens = [2] * 90 + [10] * 10
+    bad = [True] * 9 + [False] * 81 + [True] * 5 + [False] * 5
+    out = impossible_at_data_lengths(lens, bad, data, n_bins=2)
+    assert out["impossible_frac_at_data_length"] == pytest.approx(0.3)
+    se = math.sqrt(0.25 * 0.1 * 0.9 / 90 + 0.25 * 0.5 * 0.5 / 10)
+    assert out["impossible_frac_at_data_length_se"] == pytest.approx(se)
+    assert out["impossible_frac_at_data_length_coverage"] == 1.0
+    # no model sample in the long bin: only the short bin's data mass is covered
+    part = impossible_at_data_lengths([2] * 10, [True] + [False] * 9, data, n_bins=2)
+    assert part["impossible_frac_at_data_length"] == pytest.approx(0.1)
+    assert part["impossible_frac_at_data_length_coverage"] == 0.5
 
 
 # --- text -----------------------------------------------------------------------------------

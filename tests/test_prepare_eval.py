@@ -89,4 +89,13 @@ def test_evaluate_uniform_model_matches_closed_form():
     assert metrics["exact"]["forward_kl"] == pytest.approx(float(np.mean(logp_d + n * math.log(V))), rel=1e-5)
     # a uniform model writes mostly impossible text; each impossible sample counts 1 in the TVD
     assert metrics["exact"]["impossible_frac"] > 0.5 and metrics["exact"]["tvd"] >= metrics["exact"]["impossible_frac"]
+    ex = metrics["exact"]
+    # per token by the ratio estimator: Σ(log p_d + n log V)/Σ n
+    assert ex["forward_kl_per_token"] == pytest.approx(float(np.sum(logp_d + n * math.log(V)) / n.sum()), rel=1e-5)
+    assert "reverse_kl" not in ex and ("reverse_kl_cond" not in ex or ex["reverse_kl_cond"] >= 0)
+    assert 0 <= ex["impossible_frac_at_data_length"] <= 1 and "impossible_frac_se" in ex
+    length = metrics["length"]
+    assert length["data_mean"] == pytest.approx(n.mean()) and 0 <= length["tvd"] <= 1 and length["tvd_noise"] > 0
+    assert sum(length["hist"]["samples"]) == 64 and sum(length["hist"]["data"]) == 50
+    assert "oracle_reward_se" in metrics["samples"]
     assert len(records) == 64 and all(r["logp_model"] == pytest.approx(-len(r["ids"]) * math.log(V), rel=1e-5) for r in records)

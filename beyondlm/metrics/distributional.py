@@ -3,9 +3,10 @@
 All inputs are 1-D numpy arrays of *whole-sequence* log-probabilities (natural log, nats), one
 entry per sample; outputs are plain floats wrapped in `Estimate` (mean, standard error, n). These
 need p_d to be known exactly, as for the synthetic language (METHODS.md, "The synthetic language
-... and exact metrics"). Every estimator is a sample mean of i.i.d. per-sample values, so it is
-unbiased for its expectation, consistent as n → ∞, and its standard error is the sample standard
-deviation (ddof=1) over √n.
+... and exact metrics"). Most estimators are a sample mean of i.i.d. per-sample values, so they
+are unbiased for their expectation, consistent as n → ∞, and their standard error is the sample
+standard deviation (ddof=1) over √n. Ratios (per-token values) and the conditional reverse KL are
+smooth functions of several such means: consistent, biased by O(1/n), with a delta-method stderr.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def mean_estimate(values: np.ndarray) -> Estimate:
     """Sample mean of i.i.d. values with stderr = std(ddof=1)/√n (0 when n < 2).
 
     Raises ValueError on empty or non-finite input: an infinite or nan sample makes the mean
-    meaningless, and the caller should decide what it means (see `reverse_kl`).
+    meaningless, and the caller should decide what it means (see `conditional_reverse_kl`).
     """
     arr = _as_1d(values, "values")
     if arr.size == 0:
@@ -75,16 +76,63 @@ def forward_kl(logp_data: np.ndarray, logp_model: np.ndarray) -> Estimate:
     return mean_estimate(logp_data - logp_model)
 
 
-def reverse_kl(logp_model: np.ndarray, logp_data: np.ndarray) -> tuple[Estimate | None, float]:
-    """Reverse KL(p_θ‖p_d) = E_{x∼p_θ}[log p_θ(x) − log p_d(x)], and the fraction of impossible samples.
+def _delta(columns: np.ndarray, value: float, grad: np.ndarray) -> Estimate:
+    """A smooth function f of column means, with the delta-method standard error.
 
-    Samples: x drawn from the model p_θ itself; both arrays are log-probs of those sequences.
-    A sample with log p_d(x) = −inf is one the language cannot produce: if any exists with
-    positive model probability, the true reverse KL is INFINITE. We therefore return
-    (estimate over the finite samples only, or None when there are none; fraction impossible).
-    The finite-sample estimate is the KL conditioned on "possible" samples, NOT the reverse KL,
-    whenever the fraction is > 0. On the finite samples it is an unbiased, consistent sample mean
-    with stderr = std(ddof=1)/√n. Mode-seeking: large when the model puts mass where data has little.
+    columns (n, k): per-sample values whose means m enter f; ``value`` = f(m), ``grad`` = ∇f(m).
+    Linearised influence ψ_i = (Z_i − m)·∇f(m); stderr = std(ψ, ddof=1)/√n (consistent; the
+    plug-in f(m) is biased by O(1/n)).
+    """
+    n = len(columns)
+    psi = (columns - columns.mean(0)) @ grad  # (n,)
+    stderr = float(psi.std(ddof=1) / np.sqrt(n)) if n >= 2 else 0.0
+    return Estimate(mean=float(value), stderr=stderr, n=int(n))
+
+
+def ratio_estimate(values: np.ndarray, weights: np.ndarray) -> Estimate:
+    """Ratio estimator R = Σ v_i / Σ w_i of E[v]/E[w] (e.g. nats per token: v = nats per sequence,
+    w = tokens per sequence), stderr by the delta method: std(v − R·w, ddof=1)/(√n · mean w).
+    Consistent; biased by O(1/n). Long sequences weigh more than in a mean of per-sequence ratios:
+    this is the per-token quantity of the whole corpus."""
+    v, w = _paired(values, weights, "values", "weights")
+    if v.size == 0 or w.sum() <= 0:
+        raise ValueError("a ratio estimate needs samples with positive total weight")
+    _require_finite(v, "values")
+    r = float(v.sum() / w.sum())
+    return _delta(np.column_stack([v, w]), r, np.array([1.0, -r]) / w.mean())
+
+
+@dataclass(frozen=True)
+class ReverseKL:
+    """Reverse-KL estimates from the model's own samples (see `conditional_reverse_kl`)."""
+
+    cond: Estimate | None  # KL(q_A‖p_d), nats/sequence; None when no sample is possible
+    cond_per_token: Estimate | None  # KL(q_A‖p_d) / E_{q_A}[tokens]
+    impossible: Estimate  # 1 − q(A): fraction of samples with p_d(x) = 0, binomial stderr
+
+    def to_dict(self) -> dict[str, float]:
+        out = self.impossible.to_dict("impossible_frac")
+        for est, key in ((self.cond, "reverse_kl_cond"), (self.cond_per_token, "reverse_kl_cond_per_token")):
+            if est is not None:
+                out.update(est.to_dict(key))
+        return out
+
+
+def conditional_reverse_kl(logp_model: np.ndarray, logp_data: np.ndarray,
+                           lengths: np.ndarray | None = None) -> ReverseKL:
+    """KL(q_A‖p_d) of the model q = p_θ restricted to A = {x: p_d(x) > 0}, and 1 − q(A).
+
+    Samples: x_i ~ q (the model's own samples); log p_d(x) = −inf marks an impossible sample, for
+    which the true reverse KL(q‖p_d) is infinite. With s_i = 1[x_i ∈ A] and r_i = log q(x_i) −
+    log p_d(x_i) on A (0 off A), column means a = mean(s·r), b = mean(s) = q̂(A):
+
+        KL(q_A‖p_d) = E_q[r | A] − log q(A)  ≈  a/b − log b          (nats/sequence, ≥ 0)
+
+    since q_A(x) = q(x)/q(A) on A. The mean of r over the possible samples alone (a/b) estimates
+    KL(q_A‖p_d) + log q(A): negative once the model leaks mass, and falling the more it leaks; it
+    is NOT reported. Per token (``lengths`` given, c = mean(s·len)): KL(q_A‖p_d) / E_{q_A}[len] ≈
+    (a − b log b)/c. Both are smooth functions of column means: consistent, O(1/n) bias (upward:
+    −log is convex), stderr by the delta method. Nothing is clipped.
     """
     logp_model, logp_data = _paired(logp_model, logp_data, "logp_model", "logp_data")
     if logp_model.size == 0:
@@ -92,11 +140,20 @@ def reverse_kl(logp_model: np.ndarray, logp_data: np.ndarray) -> tuple[Estimate 
     _require_finite(logp_model, "logp_model")
     if np.any(np.isnan(logp_data)) or np.any(logp_data == np.inf):
         raise ValueError("logp_data must be finite or -inf")
-    possible = np.isfinite(logp_data)
-    frac_impossible = float(1.0 - possible.mean())
-    if not possible.any():
-        return None, frac_impossible
-    return mean_estimate(logp_model[possible] - logp_data[possible]), frac_impossible
+    s = np.isfinite(logp_data).astype(np.float64)  # (n,)
+    impossible = mean_estimate(1.0 - s)
+    if not s.any():
+        return ReverseKL(None, None, impossible)
+    sr = np.where(s > 0, logp_model - np.where(s > 0, logp_data, 0.0), 0.0)  # (n,) s·r
+    a, b = sr.mean(), s.mean()
+    cond = _delta(np.column_stack([sr, s]), a / b - np.log(b), np.array([1.0 / b, -a / b**2 - 1.0 / b]))
+    per_tok = None
+    if lengths is not None:
+        sl = s * _paired(lengths, logp_model, "lengths", "logp_model")[0]  # (n,) s·len
+        c = sl.mean()
+        f = (a - b * np.log(b)) / c
+        per_tok = _delta(np.column_stack([sr, s, sl]), f, np.array([1.0, -(np.log(b) + 1.0), -f]) / c)
+    return ReverseKL(cond, per_tok, impossible)
 
 
 def total_variation(logp_model: np.ndarray, logp_data: np.ndarray) -> Estimate:
@@ -126,7 +183,8 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
 def per_token(est: Estimate, mean_length: float) -> Estimate:
     """Rescale a per-sequence estimate to nats per token by dividing mean and stderr by the mean length.
 
-    The mean length is treated as a constant (its own sampling error is ignored).
+    The mean length is treated as a constant (its own sampling error is ignored); prefer
+    `ratio_estimate` when the per-sample lengths are at hand.
     """
     if mean_length <= 0:
         raise ValueError(f"mean_length must be positive, got {mean_length}")
