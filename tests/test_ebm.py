@@ -165,7 +165,7 @@ def test_exact_i_projection_on_enumerable_space():
     unnorm = p * np.exp(-f @ sol.mu)
     np.testing.assert_allclose(q, unnorm / unnorm.sum(), rtol=1e-10)
     np.testing.assert_allclose(q, _kl_projection(p, f, target), atol=1e-4)
-    assert sol.kl == pytest.approx(np.sum(q * np.log(q / p)), rel=1e-8)
+    assert sol.kl_in_sample == pytest.approx(np.sum(q * np.log(q / p)), rel=1e-8)
     np.testing.assert_allclose(sol.residual_before, target - p @ f)
 
 
@@ -185,7 +185,7 @@ def test_mu_zero_keeps_the_base_distribution():
     assert sol.iterations == 0 and np.all(sol.mu == 0) and sol.log_z == 0.0
     logp = np.random.default_rng(3).normal(size=64)
     np.testing.assert_array_equal(log_p_star(logp, F, sol), logp - np.log(1.0))
-    assert sol.ess_frac == pytest.approx(1.0) and sol.kl == pytest.approx(0.0, abs=1e-12)
+    assert sol.ess_frac == pytest.approx(1.0) and sol.kl_in_sample == pytest.approx(0.0, abs=1e-12)
 
 
 def test_solution_to_dict_round_trip():
@@ -194,6 +194,8 @@ def test_solution_to_dict_round_trip():
     back = EBMSolution.from_dict(json.loads(json.dumps(sol.to_dict())))
     np.testing.assert_array_equal(back.mu, sol.mu)
     assert back.names == sol.names and back.converged
+    old = {k: v for k, v in sol.to_dict().items() if k != "kl_in_sample"} | {"kl": sol.kl_in_sample}
+    assert EBMSolution.from_dict(old).kl_in_sample == sol.kl_in_sample  # weights written before the rename
 
 
 def test_constant_and_infeasible_features_are_named():
@@ -227,7 +229,7 @@ def test_near_boundary_target_stays_finite():
     target = (1 - eps) * F[np.argmax(F[:, 0])] + eps * F.mean(0)
     sol = solve_dual(F, target, ["a", "b"])
     assert sol.converged and np.max(np.abs(sol.residual_after)) < 1e-5
-    values = [sol.mu, sol.residual_after, sol.ess, sol.log_z, sol.log_z_se, sol.kl]
+    values = [sol.mu, sol.residual_after, sol.ess, sol.log_z, sol.log_z_se, sol.kl_in_sample]
     assert all(np.all(np.isfinite(v)) for v in values)
 
 

@@ -59,7 +59,7 @@ def _solution(mu, log_z=0.0):
     z = np.zeros(k)
     return EBMSolution(mu=np.asarray(mu, float), names=tuple(NAMES[:k]), targets=z,
                        residual_before=z, residual_after=z, ess=1.0, ess_frac=1.0, log_z=log_z,
-                       log_z_se=0.0, kl=0.0, iterations=0, converged=True)
+                       log_z_se=0.0, kl_in_sample=0.0, iterations=0, converged=True)
 
 
 def test_reference_pairs_by_hand():
@@ -90,7 +90,7 @@ def test_fit_ebm_matches_shifted_targets(fitted):
     before, after = np.abs(sol.residual_before), np.abs(sol.residual_after)
     assert np.all(before > 1e-3) and np.all(after < 1e-6 * np.maximum(before, 1.0))
     assert sol.mu[0] > 0  # shorter targets → longer texts penalised
-    assert 0 < sol.ess_frac < 1 and sol.kl > 0
+    assert 0 < sol.ess_frac < 1 and sol.kl_in_sample > 0
     assert diag["n_samples"] == 16 * diag["n_reference"]
     assert set(diag["residual_after_conditional"]) == set(NAMES)
 
