@@ -1,8 +1,10 @@
-"""Stage ``report``: ``reports/report.md`` with tables and PNG figures from every stage's outputs.
+"""Stage ``report``: ``reports/report.md`` (tables, PNG figures, convergence verdicts, the claims
+table) and ``reports/claims.md`` (the claims block the README pastes), from every stage's outputs.
 
-params: report.*
-deps:   stages/report.py, beyondlm/report.py, reports/metrics, reports/live, reports/samples
-outs:   reports/report.md, reports/plots/report/
+params: report.*, datastore.model (which SFT run the kNN-LM interpolates: its convergence verdict)
+deps:   stages/report.py, beyondlm/report/, beyondlm/align/analysis.py, beyondlm/ (io, config, cli),
+        reports/metrics, reports/live/sft, reports/samples, reports/plots/ebm/quality_vs_m.png
+outs:   reports/report.md, reports/claims.md, reports/plots/report/
 """
 
 from pathlib import Path
@@ -13,8 +15,10 @@ from beyondlm.report import build_report
 
 
 def main() -> None:
-    cfg = load_section(ReportConfig, section(read_params(), "report"), "report")
-    build_report(Path("reports"), cfg.n_examples)
+    params = read_params()
+    cfg = load_section(ReportConfig, section(params, "report"), "report")
+    lm_dir = section(params, "datastore").get("model")
+    build_report(Path("reports"), cfg.n_examples, knnlm_base=Path(lm_dir).name if lm_dir else None)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
 import json
+import math
+import subprocess
+import sys
 
-from beyondlm.report import build_report
+import numpy as np
+import pytest
+
+from beyondlm.align.analysis import diverged_seeds, seed_means_at_equal_kl
+from beyondlm.report import all_claims, build_report, collect, seed_effect, verdict, Verdicts
 
 
 def _write(path, data):
@@ -8,44 +15,222 @@ def _write(path, data):
     path.write_text(json.dumps(data))
 
 
+def _conv(converged=True, rel=0.004, best=120):
+    return {"converged": converged, "rel_improvement": rel, "tol": 0.01, "window": 0.25, "best_step": best,
+            "best_valid_loss": 3.0, "final_valid_loss": 3.01, "n_evals": 10}
+
+
+def _length(mean):
+    return {"samples_mean": mean, "data_mean": 20.0, "tvd": 0.1, "tvd_noise": 0.05, "tvd_noise_q95": 0.08,
+            "hist": {"length": [1, 2, 3], "samples": [1, 2, 1], "data": [2, 1, 1]}}
+
+
 def test_report_aggregates_seeds_as_mean_and_std(tmp_path):
     for seed, ppl, fkl in [(0, 10.0, 1.0), (1, 12.0, 3.0)]:
         _write(tmp_path / f"metrics/evaluate/mle-s{seed}.json",
                {"test": {"perplexity": ppl}, "exact": {"forward_kl": fkl, "tvd": 0.5, "data_entropy_rate": 2.0},
-                "samples": {"distinct_2": 0.5}, "reference": {"distinct_2": 0.6, "rep_2": 0.1, "mean_length": 20}})
+                "samples": {"distinct_2": 0.5}, "reference": {"distinct_2": 0.6, "rep_2": 0.1, "mean_length": 20},
+                "length": _length(18.0 + seed)})
         _write(tmp_path / f"metrics/sft/mle-s{seed}.json", {"objective": "mle", "valid": {"perplexity": ppl + 1},
-                                                            "train": {"final_loss": 2.0, "wall_s": 10}})
+                                                            "train": {"final_loss": 2.0, "wall_s": 10},
+                                                            "convergence": _conv()})
     _write(tmp_path / "metrics/evaluate/tailr-g0.1-s0.json", {"test": {"perplexity": 11.0}, "exact": {"forward_kl": 2.0, "tvd": 0.4}})
     (tmp_path / "live/sft/mle-s0/plots/metrics/train").mkdir(parents=True)
     (tmp_path / "live/sft/mle-s0/plots/metrics/train/loss.tsv").write_text("step\tloss\n1\t3.0\n2\t2.5\n")
     _write(tmp_path / "metrics/prepare.json", {"vocab_size": 9, "train": {"n_texts": 3, "n_tokens": 30, "mean_length": 10.0}})
     text = build_report(tmp_path, n_examples=2)
-    # mean ± sample std (ddof=1): PPL 11 ± 1.414, forward KL 2 ± 1.414
-    assert "| mle | 2 | 11.000 ± 1.414 | 2.000 ± 1.414 |" in text
-    assert "| tailr-g0.1 | 1 | 11.000 | 2.000 |" in text
+    # mean ± sample std (ddof=1): PPL 11 ± 1.414, forward KL 2 ± 1.414; both mle seeds converged
+    assert "| mle | 2 | 2/2 | 11.000 ± 1.414 | 2.000 ± 1.414 |" in text
+    assert "| tailr-g0.1 | 1 | 0/1 | 11.000 | 2.000 |" in text  # no sft metrics: no verdict
     assert "| mle | 2 | mle | 12.000 ± 1.414 |" in text  # training table: valid PPL
     assert "entropy-rate floor of test PPL 7.389" in text  # e^2
-    assert (tmp_path / "plots/report/loss.png").exists() and (tmp_path / "plots/report/kl.png").exists()
+    assert "| mle | 18.5 ± 0.7 | 20.0 | 0.100 ± 0.000 | 0.050 (0.080) | 2/2 seeds |" in text  # length table
+    # one tailr seed: the claims rows say why they cannot conclude
+    assert "| tailr-g0.1 − mle: `exact.tvd` | -0.1 | Welch over 1 + 2 seeds; not converged: sft/tailr-g0.1-s0 |" in text
+    assert "**inconclusive: not converged; 1 run; no SE**" in text
+    for png in ("loss", "kl", "lengths"):
+        assert (tmp_path / f"plots/report/{png}.png").exists()
     assert (tmp_path / "report.md").read_text() == text
+    assert "reverse KL on possible samples" not in text.lower()
+    assert "**Claims: 0 supports, 0 contradicts, 4 inconclusive**" in (tmp_path / "claims.md").read_text()
+
+
+@pytest.mark.parametrize("effect, se, sign, n, conv, expected", [
+    (1.0, 0.4, +1, 3, True, "supports"),
+    (0.8, 0.4, +1, 3, True, "supports"),  # exactly 2 SE
+    (-1.0, 0.4, +1, 3, True, "contradicts"),
+    (-1.0, 0.4, -1, 5, True, "supports"),
+    (0.5, 0.4, +1, 3, True, "inconclusive: effect within 2 SE"),
+    (0.0, 0.0, +1, 3, True, "inconclusive: effect within 2 SE"),
+    (1.0, 0.4, +1, 2, True, "inconclusive: 2 runs"),
+    (1.0, 0.4, +1, 3, False, "inconclusive: not converged"),
+    (1.0, None, -1, 1, False, "inconclusive: not converged; 1 run; no SE"),
+    (float("nan"), 0.1, +1, 3, True, "inconclusive: no data"),
+    (None, None, +1, 0, False, "inconclusive: not converged; no data"),
+])
+def test_verdict_rule(effect, se, sign, n, conv, expected):
+    assert verdict(effect, se, claimed_sign=sign, n=n, converged=conv) == expected
+
+
+def test_seed_effect_paired_and_welch():
+    paired = seed_effect({0: 1.0, 1: 2.0, 2: 4.0}, {0: 0.0, 1: 0.0, 2: 1.0})  # differences 1, 2, 3
+    assert (paired.value, paired.n, paired.basis) == (2.0, 3, "paired over 3 seeds")
+    assert paired.se == pytest.approx(1 / math.sqrt(3))
+    welch = seed_effect({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 5: 1.0})  # different seeds: independent
+    assert welch.value == pytest.approx(1.5) and welch.n == 2
+    assert welch.se == pytest.approx(math.sqrt(1.0 / 3 + 0.5 / 2))
+    one = seed_effect({0: 1.0}, {0: 0.0, 1: 1.0})
+    assert one.n == 1 and math.isnan(one.se)
+
+
+def _sft_family(tmp_path, bad=()):
+    """mle and tailr-g1 over 3 seeds: tailr's TVD lower by 0.1 (clear), forward KL higher by 0.5."""
+    for seed in range(3):
+        for variant, obj, tvd, fkl in (("mle", "mle", 0.50, 1.0), ("tailr-g1", "tailr", 0.40, 1.5)):
+            run = f"{variant}-s{seed}"
+            conv = None if run in bad and bad[run] is None else _conv(run not in bad, rel=0.03 if run in bad else 0.004)
+            sft = {"objective": obj, **({"convergence": conv} if conv is not None else {})}
+            _write(tmp_path / f"metrics/sft/{run}.json", sft)
+            _write(tmp_path / f"metrics/evaluate/{run}.json",
+                   {"exact": {"tvd": tvd + 0.01 * seed, "forward_kl": fkl + 0.02 * seed}})
+
+
+def test_convergence_table_and_not_converged_comparisons(tmp_path):
+    _sft_family(tmp_path, bad={"tailr-g1-s1": False, "mle-s2": None})
+    _write(tmp_path / "metrics/align/reward.json", {"convergence": _conv()})
+    _write(tmp_path / "metrics/align/method/dpo_pref.json", {"runs": {"s0": {"evals": [], "convergence": _conv()}}})
+    _write(tmp_path / "metrics/vq.json", {"convergence": {"posterior": _conv(), "prior": _conv(False, 0.2, 50)}})
+    rows = collect(tmp_path / "metrics")
+    assert [(r.stage, r.run) for r in rows][-5:] == [("sft", "tailr-g1-s2"), ("reward", "reward"),
+                                                     ("align", "dpo_pref-s0"), ("vq", "posterior"), ("vq", "prior")]
+    text = build_report(tmp_path, n_examples=0)
+    assert "| sft | tailr-g1-s1 | no | 3.00% | 120 | 3.0000 / 3.0100 |" in text
+    assert "| sft | mle-s2 | no (no verdict recorded) | – | – | – / – |" in text
+    assert "| vq | prior | no | 20.00% | 50 |" in text and "| reward | reward | yes | 0.40% | 120 |" in text
+    tvd_row = next(ln for ln in text.splitlines() if "`exact.tvd`" in ln)
+    assert "not converged: sft/tailr-g1-s1, sft/mle-s2" in tvd_row and "**inconclusive: not converged**" in tvd_row
+    assert "| mle | 3 | 2/3 |" in text and "| tailr-g1 | 3 | 2/3 |" in text  # evaluation table: converged seeds
+    # every run converged: the same numbers give verdicts
+    _sft_family(tmp_path)
+    claims = {c.comparison: c for c in all_claims(tmp_path / "metrics", Verdicts(collect(tmp_path / "metrics")), None)}
+    tvd, fkl = claims["tailr-g1 − mle: `exact.tvd`"], claims["tailr-g1 − mle: `exact.forward_kl`"]
+    assert tvd.effect.value == pytest.approx(-0.1) and tvd.effect.se == pytest.approx(0.0, abs=1e-12)
+    assert tvd.verdict == "supports" and fkl.verdict == "contradicts"  # TaiLr claims no coverage cost
+    assert claims["tailr-g1 − mle: `exact.reverse_kl_cond`"].verdict == "inconclusive: no data"
+
+
+def _align_run(scale, final_kl=2.0, converged=True):
+    evals = [{"step": s, "kl": final_kl * s / 20, "oracle_reward": scale * s / 10, "rm_reward": 0.0,
+              "win_vs_sft/oracle": 0.5, "length": 9.0} for s in (0, 10, 20)]
+    return {"evals": evals, "convergence": _conv(converged)}
+
+
+def _align(tmp_path, diverged_kl=None, converged=True):
+    for method, scales in (("exo_pref", (2.0, 2.2)), ("dpo_pref", (1.0, 1.2))):
+        runs = {f"s{i}": _align_run(c, converged=converged) for i, c in enumerate(scales)}
+        if method == "exo_pref" and diverged_kl:
+            runs["s2"] = _align_run(9.0, final_kl=diverged_kl)
+        _write(tmp_path / "metrics" / "align" / "method" / f"{method}.json",
+               {"method": method, "sft": runs["s0"]["evals"][0], "runs": runs})
+    _write(tmp_path / "metrics" / "align" / "best_of_n.json",
+           {"rows": [{"N": n, "kl": kl, "oracle_reward": 3 * kl, "oracle_reward_se": 0.1, "rm_reward": 0.0}
+                     for n, kl in ((1, 0.0), (4, 0.636), (16, 1.835))]})
 
 
 def test_alignment_section_tables_frontier_and_equal_kl(tmp_path):
     from beyondlm.report import align_section
 
-    def run(scale):
-        return {"evals": [{"step": s, "kl": s / 10, "oracle_reward": scale * s / 10, "rm_reward": 0.0,
-                           "win_vs_sft/oracle": 0.5, "length": 9.0} for s in (0, 10, 20)]}
-
-    for method, scales in (("exo_pref", (2.0, 2.2)), ("dpo_pref", (1.0, 1.2))):
-        _write(tmp_path / "metrics" / "align" / "method" / f"{method}.json",
-               {"method": method, "sft": run(0)["evals"][0], "runs": {f"s{i}": run(c) for i, c in enumerate(scales)}})
-    _write(tmp_path / "metrics" / "align" / "best_of_n.json",
-           {"rows": [{"N": 1, "kl": 0.0, "oracle_reward": 0.0, "rm_reward": 0.0}]})
+    _align(tmp_path, diverged_kl=200.0)
     text = "\n".join(align_section(tmp_path / "metrics", tmp_path))
-    assert "| exo_pref | 2 | 2.00 ± 0.00 | 4.20 ± 0.28 |" in text  # final KL 2, reward (4 + 4.4)/2
+    # the runaway seed (KL 200 vs 2) is listed and left out of the means: (4 + 4.4)/2
+    assert "excluded from means and comparisons: exo_pref: s2." in text
+    assert "| exo_pref | 2 (+1 diverged) | 2.00 ± 0.00 | 4.20 ± 0.28 |" in text
     assert "| best-of-1 |" in text and (tmp_path / "plots" / "report" / "align_frontier.png").exists()
     # difference k at KL k, SE sqrt(0.02)·k: beyond 2 SE everywhere
     assert "exo_pref higher by more than 2 SE at 4 of 4 KL values, lower at 0" in text
+    _align(tmp_path, converged=False)
+    text = "\n".join(align_section(tmp_path / "metrics", tmp_path))
+    assert "**exo_pref vs dpo_pref at equal KL** (each seed's frontier interpolated; difference of seed means ± SE): " \
+           "inconclusive: not converged (align/exo_pref-s0, align/exo_pref-s1" in text
+
+
+def test_diverged_seed_rule_and_equal_kl_seed_means():
+    def res(*finals):
+        return {"runs": {f"s{i}": {"evals": [{"step": 0, "kl": 0.0}, {"step": 1, "kl": k}]}
+                         for i, k in enumerate(finals)}}
+
+    assert diverged_seeds(res(2.0, 2.5, 30.0)) == ["s2"]  # 30 > 10 × median(2, 2.5)
+    assert diverged_seeds(res(2.0, 2.5, 20.0)) == []
+    assert diverged_seeds(res(0.01, 0.02, 0.5)) == []  # the others' median is floored at 0.1 nats
+    assert diverged_seeds(res(1.0, float("nan"))) == ["s1"] and diverged_seeds(res(50.0)) == []
+    a = {"runs": {"s0": {"evals": [{"kl": 0.0, "oracle_reward": 0.0}, {"kl": 2.0, "oracle_reward": 2.0}]}}}
+    b = {"runs": {"s0": {"evals": [{"kl": 0.0, "oracle_reward": 1.0}, {"kl": 1.0, "oracle_reward": 1.0}]}}}
+    va, vb, grid = seed_means_at_equal_kl(a, b, n_grid=3)  # common range [0, 1], interior 0.25, 0.5, 0.75
+    np.testing.assert_allclose(grid, [0.25, 0.5, 0.75])
+    assert va == pytest.approx([0.5]) and vb == pytest.approx([1.0])
+
+
+def test_claims_rows_for_align_ebm_knnlm_vq(tmp_path):
+    m = tmp_path / "metrics"
+    _align(tmp_path)
+    for i in range(2):
+        _write(m / "align" / "method" / "dpo_pref.json",
+               {"runs": {f"s{j}": _align_run(1.0 + 0.2 * j) for j in range(3)}, "sft": {}})
+        _write(m / "align" / "method" / "exo_pref.json",
+               {"runs": {f"s{j}": _align_run(2.0 + 0.2 * j) for j in range(3)}, "sft": {}})
+    _write(m / "sft/mle-s0.json", {"objective": "mle", "convergence": _conv()})
+    _write(m / "ebm.json", {"base": "mle-s0", "converged": True, "kl_in_sample": 0.01})
+    _write(m / "ebm_eval.json", {"ppl": {"n_texts": 100}, "xent": {"diff_per_token": -0.02, "diff_per_token_se": 0.005},
+                                 "decoders": {"sample": {"mauve": 0.80}, "sample_b": {"mauve": 0.78},
+                                              "sir_m2": {"mauve": 0.82}, "sir_m8": {"mauve": 0.85}}})
+    _write(m / "knnlm.json", {"valid": {"best": {"k": 64, "lambda": 0.25}},
+                              "test": {"lm_ppl": 20.0, "lm_forward_kl": 1.0, "best": {"k": 8, "lambda": 0.5},
+                                       "k": {"64": {"ppl": {"0.25": 19.0}, "forward_kl": {"0.25": 0.9}}}}})
+    _write(m / "vq.json", {"convergence": {"posterior": _conv(), "prior": _conv()},
+                           "test": {"nll_bound_per_token": 3.9}, "samples": {"impossible_frac": 0.3},
+                           "baseline": {"dir": "models/sft/mle-s0", "test": {"nll_per_token": 3.4},
+                                        "samples": {"impossible_frac": 0.2}}})
+    found = {c.comparison: c for c in all_claims(m, Verdicts(collect(m)), "mle-s0")}
+    exo = found["exo_pref − dpo_pref: mean oracle r* over the common KL range"]
+    # per seed, reward = scale·KL/2·... on the common grid: exo seeds 2.0, 2.2, 2.4 vs dpo 1.0, 1.2, 1.4 (× mean KL)
+    assert exo.effect.n == 3 and exo.effect.value > 0 and exo.verdict == "supports"
+    assert exo.effect.basis == "Welch over 3 + 3 seeds"
+    xent = found["p* − p_θ: nats/token on test"]
+    assert (str(xent.effect), xent.effect.n, xent.verdict) == ("-0.02 ± 0.005", 100, "supports")
+    assert xent.effect.basis == "100 test texts, 1 run (base `mle-s0`)"
+    mauve = found["sir_m8 − sample: MAUVE"]
+    assert mauve.effect.value == pytest.approx(0.05) and "two plain draws differ by 0.020" in mauve.effect.basis
+    assert mauve.verdict == "inconclusive: 1 run; no SE"
+    ppl = found["kNN-LM − LM: test ppl"]  # at valid's (k, λ) = (64, 0.25), not test's own best
+    assert ppl.effect.value == pytest.approx(-1.0) and "k=64, λ=0.25 tuned on valid" in ppl.effect.basis
+    assert found["kNN-LM − LM: test forward_kl"].effect.value == pytest.approx(-0.1)
+    assert found["plan − LM: test NLL/token"].effect.value == pytest.approx(0.5)
+    assert found["plan − LM: log p_d/token"].verdict == "inconclusive: no data"
+    bon = [c for c in found.values() if c.comparison.startswith("best_of_n")]
+    assert bon == []  # best-of-N is compared with the -rw methods only, absent here
+    assert all(not c.failing for c in found.values())
+
+
+def test_best_of_n_claim_uses_its_se_over_prompts(tmp_path):
+    m = tmp_path / "metrics"
+    _align(tmp_path)
+    for method in ("dpo_rw", "exo_rw"):
+        _write(m / "align" / "method" / f"{method}.json", {"runs": {f"s{j}": _align_run(1.0 + 0.1 * j) for j in range(3)},
+                                                           "sft": {}})
+    _write(m / "align/reward.json", {"convergence": _conv(False)})
+    found = {c.comparison: c for c in all_claims(m, Verdicts(collect(m)), None)}
+    bon = found["best_of_n − dpo_rw: mean oracle r* over the common KL range"]
+    # on the grid inside [0, 1.835]: BoN reward 3·KL vs dpo_rw ≈ (1..1.2)·KL, so BoN is clearly higher;
+    # SE² = var(dpo seeds)/3 + 0.1² (BoN's SE over prompts)
+    assert bon.effect.n == 3 and bon.effect.value > 0 and bon.effect.se > 0.1
+    assert bon.failing == ("reward/reward",) and bon.verdict == "inconclusive: not converged"
+
+
+def test_ebm_eval_imports_only_its_figure_module():
+    code = ("import sys; from beyondlm.report import plot_quality_vs_m; "
+            "print(sorted(m for m in sys.modules if m.startswith('beyondlm.report')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['beyondlm.report', 'beyondlm.report.common', 'beyondlm.report.ebm_plot']"
 
 
 def test_vq_and_knnlm_sections(tmp_path):

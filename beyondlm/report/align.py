@@ -1,0 +1,189 @@
+"""Report section of alignment: reward model, the reward–KL frontier, final metrics, equal-KL
+comparisons, and the claims (EXO vs DPO, RLOO and best-of-N against both).
+
+A seed whose KL ran away (``beyondlm.align.analysis.diverged_seeds``) is drawn apart, listed, and
+left out of every mean and comparison. Comparisons involving a run that did not converge (a
+method's kept seeds; the reward model for the methods that use it) read "inconclusive: not
+converged".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from beyondlm.align.analysis import compare_at_equal_kl, diverged_seeds, frontier, seed_means_at_equal_kl, without
+from beyondlm.report.claims import Claim, Effect, welch
+from beyondlm.report.common import image, load_json_dir, mean_std, read_json, save_fig
+from beyondlm.report.convergence import NOT_CONVERGED, Verdicts, collect
+
+ALIGN_COLUMNS = [("KL(π‖π_sft)", "kl", ".2f"), ("oracle r*", "oracle_reward", ".2f"), ("RM reward", "rm_reward", ".2f"),
+                 ("win vs SFT (oracle)", "win_vs_sft/oracle", ".3f"), ("win vs chosen (oracle)", "win_vs_chosen/oracle", ".3f"),
+                 ("win vs SFT (RM)", "win_vs_sft/rm", ".3f"), ("win vs chosen (RM)", "win_vs_chosen/rm", ".3f"),
+                 ("length", "length", ".1f")]
+USES_REWARD_MODEL = ("dpo_rw", "exo_rw", "rloo", "best_of_n")
+# (method, baseline, the claim): effect = mean oracle reward over the KL range both reach
+ALIGN_CLAIMS = [
+    ("exo_pref", "dpo_pref", "EXO-pref reaches higher oracle reward than DPO-pref at equal KL"),
+    ("exo_rw", "dpo_rw", "EXO-rw reaches higher oracle reward than DPO-rw at equal KL"),
+    ("rloo", "dpo_rw", "On-policy RLOO beats offline DPO-rw at equal KL"),
+    ("rloo", "exo_rw", "On-policy RLOO beats offline EXO-rw at equal KL"),
+    ("best_of_n", "dpo_rw", "Best-of-N's reward–KL frontier lies above DPO-rw's"),
+    ("best_of_n", "exo_rw", "Best-of-N's reward–KL frontier lies above EXO-rw's"),
+]
+
+
+def load_align(metrics: Path) -> dict[str, dict]:
+    return load_json_dir(metrics / "align" / "method")
+
+
+def split(results: dict[str, dict]) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """(results without their diverged seeds, {method: diverged seeds})."""
+    diverged = {m: diverged_seeds(r) for m, r in results.items()}
+    return {m: without(r, diverged[m]) for m, r in results.items()}, {m: d for m, d in diverged.items() if d}
+
+
+def _kl_scale(ax, kls: list[float]) -> None:
+    """Log KL axis; symlog (linear below 0.1 nats) when some KL is ≤ 0 (step 0, Monte Carlo noise)."""
+    if min(kls, default=1.0) > 0:
+        ax.set_xscale("log")
+    else:
+        ax.set_xscale("symlog", linthresh=0.1)
+
+
+def plot_frontier(results: dict[str, dict], bon: dict | None, out: Path) -> Path | None:
+    """Oracle reward against KL(π‖π_sft) along training, mean ± std over the kept seeds per method;
+    each diverged seed drawn apart (crosses, dotted) and named in the legend."""
+    if not results:
+        return None
+    kept, diverged = split(results)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    kls = []
+    for method, res in kept.items():
+        rows = frontier(res) if res["runs"] else []
+        if rows and rows[0].get("oracle_reward") is not None:
+            kls += [r["kl"] for r in rows]
+            line = ax.errorbar([r["kl"] for r in rows], [r["oracle_reward"] for r in rows],
+                               xerr=[r["kl_std"] for r in rows], yerr=[r["oracle_reward_std"] for r in rows],
+                               marker="o", ms=3, capsize=2, label=f"{method} (n={len(res['runs'])})")
+            for seed in diverged.get(method, []):
+                ev = [e for e in results[method]["runs"][seed]["evals"] if e.get("oracle_reward") is not None]
+                kls += [e["kl"] for e in ev]
+                ax.plot([e["kl"] for e in ev], [e["oracle_reward"] for e in ev], ls=":", marker="x",
+                        color=line[0].get_color(), label=f"{method} {seed}: diverged, excluded")
+    if bon and bon["rows"][0].get("oracle_reward") is not None:
+        kls += [r["kl"] for r in bon["rows"]]
+        ax.plot([r["kl"] for r in bon["rows"]], [r["oracle_reward"] for r in bon["rows"]], "k--", marker="s", ms=3,
+                label="best-of-N (analytic KL)")
+    if not kls:
+        plt.close(fig)
+        return None
+    _kl_scale(ax, kls)
+    ax.set(xlabel="KL(π_θ‖π_sft), nats/sequence (log scale)", ylabel="oracle reward r* (held-out prompts)")
+    ax.legend(fontsize=7)
+    return save_fig(fig, out)
+
+
+def involved(method: str, seeds, verdicts: Verdicts) -> list[str]:
+    """Runs of ``method`` (kept seeds) and the reward model where the method uses it, not converged."""
+    runs = [] if method == "best_of_n" else verdicts.failing("align", [f"{method}-{s}" for s in seeds])
+    return runs + (verdicts.failing("reward", ["reward"]) if method in USES_REWARD_MODEL else [])
+
+
+def _final_table(results, kept, diverged, bon) -> list[str]:
+    out = ["Final checkpoint of each method, mean ± std over its kept seeds, on held-out prompts (one pure sample "
+           "per prompt; win rates count ties as ½; 'chosen' = the oracle's pick of two SFT samples).", "",
+           "| method | seeds | " + " | ".join(c for c, _, _ in ALIGN_COLUMNS) + " |",
+           "|---|---|" + "---|" * len(ALIGN_COLUMNS)]
+    sft = next((r["sft"] for r in results.values() if r.get("sft")), None)
+    if sft:
+        out.append("| SFT (step 0) | – | " + " | ".join(mean_std([sft.get(k)], f) for _, k, f in ALIGN_COLUMNS) + " |")
+    for method, res in kept.items():
+        finals = [run["evals"][-1] for run in res["runs"].values() if run.get("evals")]
+        n = f"{len(finals)}" + (f" (+{len(diverged[method])} diverged)" if method in diverged else "")
+        out.append(f"| {method} | {n} | " + " | ".join(mean_std([e.get(k) for e in finals], f)
+                                                        for _, k, f in ALIGN_COLUMNS) + " |")
+    for row in (bon or {}).get("rows", []):
+        out.append(f"| best-of-{row['N']} | – | " + " | ".join(mean_std([row.get(k)], f) for _, k, f in ALIGN_COLUMNS)
+                   + " |")
+    return out + [""]
+
+
+def _equal_kl(exo: str, dpo: str, kept: dict, verdicts: Verdicts) -> list[str]:
+    rows = compare_at_equal_kl(kept[exo], kept[dpo])
+    if not rows:
+        return [f"{exo} vs {dpo}: their KL ranges do not overlap; no equal-KL comparison.", ""]
+    failing = list(dict.fromkeys(involved(exo, kept[exo]["runs"], verdicts) + involved(dpo, kept[dpo]["runs"], verdicts)))
+    if failing:
+        summary = f"{NOT_CONVERGED} ({', '.join(failing)})"
+    else:
+        wins = sum(r["diff"] > 2 * r["diff_se"] for r in rows)
+        losses = sum(r["diff"] < -2 * r["diff_se"] for r in rows)
+        summary = f"{exo} higher by more than 2 SE at {wins} of {len(rows)} KL values, lower at {losses}"
+    return [f"**{exo} vs {dpo} at equal KL** (each seed's frontier interpolated; difference of seed means ± SE): "
+            f"{summary}.", "", "| KL | " + exo + " | " + dpo + " | difference |", "|---|---|---|---|",
+            *(f"| {r['kl']:.2f} | {r['a']:.2f} | {r['b']:.2f} | {r['diff']:+.2f} ± {r['diff_se']:.2f} |" for r in rows),
+            ""]
+
+
+def align_section(metrics: Path, reports: Path, verdicts: Verdicts | None = None) -> list[str]:
+    """Reward model quality, the frontier figure, final metrics per method, EXO vs DPO at equal KL."""
+    if not (results := load_align(metrics)):
+        return []
+    verdicts = verdicts or Verdicts(collect(metrics))
+    kept, diverged = split(results)
+    out = ["## Alignment: DPO, EXO, RLOO and best-of-N (oracle reward vs KL)", ""]
+    if (rm := read_json(metrics / "align" / "reward.json")) and "valid_accuracy" in rm:
+        corr = (f"; Pearson {rm['oracle_pearson']:.3f}, Spearman {rm['oracle_spearman']:.3f} with the oracle r* over "
+                "all SFT samples" if "oracle_pearson" in rm else "")
+        out += [f"Reward model: held-out pair accuracy {rm['valid_accuracy']:.3f} ({rm['n_valid_pairs']} pairs; "
+                f"train {rm['train_accuracy']:.3f}){corr}.", ""]
+    if diverged:
+        listed = "; ".join(f"{m}: {', '.join(s)}" for m, s in diverged.items())
+        out += [f"**Diverged seeds** (final KL above 10× the median of the method's other seeds), drawn apart and "
+                f"excluded from means and comparisons: {listed}.", ""]
+    bon = read_json(metrics / "align" / "best_of_n.json")
+    out += image("reward vs KL", plot_frontier(results, bon, reports / "plots" / "report" / "align_frontier.png"),
+                 reports)
+    out += _final_table(results, kept, diverged, bon)
+    for exo, dpo in (("exo_pref", "dpo_pref"), ("exo_rw", "dpo_rw")):
+        if exo in kept and dpo in kept:
+            out += _equal_kl(exo, dpo, kept, verdicts)
+    return out
+
+
+def _as_result(bon: dict) -> dict:
+    """Best-of-N's rows as a one-run result (``seed_points`` reads ``runs.*.evals``)."""
+    return {"runs": {"bon": {"evals": bon["rows"]}}}
+
+
+def _bon_var(bon: dict, grid: np.ndarray) -> float:
+    """Variance of best-of-N's mean reward over ``grid``, from its SE over prompts (taken as fully
+    correlated along the curve: the mean of the interpolated SEs, squared; nan without SEs)."""
+    kl = np.array([r["kl"] for r in bon["rows"]], float)
+    se = np.array([r.get("oracle_reward_se", np.nan) for r in bon["rows"]], float)
+    return float(np.interp(grid, kl, se).mean() ** 2)
+
+
+def _claim(a: str, b: str, claim: str, kept: dict, diverged: dict, bon: dict | None, verdicts: Verdicts) -> Claim:
+    res_a = _as_result(bon) if a == "best_of_n" else kept[a]
+    means = seed_means_at_equal_kl(res_a, kept[b])
+    note = "".join(f"; {m} {', '.join(diverged[m])} diverged, excluded" for m in (a, b) if m in diverged)
+    if means is None:
+        effect = Effect(None, None, 0, "KL ranges do not overlap" + note)
+    elif a == "best_of_n":
+        effect = welch(means[0], means[1], var_a=_bon_var(bon, means[2]),
+                       basis=f"best-of-N's SE over prompts + {len(means[1])} seeds" + note)
+    else:
+        effect = welch(means[0], means[1], basis=f"Welch over {len(means[0])} + {len(means[1])} seeds" + note)
+    failing = dict.fromkeys(involved(a, res_a["runs"], verdicts) + involved(b, kept[b]["runs"], verdicts))
+    return Claim(claim, f"{a} − {b}: mean oracle r* over the common KL range", effect, +1, tuple(failing))
+
+
+def claims(metrics: Path, verdicts: Verdicts) -> list[Claim]:
+    kept, diverged = split(load_align(metrics))
+    bon = read_json(metrics / "align" / "best_of_n.json")
+    have = set(kept) | ({"best_of_n"} if bon and bon.get("rows") else set())
+    return [_claim(a, b, c, kept, diverged, bon, verdicts) for a, b, c in ALIGN_CLAIMS if a in have and b in have]

@@ -1,0 +1,76 @@
+"""Shared helpers of the report sections: reading metrics files, formatting, saving figures."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from beyondlm.io import atomic_path  # noqa: E402
+
+RUN = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
+
+
+def get(d: dict | None, dotted: str) -> Any:
+    """``d["a"]["b"]`` for ``"a.b"``; None where any part is missing."""
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def read_json(path: Path) -> dict | None:
+    """The parsed file, or None when it does not exist (a stage that has not run)."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_json_dir(directory: Path) -> dict[str, dict]:
+    """``{stem: parsed}`` of every ``*.json`` in ``directory`` (sorted; empty when absent)."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+
+
+def load_runs(directory: Path) -> dict[str, dict[int, dict]]:
+    """``{variant: {seed: metrics}}`` from ``<directory>/<variant>-s<seed>.json``."""
+    runs: dict[str, dict[int, dict]] = defaultdict(dict)
+    for path in sorted(directory.glob("*.json")):
+        if m := RUN.match(path.stem):
+            runs[m["variant"]][int(m["seed"])] = json.loads(path.read_text())
+    return dict(runs)
+
+
+def mean_std(values: list, fmt: str) -> str:
+    """``mean ± std`` (ddof=1) of the non-None values; one value alone; "–" for none."""
+    if fmt == "s":  # a label: the same for every seed
+        return str(next((v for v in values if v is not None), "–"))
+    vals = np.array([v for v in values if v is not None], dtype=float)
+    if vals.size == 0:
+        return "–"
+    if vals.size == 1:
+        return f"{vals[0]:{fmt}}"
+    return f"{vals.mean():{fmt}} ± {vals.std(ddof=1):{fmt}}"
+
+
+def fmt(x, spec: str) -> str:
+    return "–" if x is None else f"{x:{spec}}"
+
+
+def save_fig(fig, out: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+def image(title: str, png: Path | None, reports: Path) -> list[str]:
+    """Markdown lines showing ``png`` (relative to the report), or nothing when there is none."""
+    return [] if png is None else [f"![{title}]({png.relative_to(reports).as_posix()})", ""]

@@ -1,0 +1,88 @@
+"""Convergence verdicts of every trained run, read from the stages' metrics files.
+
+Contract (``beyondlm.convergence``): a per-training dict ``convergence`` = {converged,
+rel_improvement, tol, window, best_step, best_valid_loss, final_valid_loss, n_evals} at
+- ``sft/<variant>-s<seed>.json`` and ``bigram/<variant>-s<seed>.json``: top level;
+- ``align/reward.json``: top level;
+- ``align/method/<method>.json``: ``runs.s<seed>.convergence``;
+- ``vq.json``: ``convergence.posterior`` and ``convergence.prior``.
+A missing dict (a file written before verdicts existed) counts as not converged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from beyondlm.report.common import fmt, load_runs, read_json
+
+NOT_CONVERGED = "inconclusive: not converged"
+
+
+@dataclass(frozen=True)
+class RunVerdict:
+    stage: str
+    run: str
+    verdict: dict | None  # the contract's dict; None = no verdict recorded
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.verdict and self.verdict.get("converged"))
+
+
+def _matrix(metrics: Path, stage: str) -> list[RunVerdict]:
+    return [RunVerdict(stage, f"{variant}-s{seed}", m.get("convergence"))
+            for variant, seeds in load_runs(metrics / stage).items() for seed, m in sorted(seeds.items())]
+
+
+def collect(metrics: Path) -> list[RunVerdict]:
+    """Every run's verdict, in pipeline order (sft, bigram, reward, align, vq)."""
+    out = _matrix(metrics, "sft") + _matrix(metrics, "bigram")
+    if (rm := read_json(metrics / "align" / "reward.json")) is not None:
+        out.append(RunVerdict("reward", "reward", rm.get("convergence")))
+    for path in sorted((metrics / "align" / "method").glob("*.json")):
+        res = read_json(path)
+        out += [RunVerdict("align", f"{path.stem}-{seed}", run.get("convergence"))
+                for seed, run in res.get("runs", {}).items()]
+    if (vq := read_json(metrics / "vq.json")) is not None:
+        conv = vq.get("convergence") or {}
+        out += [RunVerdict("vq", part, conv.get(part)) for part in ("posterior", "prior")]
+    return out
+
+
+class Verdicts:
+    """Look-up of run verdicts: ``ok(stage, runs)`` and which of them did not converge."""
+
+    def __init__(self, rows: list[RunVerdict]):
+        self._by = {(r.stage, r.run): r for r in rows}
+
+    def failing(self, stage: str, runs: list[str]) -> list[str]:
+        """``stage/run`` names among ``runs`` without a true verdict (missing runs included)."""
+        return [f"{stage}/{run}" for run in runs
+                if not (r := self._by.get((stage, run))) or not r.converged]
+
+
+def table(rows: list[RunVerdict]) -> list[str]:
+    """Markdown lines: one row per run with its verdict, relative improvement and best step."""
+    if not rows:
+        return []
+    out = ["| stage | run | converged | rel. improvement (last quarter) | best step | best / final held-out loss |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        v = r.verdict or {}
+        conv = "yes" if r.converged else ("no" if r.verdict else "no (no verdict recorded)")
+        losses = f"{fmt(v.get('best_valid_loss'), '.4f')} / {fmt(v.get('final_valid_loss'), '.4f')}"
+        out.append(f"| {r.stage} | {r.run} | {conv} | {fmt(v.get('rel_improvement'), '.2%')} | "
+                   f"{fmt(v.get('best_step'), 'd')} | {losses} |")
+    return out
+
+
+def section(rows: list[RunVerdict]) -> list[str]:
+    if not rows:
+        return []
+    n_ok = sum(r.converged for r in rows)
+    return ["## Convergence", "",
+            f"A run has converged when its held-out loss improved by less than its tolerance (relative) over the "
+            f"last quarter of training (`beyondlm/convergence.py`); the best checkpoint by held-out loss is kept. "
+            f"{n_ok} of {len(rows)} runs converged. Any comparison built on a run that did not converge reads "
+            f"\"{NOT_CONVERGED}\" instead of a verdict.", "", *table(rows), ""]
