@@ -3,7 +3,7 @@
 Contract (``beyondlm.convergence``): a per-training dict ``convergence`` = {converged,
 rel_improvement, tol, window, best_step, best_valid_loss, final_valid_loss, n_evals} at
 - ``sft/<variant>-s<seed>.json`` and ``bigram/<variant>-s<seed>.json``: top level;
-- ``align/reward.json``: top level;
+- ``align/reward.json`` (where dvc.yaml writes it; ``reward.json`` also read): top level;
 - ``align/method/<method>.json``: ``runs.s<seed>.convergence``;
 - ``vq.json``: ``convergence.posterior`` and ``convergence.prior``.
 A missing dict (a file written before verdicts existed) counts as not converged.
@@ -38,7 +38,8 @@ def _matrix(metrics: Path, stage: str) -> list[RunVerdict]:
 def collect(metrics: Path) -> list[RunVerdict]:
     """Every run's verdict, in pipeline order (sft, bigram, reward, align, vq)."""
     out = _matrix(metrics, "sft") + _matrix(metrics, "bigram")
-    if (rm := read_json(metrics / "align" / "reward.json")) is not None:
+    rm = read_json(metrics / "align" / "reward.json") or read_json(metrics / "reward.json")
+    if rm is not None:
         out.append(RunVerdict("reward", "reward", rm.get("convergence")))
     for path in sorted((metrics / "align" / "method").glob("*.json")):
         res = read_json(path)
