@@ -29,9 +29,9 @@ from beyondlm.logprobs import pad_batch, sequence_logps
 from beyondlm.metrics import forward_kl
 from beyondlm.models import build_model, count_parameters
 from beyondlm.sft import make_loss_fn
-from beyondlm.training import train_loop
+from beyondlm.training import heldout_loss, target_tokens, train_loop
 
-TRAIN_KEYS = ("max_steps", "batch_size", "lr", "warmup_steps", "log_every")
+TRAIN_KEYS = ("max_steps", "batch_size", "lr", "warmup_steps", "log_every", "eval_every", "converge_tol")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ class BigramConfig:
     lr: float = 3e-3
     warmup_steps: int = 30
     log_every: int = 10
+    eval_every: int = 0  # held-out evaluations (0 = max_steps // 10) on n_test fresh gold samples
+    converge_tol: float = 0.01
 
     def __post_init__(self) -> None:
         for key, lo in (("n_train", 1), ("n_test", 2)):
@@ -88,18 +90,20 @@ def bigram_config(raw: Mapping[str, Any]) -> BigramConfig:
     return load_section(BigramConfig, raw, "bigram")
 
 
-def gold_data(spec: BigramSpec, n_train: int, n_test: int) -> tuple[BigramLM, list, list]:
-    """The gold LM and its train/test samples (no BOS), seeded by the language seed only."""
+def gold_data(spec: BigramSpec, n_train: int, n_test: int) -> tuple[BigramLM, list, list, list]:
+    """The gold LM and its train/valid/test samples (no BOS; valid has ``n_test`` texts), seeded
+    by the language seed only."""
     lm = BigramLM.build(spec)
     train = lm.sample(n_train, np.random.default_rng([spec.seed, 0]))
     test = lm.sample(n_test, np.random.default_rng([spec.seed, 1]))
-    return lm, train, test
+    valid = lm.sample(n_test, np.random.default_rng([spec.seed, 2]))
+    return lm, train, valid, test
 
 
 def run_bigram(cfg: BigramConfig, variant: str, objective: str, hyperparams: Mapping[str, float],
                seed: int) -> dict:
     """Train on gold samples with one objective; return the metrics for the stage's JSON."""
-    lm, train, test = gold_data(cfg.language, cfg.n_train, cfg.n_test)
+    lm, train, valid, test = gold_data(cfg.language, cfg.n_train, cfg.n_test)
     tok = word_tokenizer(lm.vocab)
     sft = SFTConfig(variant=variant, objective=objective, hyperparams=dict(hyperparams),
                     model=cfg.model.to_model_config(), train=cfg.train_config(seed))
@@ -111,8 +115,11 @@ def run_bigram(cfg: BigramConfig, variant: str, objective: str, hyperparams: Map
         ids, mask = pad_batch(rows, tok.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask}
 
-    model, result = train_loop(model, [[bos, *x] for x in train], make_loss_fn(sft), sft.train,
-                               collate=collate, desc=f"bigram {variant} s{seed}")
+    train_ids, loss_fn = [[bos, *x] for x in train], make_loss_fn(sft)
+    model, result = train_loop(model, train_ids, loss_fn, sft.train, collate=collate,
+                               units=target_tokens(train_ids),
+                               validate=heldout_loss(loss_fn, [[bos, *x] for x in valid], collate),
+                               desc=f"bigram {variant} s{seed}")
     model.eval()
     emp, unseen = empirical_rows(lm, [[bos, *x] for x in train])
     return {
@@ -120,6 +127,8 @@ def run_bigram(cfg: BigramConfig, variant: str, objective: str, hyperparams: Map
         "hyperparams": dict(hyperparams),
         "seed": seed,
         "n_params": count_parameters(model),
+        "converged": result.convergence["converged"],
+        "convergence": result.convergence,
         "train": asdict(result),
         "transition": transition_metrics(model, lm, batch_size=256),
         "test": _test_metrics(model, lm, test, pad_id=tok.pad_token_id),

@@ -38,7 +38,7 @@ from beyondlm.objectives.preference import PREFERENCE_LOSSES, resolve_preference
 from beyondlm.reward import Pair, RewardModelConfig, pair_accuracy, pair_collate as rm_pair_collate
 from beyondlm.reward import build_reward_model, reward_loss_fn, score
 from beyondlm.sampling import SamplingConfig
-from beyondlm.training import train_loop
+from beyondlm.training import heldout_loss, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +257,14 @@ def run_reward(cfg: RewardConfig, pairs_path: Path, samples: Path, tokenizer, *,
     torch.manual_seed(cfg.train.seed)
     model = build_reward_model(cfg.model, tokenizer)
     pad = model.config.pad_token_id
-    model, result = train_loop(model, train, reward_loss_fn, cfg.train, collate=rm_pair_collate(pad),
-                               live_dir=live_dir, desc="reward")
+    collate = rm_pair_collate(pad)
+    model, result = train_loop(model, train, reward_loss_fn, cfg.train, collate=collate, live_dir=live_dir,
+                               validate=heldout_loss(reward_loss_fn, valid, collate) if valid else None,
+                               desc="reward")
     model.eval()
-    metrics = {"train": asdict(result), "n_train_pairs": len(train), "n_valid_pairs": len(valid),
+    metrics = {"converged": bool(result.convergence and result.convergence["converged"]),
+               "convergence": result.convergence,
+               "train": asdict(result), "n_train_pairs": len(train), "n_valid_pairs": len(valid),
                "train_accuracy": pair_accuracy(model, [p.chosen for p in train[:2000]],
                                                [p.rejected for p in train[:2000]], pad_id=pad),
                "valid_accuracy": pair_accuracy(model, [p.chosen for p in valid], [p.rejected for p in valid],
@@ -283,17 +287,22 @@ def judges_for(sft, reward_model, tokenizer, language, batch_size: int) -> Judge
                   tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size)
 
 
-def _training_data(method: str, samples: Path, pairs: Path, reward_model, tokenizer):
+def _training_data(method: str, samples: Path, pairs: Path, reward_model, tokenizer) -> tuple[list, list]:
+    """(train, valid) examples of ``method``: prompts (RLOO; no held-out loss), pairs split as the
+    preferences stage split them, or scored groups split by the same held-out prompts."""
     if method == "rloo":
-        return [list(p) for p in load_table(samples)["prompt_ids"]]
+        return [list(p) for p in load_table(samples)["prompt_ids"]], []
     if PREFERENCE_LOSSES[method].kind == "pair":
-        return load_pairs(pairs, "train")
+        return load_pairs(pairs, "train"), load_pairs(pairs, "valid")
     t = load_table(samples)
     K = len(t["completions"][0])
     seqs = [list(p) + c for p, g in zip(t["prompt_ids"], t["completions"]) for c in g]
     rm = score(reward_model, seqs, pad_id=tokenizer.pad_token_id).reshape(-1, K)
-    return [Group(list(p), g, list(ref), r.tolist())
-            for p, g, ref, r in zip(t["prompt_ids"], t["completions"], t["ref_logps"], rm)]
+    held_out = {tuple(p.prompt_ids) for p in load_pairs(pairs, "valid")}
+    groups = [Group(list(p), g, list(ref), r.tolist())
+              for p, g, ref, r in zip(t["prompt_ids"], t["completions"], t["ref_logps"], rm)]
+    return ([g for g in groups if tuple(g.prompt_ids) not in held_out],
+            [g for g in groups if tuple(g.prompt_ids) in held_out])
 
 
 EVALS = "evals.json"
@@ -324,18 +333,18 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
     judges = judges_for(sft, reward_model, tokenizer, language, cfg.eval.batch_size)
     pure = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size)
     ref_set = ReferenceSet.draw(judges, test_prompts[: cfg.eval.n_prompts], pure, seed=cfg.eval.seed + 7919)
-    data = _training_data(method, samples, pairs, reward_model, tokenizer)
+    data, valid = _training_data(method, samples, pairs, reward_model, tokenizer)
     base = evaluate_policy(sft, judges, ref_set, pure, seed=cfg.eval.seed)
     hyper = cfg.loss(method) if method != "rloo" else asdict(cfg.rloo)
     per_seed = {}
     for seed in cfg.seeds:
-        train_cfg = replace(cfg.train, seed=seed)
+        train_cfg = replace(cfg.train, seed=seed, eval_every=min(cfg.eval_every, cfg.train.max_steps))
         torch.manual_seed(seed)
         policy = load_model(sft_dir)
         stats: dict = {}
         if method == "rloo":
-            train_cfg = replace(train_cfg, batch_size=cfg.rloo.batch_size, lr=cfg.rloo.lr,
-                                max_steps=cfg.rloo.max_steps, group_by_length=False)
+            train_cfg = replace(train_cfg, batch_size=cfg.rloo.batch_size, lr=cfg.rloo.lr, group_by_length=False,
+                                max_steps=cfg.rloo.max_steps, eval_every=min(cfg.eval_every, cfg.rloo.max_steps))
             rollout = replace(pure, batch_size=cfg.rloo.batch_size * cfg.rloo.K)
             loss_fn = rloo_loss_fn(sft, reward_model, K=cfg.rloo.K, beta=cfg.rloo.beta, sampling=rollout,
                                    eos_id=tokenizer.eos_token_id, pad_id=pad, seed=seed, stats=stats)
@@ -347,28 +356,42 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
         fingerprint = {"method": method, "hyper": hyper, "train": asdict(train_cfg),
                        "eval_every": cfg.eval_every, "n": len(data)}
         evals = [{"step": 0, **base}] + _resumed_evals(seed_ckpt, fingerprint)
-
-        def on_step(step: int, policy=policy, evals=evals, ckpt=seed_ckpt, fingerprint=fingerprint) -> None:
-            if step % cfg.eval_every == 0 and all(e["step"] != step for e in evals):
-                evals.append({"step": step, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)})
-                policy.train()
-                write_json(ckpt / EVALS, {"fingerprint": fingerprint, "evals": evals[1:]})
-
-        policy, result = train_loop(policy, data, loss_fn, train_cfg, collate=collate, ckpt_dir=seed_ckpt,
-                                    fingerprint=fingerprint, desc=f"align {method} s{seed}", on_step=on_step)
+        validate = _validation(method, cfg, loss_fn, valid, collate, evals, judges, ref_set, pure,
+                               seed_ckpt, fingerprint)
+        policy, result = train_loop(policy, data, loss_fn, train_cfg, collate=collate, validate=validate,
+                                    ckpt_dir=seed_ckpt, fingerprint=fingerprint, desc=f"align {method} s{seed}")
         (seed_ckpt / EVALS).unlink(missing_ok=True)  # finished: nothing left to resume
-        policy.eval()
-        if all(e["step"] != result.steps for e in evals):
-            evals.append({"step": result.steps, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)})
-        save_model(policy, tokenizer, out_dir / f"s{seed}")
-        per_seed[f"s{seed}"] = {"train": asdict(result), "evals": sorted(evals, key=lambda e: e["step"]),
+        save_model(policy.eval(), tokenizer, out_dir / f"s{seed}")
+        per_seed[f"s{seed}"] = {"converged": result.convergence["converged"], "convergence": result.convergence,
+                                "train": asdict(result), "evals": sorted(evals, key=lambda e: e["step"]),
                                 **({"rollout": {k: float(np.mean(v[-5:])) for k, v in stats.items()}} if stats else {})}
-    finals = [s["evals"][-1] for s in per_seed.values()]
+    # the saved policy of each seed is its best held-out checkpoint: summarise the evaluation there
+    finals = [next(e for e in run["evals"] if e["step"] == run["convergence"]["best_step"])
+              for run in per_seed.values()]
     keys = [k for k in finals[0] if not k.endswith("_se")]
     summary = {k: {"mean": float(np.mean([f[k] for f in finals])), "std": float(np.std([f[k] for f in finals], ddof=1))
                    if len(finals) > 1 else 0.0} for k in keys}
     return {"method": method, "hyperparams": hyper, "seeds": list(cfg.seeds), "sft": base,
+            "converged": all(run["converged"] for run in per_seed.values()),
             "final": summary, "runs": per_seed}
+
+
+def _validation(method, cfg: AlignConfig, loss_fn, valid, collate, evals, judges, ref_set, pure, ckpt, fingerprint):
+    """``validate(policy, step)`` for the loop: evaluates the policy on the held-out prompts
+    (appended to ``evals`` and saved for resuming) and returns the held-out objective: the
+    method's loss on held-out pairs or groups, or for RLOO (no offline data) −(RM reward − β·KL)
+    of its own samples."""
+    heldout = heldout_loss(loss_fn, valid, collate) if valid else None
+
+    def validate(policy, step: int) -> float:
+        e = next((e for e in evals if e["step"] == step), None)  # step 0, or evaluated before a crash
+        if e is None:
+            e = {"step": step, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)}
+            evals.append(e)
+            write_json(ckpt / EVALS, {"fingerprint": fingerprint, "evals": evals[1:]})
+        return heldout(policy, step) if heldout is not None else -(e["rm_reward"] - cfg.rloo.beta * e["kl"])
+
+    return validate
 
 
 def run_best_of_n(cfg: BestOfNConfig, sft, reward_model, tokenizer, language, test_prompts, *,

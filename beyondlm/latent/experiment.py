@@ -45,7 +45,7 @@ from beyondlm.logprobs import lm_targets, pad_batch, sequence_logps, token_logps
 from beyondlm.metrics import perplexity, sample_metrics
 from beyondlm.models import count_parameters, load_model
 from beyondlm.sampling import SamplingConfig, sample
-from beyondlm.training import train_loop
+from beyondlm.training import heldout_loss, target_tokens, train_loop
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class VQConfig:
     max_steps: int = 150
     warmup_steps: int = 20
     log_every: int = 10
+    eval_every: int = 0  # held-out evaluations of both trainings (0 = a tenth of each run)
+    converge_tol: float = 0.01
     n_samples: int = 256  # prior → decoder samples (and as many from the baseline)
     eval_batch_size: int = 256
     max_test: int = 0  # 0 = the whole test split
@@ -72,14 +74,15 @@ class VQConfig:
         self.train_config(), self.prior_train_config()  # ranges, named vq.<key> / vq.prior.<key>
 
     def train_config(self) -> TrainConfig:
-        keys = ("lr", "batch_size", "max_steps", "warmup_steps", "log_every", "seed")
+        keys = ("lr", "batch_size", "max_steps", "warmup_steps", "log_every", "eval_every", "converge_tol", "seed")
         return load_section(TrainConfig, {**{k: getattr(self, k) for k in keys}, "ckpt_every": 0}, "vq")
 
     def prior_train_config(self) -> TrainConfig:
         p = self.prior
         raw = {"lr": p.lr, "batch_size": p.batch_size, "max_steps": p.max_steps,
                "warmup_steps": p.warmup_steps, "log_every": self.log_every, "ckpt_every": 0,
-               "seed": self.seed}
+               "converge_tol": self.converge_tol, "seed": self.seed,
+               "eval_every": min(self.eval_every, p.max_steps)}
         return load_section(TrainConfig, raw, "vq.prior")
 
 
@@ -105,26 +108,33 @@ def prior_loss_fn(prior, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return -(token_logps(logits[:, :-1], labels) * mask).sum(), mask.sum()
 
 
-def train_plan_model(cfg: VQConfig, tokenizer, train: Sequence, *, max_len: int,
+def train_plan_model(cfg: VQConfig, tokenizer, train: Sequence, valid: Sequence, *, max_len: int,
                      live_dir: Path | None = None):
-    """Joint posterior + decoder training → (model in eval mode, LoopResult)."""
+    """Joint posterior + decoder training → (model in eval mode, LoopResult); the best weights by
+    the held-out loss on ``valid``."""
     torch.manual_seed(cfg.seed)
     model = LatentPlanLM(cfg.model, build_decoder(cfg.model, tokenizer, max_len), max_len)
-    model, result = train_loop(model, train, plan_loss_fn, cfg.train_config(),
-                               collate=_collate(tokenizer.pad_token_id), desc="vq posterior+decoder",
+    collate = _collate(tokenizer.pad_token_id)
+    model, result = train_loop(model, train, plan_loss_fn, cfg.train_config(), collate=collate,
+                               units=target_tokens(train), validate=heldout_loss(plan_loss_fn, valid, collate),
+                               desc="vq posterior+decoder",
                                live_dir=live_dir / "posterior" if live_dir else None,
                                on_step=lambda step: model.set_step(step))
     return model.eval(), result
 
 
-def train_prior(cfg: VQConfig, tokenizer, plans: Sequence[Sequence[int]], *, max_codes: int,
-                live_dir: Path | None = None):
-    """The AR prior on the training texts' argmax codes → (prior in eval mode, LoopResult)."""
+def train_prior(cfg: VQConfig, tokenizer, plans: Sequence[Sequence[int]], valid_plans: Sequence[Sequence[int]],
+                *, max_codes: int, live_dir: Path | None = None):
+    """The AR prior on the training texts' argmax codes → (prior in eval mode, LoopResult); the best
+    weights by the held-out NLL of the validation texts' codes."""
     k = cfg.model.n_codes
     torch.manual_seed(cfg.seed)
     prior = build_prior(cfg.prior, k, max_codes, tokenizer)
-    prior, result = train_loop(prior, [[k, *z, k] for z in plans], prior_loss_fn,
-                               cfg.prior_train_config(), collate=_collate(k), desc="vq prior",
+    seqs = [[k, *z, k] for z in plans]
+    prior, result = train_loop(prior, seqs, prior_loss_fn, cfg.prior_train_config(), collate=_collate(k),
+                               units=target_tokens(seqs),
+                               validate=heldout_loss(prior_loss_fn, [[k, *z, k] for z in valid_plans], _collate(k)),
+                               desc="vq prior",
                                live_dir=live_dir / "prior" if live_dir else None)
     return prior.eval(), result
 
@@ -264,16 +274,19 @@ def run_vq(cfg: VQConfig, data_dir: Path, *, max_len: int, out_dir: Path,
         raise ConfigError(f"a training text has {longest} tokens > prepare.max_len={max_len}: "
                           "the prepared data and params disagree; rerun prepare")
     baseline = load_baseline(cfg.baseline, tokenizer) if cfg.baseline else None  # fail early
-    model, loop = train_plan_model(cfg, tokenizer, train, max_len=max_len, live_dir=live_dir)
-    plans, _, _ = posterior_scores(model, train, pad_id=tokenizer.pad_token_id,
-                                   batch_size=cfg.eval_batch_size, with_logps=False)
+    valid = load_split(data_dir, "valid")["input_ids"]
+    model, loop = train_plan_model(cfg, tokenizer, train, valid, max_len=max_len, live_dir=live_dir)
+    plans, valid_plans = (posterior_scores(model, seqs, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
+                                           with_logps=False)[0] for seqs in (train, valid))
     max_codes = max_plan_length(max_len, cfg.model.n_down)
-    prior, prior_loop = train_prior(cfg, tokenizer, plans, max_codes=max_codes, live_dir=live_dir)
+    prior, prior_loop = train_prior(cfg, tokenizer, plans, valid_plans, max_codes=max_codes, live_dir=live_dir)
     save_latent(model, prior, tokenizer, out_dir)
     t_train = time.perf_counter()
     metrics = {"discretizer": cfg.model.discretizer, "n_codes": cfg.model.n_codes,
                "n_down": cfg.model.n_down, "max_codes": max_codes,
                "n_params": {"plan_model": count_parameters(model), "prior": count_parameters(prior)},
+               "converged": loop.convergence["converged"] and prior_loop.convergence["converged"],
+               "convergence": {"posterior": loop.convergence, "prior": prior_loop.convergence},
                "train": asdict(loop), "prior_train": asdict(prior_loop),
                "train_codebook": plan_usage(plans, cfg.model.n_codes)}
     if cfg.model.discretizer == "gumbel":
