@@ -1,10 +1,16 @@
 """Is a training run done? A verdict from its held-out curve, and the best point on it.
 
-A run has *converged* when its held-out loss improved by less than ``tol`` (relative) over the
-last ``window`` of training: with ``L_cut`` the best held-out loss seen at or before step
-``(1 − window)·last_step`` and ``L_best`` the best over the whole run,
+A run has *converged* when the last ``window`` of training brought less than ``tol`` of the
+held-out improvement the whole run made: with ``L_0`` the held-out loss at the first evaluation
+(step 0), ``L_cut`` the best seen at or before step ``(1 − window)·last_step`` and ``L_best`` the
+best over the whole run,
 
-    rel_improvement = (L_cut − L_best) / |L_cut|,    converged ⇔ rel_improvement < tol.
+    rel_improvement = (L_cut − L_best) / (L_0 − L_best),    converged ⇔ rel_improvement < tol.
+
+Relative to the improvement, not to the loss value: the objectives' scales differ (MixCE's and
+TaiLr's weighted losses move within a few hundredths of a nat, DPO's starts at log 2, RLOO's
+objective can be negative), and a loss that barely moves must not pass for a converged one. For
+an MLE run the two readings nearly agree (L_0 − L_best ≈ L_best at a uniform start).
 
 A loss that rises in the last window (over-fitting) counts as converged: the best checkpoint is
 kept, and it lies before the window. A curve with no evaluation on both sides of the cut cannot
@@ -47,7 +53,7 @@ def verdict(curve: Sequence[tuple[int, float]], *, tol: float = TOL, window: flo
     if not before or not after:
         return Verdict(False, None, tol, window, best_step, best, points[-1][1], len(points))
     l_cut = min(before)
-    rel = (l_cut - best) / max(abs(l_cut), 1e-12)
+    rel = (l_cut - best) / max(points[0][1] - best, 1e-12)  # 0 when the run never improved
     return Verdict(rel < tol, rel, tol, window, best_step, best, points[-1][1], len(points))
 
 

@@ -67,7 +67,7 @@ def table(rows: list[RunVerdict]) -> list[str]:
     """Markdown lines: one row per run with its verdict, relative improvement and best step."""
     if not rows:
         return []
-    out = ["| stage | run | converged | rel. improvement (last quarter) | best step | best / final held-out loss |",
+    out = ["| stage | run | converged | share of improvement in the last quarter | best step | best / final held-out loss |",
            "|---|---|---|---|---|---|"]
     for r in rows:
         v = r.verdict or {}
@@ -83,7 +83,8 @@ def section(rows: list[RunVerdict]) -> list[str]:
         return []
     n_ok = sum(r.converged for r in rows)
     return ["## Convergence", "",
-            f"A run has converged when its held-out loss improved by less than its tolerance (relative) over the "
-            f"last quarter of training (`beyondlm/convergence.py`); the best checkpoint by held-out loss is kept. "
+            f"A run has converged when the last quarter of training brought less than its tolerance (1% by "
+            f"default) of the held-out improvement the whole run made, (L_cut − L_best)/(L_0 − L_best) "
+            f"(`beyondlm/convergence.py`); the best checkpoint by held-out loss is kept. "
             f"{n_ok} of {len(rows)} runs converged. Any comparison built on a run that did not converge reads "
             f"\"{NOT_CONVERGED}\" instead of a verdict.", "", *table(rows), ""]
