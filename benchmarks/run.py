@@ -7,8 +7,9 @@ rate, exact vs IVF-PQ query throughput, recall, bytes per key and perplexity,
 ``benchmarks/knnlm.py``), ``reports/bench/align.json`` (per-step time of our DPO vs TRL's
 ``DPOTrainer``, and of EXO-rw vs DPO-rw, ``benchmarks/align.py``) and ``reports/bench/sft.json``:
 - SFT training throughput of our loop vs a plain ``transformers.Trainer`` on the same tiny model,
-  data, batch and schedule (median of ``--repeats`` interleaved runs, each in a fresh process),
-  their ratio, and each one's peak RSS;
+  data, batch and schedule (median of ``--repeats`` interleaved runs, each in a fresh process with
+  the same torch threads), their ratio, each pair's ratio, the real-token fraction of each side,
+  the load average around every run, and each one's peak RSS;
 - wall time of the default ``dvc repro`` from scratch in a temp copy of the repo, and of a
   second, no-op ``dvc repro`` (that run's metrics and report are kept in
   ``reports/bench/default_run/``).
@@ -44,20 +45,35 @@ def _env() -> dict[str, str]:
     return env
 
 
-def throughput(impl: str, steps: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.sft_throughput", "--impl", impl, "--steps", str(steps)],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, check=True).stdout
+def fresh(module: str, *args: str) -> dict:
+    """Run ``python -m module args`` in a fresh process; its last stdout line, parsed as JSON."""
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def sft_comparison(steps: int, repeats: int) -> dict:
+def throughput(impl: str, steps: int, threads: int) -> dict:
+    return fresh("benchmarks.sft_throughput", "--impl", impl, "--steps", str(steps), "--threads", str(threads))
+
+
+def sft_comparison(steps: int, repeats: int, threads: int) -> dict:
+    """Median tokens/s of our loop and Trainer over ``repeats`` interleaved pairs, each run in a fresh
+    process with the same torch threads; the ratio of medians and each pair's own ratio."""
     runs: dict[str, list[dict]] = {"ours": [], "trainer": []}
-    for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
-        for impl in runs:
-            runs[impl].append(throughput(impl, steps))
+    for r in range(repeats):  # interleaved (and alternating who goes first), so drifting load hits both alike
+        for impl in (("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")):
+            runs[impl].append(throughput(impl, steps, threads))
     summary = {impl: {"tokens_per_s": median(r["tokens_per_s"] for r in rs),
+                      "real_token_fraction": median(r["real_token_fraction"] for r in rs),
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "runs": rs} for impl, rs in runs.items()}
     summary["ratio_ours_over_trainer"] = summary["ours"]["tokens_per_s"] / summary["trainer"]["tokens_per_s"]
+    summary["pair_ratios"] = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(runs["ours"], runs["trainer"])]
+    summary["load_average_1min"] = {"min": min(x for rs in runs.values() for r in rs
+                                               for x in (r["load_average_before"][0], r["load_average_after"][0])),
+                                    "max": max(x for rs in runs.values() for r in rs
+                                               for x in (r["load_average_before"][0], r["load_average_after"][0]))}
+    summary["settings"] = {"steps": steps, "repeats": repeats, "threads": threads, "target_ratio": 1.5,
+                           "compile": "not used: 0.99-1.03x per step on this CPU model, plus compile time"}
     return summary
 
 
@@ -94,19 +110,22 @@ def machine_info() -> dict:
 
 
 def sft_bench(args, machine: dict) -> dict:
-    result = {"machine": machine, "sft": sft_comparison(args.steps, args.repeats)}
+    result = {"machine": machine, "sft": sft_comparison(args.steps, args.repeats, args.threads)}
     out = ROOT / "reports" / "bench" / "sft.json"
     if not args.skip_repro:
         result["pipeline"] = repro_timing()
     elif out.exists() and "pipeline" in (old := json.loads(out.read_text())):
         result["pipeline"] = {**old["pipeline"], "carried_over": "from an earlier run (--skip-repro)"}
     write_json(out, result)
-    return {k: v for k, v in result["sft"].items() if k != "runs"} | result.get("pipeline", {})
+    sft = result["sft"]
+    return {"ours_tokens_per_s": sft["ours"]["tokens_per_s"], "trainer_tokens_per_s": sft["trainer"]["tokens_per_s"],
+            **{k: v for k, v in sft.items() if k not in ("ours", "trainer")}} | result.get("pipeline", {})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=300, help="timed SFT steps per run (after 5 untimed)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads of every run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-repro", action="store_true", help="skip the (minutes-long) dvc repro timing")
     p.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), metavar="BENCH",
@@ -127,7 +146,7 @@ def main() -> None:
     if "sir" in args.only:
         from benchmarks.sir import sir_overhead
 
-        sir = sir_overhead(model_cfg)
+        sir = sir_overhead(args.repeats)
         write_json(ROOT / "reports" / "bench" / "sir.json", {"machine": machine, **sir})
         print(json.dumps(sir, indent=1))
     if "knnlm" in args.only:

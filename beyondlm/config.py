@@ -162,6 +162,10 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar lengths: far less padding (see BatchOrder)
     eval_every: int = 0  # steps between held-out evaluations (0 = max_steps // 10)
     converge_tol: float = 0.01  # converged: held-out loss improved < this (relative) in the last quarter
+    # Causal HF LMs on right-padded rows: train without the padding attention mask (a real token
+    # attends only to earlier, real tokens anyway, so the loss is unchanged; the kernel skips the
+    # 4-D mask). Checked on the first batch against the masked forward; off for anything else.
+    skip_pad_mask: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -235,3 +235,44 @@ def test_held_out_curve_keeps_the_best_weights_and_judges_convergence(tmp_path):
     assert calls == [0, 2, 4, 6, 8]  # the resumed run evaluated only what the crash left
     for k, v in _params(resumed).items():
         torch.testing.assert_close(v, _params(trained)[k], rtol=0, atol=0, msg=k)
+
+
+def test_grouped_steps_stay_whole_across_epochs():
+    """N % per_step ≠ 0: later epochs start mid-step. The sorted steps must still be whole steps
+    (not halves of two), so padding stays as low in epoch 3 as in epoch 1; epochs stay complete."""
+    rng = np.random.default_rng(0)
+    n, per_step = 1000, 64  # 15.625 steps an epoch
+    lengths = rng.integers(5, 60, size=n)
+    order = BatchOrder(n, per_step, 1, lengths=lengths, group=4)
+    positions = [i for s in range(48) for i in order.indices(s)]
+    for e in range(3):
+        assert sorted(positions[e * n : (e + 1) * n]) == list(range(n))
+
+    def real_fraction(steps):
+        batches = [order.indices(s) for s in steps]
+        return sum(lengths[b].sum() for b in batches) / sum(len(b) * lengths[b].max() for b in batches)
+
+    first, third = real_fraction(range(0, 15)), real_fraction(range(32, 46))
+    assert first > 0.75 and third > 0.95 * first, (first, third)
+
+
+def test_skip_pad_mask_keeps_every_per_token_loss():
+    """Right-padded rows through a causal LM without the attention mask: every real position's
+    per-token loss equals the masked forward's (pads are masked out of the loss either way)."""
+    from beyondlm.logprobs import lm_targets, token_logps
+    from beyondlm.training import CausalNoPadMask, _skip_pad_mask_ok, right_padded
+
+    examples, tok, model = _data(16)
+    model.eval()
+    ids, mask = pad_batch(examples, tok.pad_token_id)
+    assert not bool(mask.all())  # the batch is padded
+    labels, target = lm_targets(ids, mask)
+    with torch.no_grad():
+        masked = token_logps(model(input_ids=ids, attention_mask=mask).logits[:, :-1], labels)
+        unmasked = token_logps(CausalNoPadMask(model)(input_ids=ids, attention_mask=mask).logits[:, :-1], labels)
+    torch.testing.assert_close(unmasked[target], masked[target], rtol=1e-5, atol=1e-5)
+    sft = SFTConfig(variant="mle", objective="mle", hyperparams={}, model=None, train=TrainConfig())
+    assert _skip_pad_mask_ok(model, make_loss_fn(sft), {"input_ids": ids, "attention_mask": mask})
+    left = {"input_ids": ids.flip(1), "attention_mask": mask.flip(1)}  # left padding: the mask stays
+    assert CausalNoPadMask(model)(**left).logits.shape[:2] == ids.shape
+    assert right_padded(mask) and not right_padded(left["attention_mask"])
