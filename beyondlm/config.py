@@ -161,7 +161,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
     group_by_length: bool = True  # batches of similar lengths: far less padding (see BatchOrder)
     eval_every: int = 0  # steps between held-out evaluations (0 = max_steps // 10)
-    converge_tol: float = 0.01  # converged: held-out loss improved < this (relative) in the last quarter
+    converge_tol: float = 0.01  # converged: the last quarter brought < this share of the run's held-out improvement
     # Causal HF LMs on right-padded rows: train without the padding attention mask (a real token
     # attends only to earlier, real tokens anyway, so the loss is unchanged; the kernel skips the
     # 4-D mask). Checked on the first batch against the masked forward; off for anything else.
@@ -174,13 +174,13 @@ class TrainConfig:
             _check_range(key, getattr(self, key), 1, 10**9)
         _check_range("eval_every", self.eval_every, 0, self.max_steps)
         _check_range("converge_tol", self.converge_tol, 0.0, 1.0)
+        _check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
+        _check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
 
     @property
     def eval_interval(self) -> int:
         """Steps between held-out evaluations: ``eval_every``, or a tenth of the run."""
         return self.eval_every or max(1, self.max_steps // 10)
-        _check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
-        _check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
 
 
 @dataclass(frozen=True)
