@@ -356,7 +356,7 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
         fingerprint = {"method": method, "hyper": hyper, "train": asdict(train_cfg),
                        "eval_every": cfg.eval_every, "n": len(data)}
         evals = [{"step": 0, **base}] + _resumed_evals(seed_ckpt, fingerprint)
-        validate = _validation(method, cfg, loss_fn, valid, collate, evals, judges, ref_set, pure,
+        validate = _validation(cfg, loss_fn, valid, collate, evals, judges, ref_set, pure,
                                seed_ckpt, fingerprint)
         policy, result = train_loop(policy, data, loss_fn, train_cfg, collate=collate, validate=validate,
                                     ckpt_dir=seed_ckpt, fingerprint=fingerprint, desc=f"align {method} s{seed}")
@@ -376,7 +376,7 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
             "final": summary, "runs": per_seed}
 
 
-def _validation(method, cfg: AlignConfig, loss_fn, valid, collate, evals, judges, ref_set, pure, ckpt, fingerprint):
+def _validation(cfg: AlignConfig, loss_fn, valid, collate, evals, judges, ref_set, pure, ckpt, fingerprint):
     """``validate(policy, step)`` for the loop: evaluates the policy on the held-out prompts
     (appended to ``evals`` and saved for resuming) and returns the held-out objective: the
     method's loss on held-out pairs or groups, or for RLOO (no offline data) −(RM reward − β·KL)
