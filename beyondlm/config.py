@@ -352,6 +352,7 @@ def variant_objective(sft: Mapping[str, Any], variant: str) -> tuple[str, dict[s
         )
     entry = dict(entries[variant] or {})
     name = entry.pop("objective", variant)
+    entry.pop("train", None)  # sft's per-variant training overrides: variant_train_overrides
     try:
         _, hyperparams = resolve_objective(name, entry)
     except ValueError as err:
@@ -359,13 +360,29 @@ def variant_objective(sft: Mapping[str, Any], variant: str) -> tuple[str, dict[s
     return name, hyperparams
 
 
+def variant_train_overrides(sft: Mapping[str, Any], variant: str) -> dict[str, Any]:
+    """``sft.objectives.<variant>.train``: training keys this variant sets apart from ``sft``'s own
+    (e.g. a slower objective's step budget, so every variant trains to convergence)."""
+    train = ((sft.get("objectives") or {}).get(variant) or {}).get("train") or {}
+    if not isinstance(train, Mapping):
+        raise ConfigError(f"params.yaml: sft.objectives.{variant}.train must be a mapping of training keys, "
+                          f"got {train!r}")
+    unknown = sorted(set(train) - set(TRAIN_KEYS))
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key 'sft.objectives.{variant}.train.{unknown[0]}'. "
+                          f"Allowed: {', '.join(TRAIN_KEYS)}")
+    return dict(train)
+
+
 def sft_config(sft: Mapping[str, Any], variant: str, seed: int) -> SFTConfig:
     """The config of stage ``sft@<variant>-<seed>``: ``sft.objectives[variant]`` names the
-    objective and its hyperparameters; training keys sit directly under ``sft``."""
+    objective and its hyperparameters; training keys sit directly under ``sft``, and the entry's
+    optional ``train`` mapping overrides them for this variant."""
     unknown = sorted(set(sft) - set(SFT_KEYS))
     if unknown:
         raise ConfigError(f"params.yaml: unknown key 'sft.{unknown[0]}'. Allowed: {', '.join(SFT_KEYS)}")
     objective, hyperparams = variant_objective(sft, variant)
-    train = load_section(TrainConfig, {**{k: sft[k] for k in TRAIN_KEYS if k in sft}, "seed": seed}, "sft")
+    keys = {**{k: sft[k] for k in TRAIN_KEYS if k in sft}, **variant_train_overrides(sft, variant)}
+    train = load_section(TrainConfig, {**keys, "seed": seed}, "sft")
     model = load_section(ModelConfig, sft.get("model"), "sft.model")
     return SFTConfig(variant=variant, objective=objective, hyperparams=hyperparams, model=model, train=train)

@@ -67,6 +67,18 @@ def test_sft_config_errors():
         sft_config({**base, "model": {"n_embd": 30, "n_head": 4}}, "mle", 0)
 
 
+def test_variant_train_overrides_apply_to_that_variant_only():
+    sft = {"objectives": {"mle": {}, "t": {"objective": "tailr", "gamma": 1.0, "train": {"max_steps": 900}}},
+           "max_steps": 300, "lr": 1e-3}
+    slow, mle = sft_config(sft, "t", 1), sft_config(sft, "mle", 1)
+    assert (slow.train.max_steps, slow.train.lr, slow.hyperparams["gamma"]) == (900, 1e-3, 1.0)
+    assert mle.train.max_steps == 300
+    with pytest.raises(ConfigError, match=r"sft.objectives.t.train.max_step\b.*Allowed"):
+        sft_config({"objectives": {"t": {"objective": "tailr", "train": {"max_step": 9}}}}, "t", 0)
+    with pytest.raises(ConfigError, match="sft.objectives.t.train must be a mapping"):
+        sft_config({"objectives": {"t": {"objective": "tailr", "train": 9}}}, "t", 0)
+
+
 def test_params_parse_as_yaml_1_2_like_dvc(tmp_path):
     # `dvc exp run -S` writes unquoted `no`; YAML 1.1 would turn it into False, 1.2 keeps "no".
     path = tmp_path / "params.yaml"
