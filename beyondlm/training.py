@@ -26,6 +26,7 @@ RNG states, all re-loaded with ``weights_only=True``), per-step curves (dvclive)
 from __future__ import annotations
 
 import json
+import math
 import logging
 import shutil
 import time
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from beyondlm import convergence
+from beyondlm.convergence import HeldOutValue
 from beyondlm.config import TrainConfig
 from beyondlm.io import atomic_path, write_json
 
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Tensor]], tuple[Tensor, Tensor]]
 Collate = Callable[[list], Mapping[str, Tensor]]
-Validate = Callable[[torch.nn.Module, int], float]  # (model, step) -> held-out loss
+Validate = Callable[[torch.nn.Module, int], "float | HeldOutValue"]  # (model, step) -> held-out loss
 BEST = "best.safetensors"
 
 
@@ -210,7 +212,8 @@ class Checkpoints:
             accelerator.save_state(str(tmp), safe_serialization=True)
             tracker.save(tmp)
             write_json(tmp / "loop.json", {"step": step, "tokens": tokens, "fingerprint": self.fingerprint,
-                                           "valid_curve": tracker.curve})
+                                           "valid_curve": tracker.curve,
+                                           "valid_chunks": {s: [c.sums, c.units] for s, c in tracker.chunks.items()}})
         for old in self.root.glob("step-*"):
             if old.name != f"step-{step:08d}":
                 shutil.rmtree(old, ignore_errors=True)
@@ -230,6 +233,7 @@ class HeldOut:
     def __init__(self, validate: Validate | None, cfg: TrainConfig):
         self.validate, self.cfg = validate, cfg
         self.curve: list[tuple[int, float]] = []
+        self.chunks: dict[int, HeldOutValue] = {}  # step -> per-chunk parts, when validate gives them
         self.best: dict[str, Tensor] | None = None
 
     def due(self, step: int) -> bool:
@@ -239,8 +243,11 @@ class HeldOut:
     def evaluate(self, model: torch.nn.Module, step: int) -> float:
         model.eval()
         with torch.no_grad():
-            value = float(self.validate(model, step))
+            result = self.validate(model, step)
         model.train()
+        if isinstance(result, HeldOutValue):
+            self.chunks[step] = result
+        value = float(result.value if isinstance(result, HeldOutValue) else result)
         if not self.curve or value < min(v for _, v in self.curve):
             self.best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         self.curve.append((step, value))
@@ -254,6 +261,7 @@ class HeldOut:
 
     def load(self, directory: Path, meta: Mapping) -> None:
         self.curve = [(int(s), float(v)) for s, v in meta.get("valid_curve") or []]
+        self.chunks = {int(s): HeldOutValue.from_chunks(*c) for s, c in (meta.get("valid_chunks") or {}).items()}
         if (directory / BEST).exists():
             from safetensors.torch import load_file
 
@@ -273,7 +281,7 @@ class HeldOut:
     def verdict(self) -> dict | None:
         if self.validate is None:
             return None
-        return convergence.verdict(self.curve, tol=self.cfg.converge_tol).to_dict()
+        return convergence.verdict(self.curve, tol=self.cfg.converge_tol, chunks=self.chunks).to_dict()
 
 
 def _truncate_history(live_dir: Path, step: int) -> None:
@@ -285,19 +293,24 @@ def _truncate_history(live_dir: Path, step: int) -> None:
         tsv.write_text("\n".join(kept) + "\n")
 
 
-def heldout_loss(loss_fn: LossFn, examples: Sequence, collate: Collate, batch_size: int = 256) -> Validate:
-    """``validate(model)``: the training objective itself on held-out ``examples`` (Σ loss / Σ
-    units over length-sorted batches), so each run is judged by what it optimises."""
+def heldout_loss(loss_fn: LossFn, examples: Sequence, collate: Collate, batch_size: int = 256,
+                 min_chunks: int = 32) -> Validate:
+    """``validate(model, step)``: the training objective itself on held-out ``examples`` (Σ loss /
+    Σ units over length-sorted chunks), so each run is judged by what it optimises. The chunks
+    (at most ``batch_size`` examples, at least ``min_chunks`` of them when there are as many
+    examples) come back too: the convergence verdict compares a gain with their paired noise."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    size = max(1, min(batch_size, math.ceil(len(order) / min_chunks)))
 
-    def validate(model: torch.nn.Module, step: int | None = None) -> float:
+    def validate(model: torch.nn.Module, step: int | None = None) -> HeldOutValue:
         device = next(model.parameters()).device
-        total, units = 0.0, 0.0
-        for lo in range(0, len(order), batch_size):
-            batch = collate([examples[i] for i in order[lo : lo + batch_size]])
+        sums, units = [], []
+        for lo in range(0, len(order), size):
+            batch = collate([examples[i] for i in order[lo : lo + size]])
             loss, n = loss_fn(model, {k: v.to(device) for k, v in batch.items()})
-            total, units = total + float(loss), units + float(n)
-        return total / max(units, 1.0)
+            sums.append(float(loss))
+            units.append(float(n))
+        return HeldOutValue.from_chunks(sums, units)
 
     return validate
 

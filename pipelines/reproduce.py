@@ -4,7 +4,7 @@
     python -m pipelines.reproduce sft evaluate    # these stages and everything upstream
 
 Stages run one after another (DVC locks the workspace; parallel experiments go through
-``dvc exp run --queue``, see ``pipelines/sweep.py``). Each task runs ``dvc repro --single-item
+``dvc exp run --queue``, README "Sweeps"). Each task runs ``dvc repro --single-item
 <stage>`` (a no-op when the stage is up to date), then logs a nested MLflow run with the stage's
 declared params, metrics, training curves, git commit and dvc.lock hashes, under one parent run
 per flow run. No Prefect server is needed: without PREFECT_API_URL the flow runs ephemerally.

@@ -104,9 +104,9 @@ def test_convergence_table_and_not_converged_comparisons(tmp_path):
     assert [(r.stage, r.run) for r in rows][-5:] == [("sft", "tailr-g1-s2"), ("reward", "reward"),
                                                      ("align", "dpo_pref-s0"), ("vq", "posterior"), ("vq", "prior")]
     text = build_report(tmp_path, n_examples=0)
-    assert "| sft | tailr-g1-s1 | no | 3.00% | 120 | 3.0000 / 3.0100 |" in text
-    assert "| sft | mle-s2 | no (no verdict recorded) | – | – | – / – |" in text
-    assert "| vq | prior | no | 20.00% | 50 |" in text and "| reward | reward | yes | 0.40% | 120 |" in text
+    assert "| sft | tailr-g1-s1 | no | 3.00% | – / – | 120 | 3.0000 / 3.0100 |" in text
+    assert "| sft | mle-s2 | no (no verdict recorded) | – | – / – | – | – / – |" in text
+    assert "| vq | prior | no | 20.00% | – / – | 50 |" in text and "| reward | reward | yes | 0.40% | – / – | 120 |" in text
     tvd_row = next(ln for ln in text.splitlines() if "`exact.tvd`" in ln)
     assert "not converged: sft/tailr-g1-s1, sft/mle-s2" in tvd_row and "**inconclusive: not converged**" in tvd_row
     assert "| mle | 3 | 2/3 |" in text and "| tailr-g1 | 3 | 2/3 |" in text  # evaluation table: converged seeds

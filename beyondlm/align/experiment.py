@@ -383,7 +383,7 @@ def _validation(cfg: AlignConfig, loss_fn, valid, collate, evals, judges, ref_se
     of its own samples."""
     heldout = heldout_loss(loss_fn, valid, collate) if valid else None
 
-    def validate(policy, step: int) -> float:
+    def validate(policy, step: int):
         e = next((e for e in evals if e["step"] == step), None)  # step 0, or evaluated before a crash
         if e is None:
             e = {"step": step, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)}

@@ -1,7 +1,7 @@
 """Convergence verdicts of every trained run, read from the stages' metrics files.
 
 Contract (``beyondlm.convergence``): a per-training dict ``convergence`` = {converged,
-rel_improvement, tol, window, best_step, best_valid_loss, final_valid_loss, n_evals} at
+rel_improvement, tol, window, best_step, best_valid_loss, final_valid_loss, n_evals, gain, noise} at
 - ``sft/<variant>-s<seed>.json`` and ``bigram/<variant>-s<seed>.json``: top level;
 - ``align/reward.json`` (where dvc.yaml writes it; ``reward.json`` also read): top level;
 - ``align/method/<method>.json``: ``runs.s<seed>.convergence``;
@@ -67,13 +67,15 @@ def table(rows: list[RunVerdict]) -> list[str]:
     """Markdown lines: one row per run with its verdict, relative improvement and best step."""
     if not rows:
         return []
-    out = ["| stage | run | converged | share of improvement in the last quarter | best step | best / final held-out loss |",
-           "|---|---|---|---|---|---|"]
+    out = ["| stage | run | converged | share of improvement in the last quarter | last-quarter gain / 2 SE noise "
+           "| best step | best / final held-out loss |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         v = r.verdict or {}
         conv = "yes" if r.converged else ("no" if r.verdict else "no (no verdict recorded)")
         losses = f"{fmt(v.get('best_valid_loss'), '.4f')} / {fmt(v.get('final_valid_loss'), '.4f')}"
-        out.append(f"| {r.stage} | {r.run} | {conv} | {fmt(v.get('rel_improvement'), '.2%')} | "
+        noise = f"{fmt(v.get('gain'), '.4f')} / {fmt(v.get('noise'), '.4f')}"
+        out.append(f"| {r.stage} | {r.run} | {conv} | {fmt(v.get('rel_improvement'), '.2%')} | {noise} | "
                    f"{fmt(v.get('best_step'), 'd')} | {losses} |")
     return out
 
