@@ -6,6 +6,7 @@ MLflow; nothing here re-declares dependencies (dvc.yaml stays the one source of 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +22,8 @@ class StageInfo:
     metrics: tuple[Path, ...] = ()
     plots: tuple[Path, ...] = ()
     outs: tuple[Path, ...] = ()  # other outputs (models, data, samples)
+    cmd: str = ""  # the stage's command, matrix/foreach values substituted
+    upstream: tuple[str, ...] = ()  # stages whose outputs it reads (among those selected)
 
 
 def _lookup(params: dict, dotted: str) -> Any:
@@ -43,7 +46,8 @@ def _stage_info(stage, root: Path, params_cache: dict[str, dict]) -> StageInfo:
     for out in stage.outs:
         kind = "metrics" if out.metric else "plots" if out.plot else "outs"
         by_kind[kind].append(root / out.def_path)
-    return StageInfo(stage.name, values, *(tuple(by_kind[k]) for k in ("metrics", "plots", "outs")))
+    return StageInfo(stage.name, values, *(tuple(by_kind[k]) for k in ("metrics", "plots", "outs")),
+                     cmd=stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd or []))
 
 
 def pipeline_stages(root: str | Path = ".", targets: Sequence[str] | None = None) -> list[StageInfo]:
@@ -64,4 +68,7 @@ def pipeline_stages(root: str | Path = ".", targets: Sequence[str] | None = None
             upstream = set().union(*(nx.descendants(graph, s) for s in chosen))
             order = [s for s in order if s in chosen | upstream]
         cache: dict[str, dict] = {}
-        return [_stage_info(s, root, cache) for s in order]
+        chosen_names = {s.name for s in order}
+        return [dataclasses.replace(_stage_info(s, root, cache),
+                                    upstream=tuple(sorted(u.name for u in graph.successors(s) if u.name in chosen_names)))
+                for s in order]

@@ -167,6 +167,27 @@ def test_prefect_flow_runs_stages_and_mirrors_them_into_mlflow(repo, mlflow_serv
     assert any(k.startswith("dvc/") for k in children["sft@mle-0"].data.tags)
 
 
+def test_concurrent_flow_leaves_the_workspace_as_dvc_repro_would(repo, tmp_path):
+    """--workers 2: stale independent stages run side by side (status, command, commit); after it
+    DVC sees nothing to do, and what ran is exactly what the param change made stale."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.reproduce import reproduce
+
+    edit_params(repo / "params.yaml", "evaluate", seed=2)
+    edit_params(repo / "params.yaml", "ebm_eval", seed=1)
+    stale = set(json.loads(dvc("status", "--json", cwd=repo).stdout))
+    assert {"evaluate@mle-0", "ebm_eval"} <= stale  # report follows once their metrics change
+    before = (repo / "reports/metrics/evaluate/mle-s0.json").read_text()
+    with prefect_test_harness(server_startup_timeout=180):
+        done = reproduce(root=str(repo), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", workers=2)
+    assert set(done) == {s.name for s in pipeline_stages(repo)}  # up-to-date stages are mirrored too
+    assert done[-1] == "report"  # the one stage downstream of both
+    assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
+    assert "up to date" in dvc("repro", cwd=repo).stdout
+    assert (repo / "reports/metrics/evaluate/mle-s0.json").read_text() != before
+
+
 def test_killed_training_resumes_from_its_checkpoint(repo):
     edit_params(repo / "params.yaml", "sft", max_steps=300, ckpt_every=25, lr=0.005)
     ckpt = repo / "models/ckpt/sft/mle-s0"
