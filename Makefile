@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+REPRO_WORKERS ?= 2   # stages at once (independent ones overlap; 1 = one after another)
 
 .PHONY: repro test bench dvc-repro clean-venv
 
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Full reproduction: every DVC stage, run by the Prefect flow, mirrored into MLflow.
 repro: $(STAMP)
-	$(BIN)/python -m pipelines.reproduce
+	$(BIN)/python -m pipelines.reproduce --workers $(REPRO_WORKERS)
 
 # The same stages through DVC alone (no Prefect, no MLflow).
 dvc-repro: $(STAMP)
