@@ -87,6 +87,8 @@ def section(rows: list[RunVerdict]) -> list[str]:
     return ["## Convergence", "",
             f"A run has converged when the last quarter of training brought less than its tolerance (1% by "
             f"default) of the held-out improvement the whole run made, (L_cut − L_best)/(L_0 − L_best) "
-            f"(`beyondlm/convergence.py`); the best checkpoint by held-out loss is kept. "
+            f"(`beyondlm/convergence.py`), or when that last-quarter gain is within twice its paired standard "
+            f"error over the held-out chunks (the noise column; – where the evaluation has no chunks); the best "
+            f"checkpoint by held-out loss is kept. "
             f"{n_ok} of {len(rows)} runs converged. Any comparison built on a run that did not converge reads "
             f"\"{NOT_CONVERGED}\" instead of a verdict.", "", *table(rows), ""]
