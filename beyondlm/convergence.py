@@ -92,11 +92,10 @@ def verdict(curve: Sequence[tuple[int, float]], *, tol: float = TOL, window: flo
         return Verdict(False, None, tol, window, None, None, None, 0)
     best_step, best = min(points, key=lambda p: (p[1], p[0]))
     cut = (1.0 - window) * points[-1][0]
-    before = [v for s, v in points if s <= cut]
-    after = [v for s, v in points if s > cut]
-    if not before or not after:
+    before = [p for p in points if p[0] <= cut]
+    if not before or len(before) == len(points):
         return Verdict(False, None, tol, window, best_step, best, points[-1][1], len(points))
-    cut_step, l_cut = min(((s, v) for s, v in points if s <= cut), key=lambda p: (p[1], p[0]))
+    cut_step, l_cut = min(before, key=lambda p: (p[1], p[0]))
     rel = (l_cut - best) / max(points[0][1] - best, 1e-12)  # 0 when the run never improved
     gain, noise = l_cut - best, None
     if chunks and cut_step in chunks and best_step in chunks:

@@ -9,8 +9,9 @@ each with ``cpu_count // N`` torch threads. DVC locks the workspace for a whole 
 a concurrent stage is run the way ``dvc repro`` runs it, in three steps: ``dvc status <stage>``
 (skip it when up to date), its command from dvc.yaml, then ``dvc commit <stage>`` (hashes, cache
 and dvc.lock, as repro would record them); the DVC calls and the MLflow mirroring are serialized,
-the commands overlap. The tiny default models use about one core each, so two workers on two
-cores nearly halve the wall time (README, "Sizing the default").
+the commands overlap. The tiny default models run faster on one torch thread than on two here,
+so two workers on two cores pay: the default took 17.7 min with two workers (README, "Sizing the
+default"); a one-after-another run with somewhat smaller budgets, on a partly loaded machine, ~35 min.
 
 Without ``--workers``, stages run one after another (parallel experiments go through
 ``dvc exp run --queue``, README "Sweeps"). Each task runs ``dvc repro --single-item
@@ -72,16 +73,21 @@ def _mirror(info: StageInfo, tracker: Tracker, ok: bool) -> None:
     )
 
 
+def _stale(info: StageInfo, root: str) -> bool:
+    """Whether ``dvc status`` lists the stage (changed deps, params, outs or command)."""
+    with _DVC:
+        status = _dvc(root, "status", "--json", info.name)
+    if status.returncode != 0:
+        raise RuntimeError(f"dvc status {info.name} failed:\n{status.stderr[-2000:]}")
+    return bool(json.loads(status.stdout.strip().splitlines()[-1] or "{}"))
+
+
 @task(name="dvc-stage-concurrent", task_run_name="{info.name}", cache_policy=NO_CACHE)
 def run_stage_concurrent(info: StageInfo, root: str, tracker: Tracker, force: bool, threads: int) -> str:
     """``dvc repro --single-item <stage>`` without holding DVC's workspace lock while the command
     runs: status (skip when up to date), the command, ``dvc commit``; then the MLflow mirror."""
     logger = get_run_logger()
-    with _DVC:
-        status = _dvc(root, "status", "--json", info.name)
-    if status.returncode != 0:
-        raise RuntimeError(f"dvc status {info.name} failed:\n{status.stderr[-2000:]}")
-    stale = force or bool(json.loads(status.stdout.strip().splitlines()[-1] or "{}"))
+    stale = force or _stale(info, root)
     ok = True
     if stale:
         logger.info("running %s (%d torch threads)", info.name, threads)
