@@ -88,3 +88,43 @@ def write_tsv(path: str | Path, rows: list[dict]) -> None:
         return f"{v:.6g}" if real else str(v)
 
     write_text(path, "\n".join(["\t".join(cols)] + ["\t".join(fmt(r.get(c)) for c in cols) for r in rows]) + "\n")
+
+
+# Run facts that differ between two runs of the same work. They must not enter a DVC-tracked
+# out or metric (its hash would change, and everything downstream would go stale), so
+# ``write_metrics`` moves them into an untracked sibling tree that the MLflow mirror reads.
+TIMING_KEYS = frozenset({"wall_s", "tokens_per_s", "build_seconds", "seconds", "resumed_from", "host", "load_avg"})
+
+
+def timing_path(metrics_path: str | Path) -> Path:
+    """``reports/metrics/<rest>`` -> ``reports/timing/<rest>``; elsewhere ``<name>.timing.json``."""
+    path = Path(metrics_path)
+    parts = path.parts
+    if "metrics" in parts[:-1]:
+        i = len(parts) - 2 - parts[:-1][::-1].index("metrics")  # the last 'metrics' directory
+        return Path(*parts[:i], "timing", *parts[i + 1:])
+    return path.with_name(f"{path.stem}.timing.json")
+
+
+def split_timing(data: Any) -> tuple[Any, dict]:
+    """(``data`` without the keys in :data:`TIMING_KEYS`, those keys as a nested dict)."""
+    if not isinstance(data, dict):
+        return data, {}
+    kept, timing = {}, {}
+    for key, value in data.items():
+        if key in TIMING_KEYS:
+            timing[key] = value
+            continue
+        kept[key], inner = split_timing(value)
+        if inner:
+            timing[key] = inner
+    return kept, timing
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """A stage's metrics JSON (DVC-tracked, same bytes for the same work) and, beside it under
+    ``reports/timing/``, its wall times and rates (untracked; the MLflow mirror logs them)."""
+    kept, timing = split_timing(metrics)
+    write_json(path, kept)
+    if timing:
+        write_json(timing_path(path), timing)

@@ -18,7 +18,7 @@ from beyondlm import cli
 from beyondlm.align.experiment import AlignConfig, frontier_rows, run_align
 from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
-from beyondlm.io import write_json, write_tsv
+from beyondlm.io import write_metrics, write_tsv
 from beyondlm.models import load_model
 
 
@@ -41,7 +41,7 @@ def main() -> None:
                        test_prompts=load_split(prep.data_dir, "prompts_test")["prompt_ids"],
                        max_new_tokens=prep.max_len - prep.prompt_len, out_dir=args.out, ckpt_dir=args.ckpt)
     write_tsv(args.plot, frontier_rows(result))
-    write_json(args.metrics, result)
+    write_metrics(args.metrics, result)
 
 
 if __name__ == "__main__":

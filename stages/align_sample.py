@@ -16,7 +16,7 @@ from beyondlm import cli
 from beyondlm.align.experiment import SampleConfig, run_sample
 from beyondlm.config import load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
-from beyondlm.io import atomic_path, write_json
+from beyondlm.io import atomic_path, write_metrics
 from beyondlm.models import load_model
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     with atomic_path(args.out) as tmp:
         metrics = run_sample(cfg, model, tokenizer, prompts, max_new_tokens=prep.max_len - prep.prompt_len,
                              language=prep.language(), out=tmp)
-    write_json(args.metrics, {**metrics, "base": cfg.base})
+    write_metrics(args.metrics, {**metrics, "base": cfg.base})
 
 
 if __name__ == "__main__":

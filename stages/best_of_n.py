@@ -14,7 +14,7 @@ from beyondlm import cli
 from beyondlm.align.experiment import AlignConfig, BestOfNConfig, run_best_of_n
 from beyondlm.config import load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
-from beyondlm.io import write_json, write_tsv
+from beyondlm.io import write_metrics, write_tsv
 from beyondlm.models import load_model
 
 
@@ -34,7 +34,7 @@ def main() -> None:
                            prep.language(), load_split(prep.data_dir, "prompts_test")["prompt_ids"],
                            eval_cfg=align.eval, max_new_tokens=prep.max_len - prep.prompt_len)
     write_tsv(args.plot, [{k: r.get(k) for k in ("N", "kl", "oracle_reward", "rm_reward")} for r in result["rows"]])
-    write_json(args.metrics, result)
+    write_metrics(args.metrics, result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from beyondlm import cli
 from beyondlm.bigram_experiment import bigram_config, run_bigram
 from beyondlm.config import read_params, section, variant_objective
-from beyondlm.io import write_json
+from beyondlm.io import write_metrics
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     params = read_params()
     cfg = bigram_config(section(params, "bigram"))
     objective, hyperparams = variant_objective(section(params, "sft"), args.variant)
-    write_json(args.metrics, run_bigram(cfg, args.variant, objective, hyperparams, args.seed))
+    write_metrics(args.metrics, run_bigram(cfg, args.variant, objective, hyperparams, args.seed))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 from beyondlm import cli
 from beyondlm.config import load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
-from beyondlm.io import write_json
+from beyondlm.io import write_metrics
 from beyondlm.lookup.datastore import DatastoreConfig, build_datastore
 from beyondlm.models import load_model
 
@@ -37,7 +37,7 @@ def main() -> None:
     info = build_datastore(model, seqs, args.out, batch_size=cfg.batch_size,
                            chunk_tokens=cfg.chunk_tokens, model_name=cfg.model)
     seconds = time.perf_counter() - start
-    write_json(args.metrics, {"n_keys": info.n_keys, "dim": info.dim, "n_seqs": info.n_seqs,
+    write_metrics(args.metrics, {"n_keys": info.n_keys, "dim": info.dim, "n_seqs": info.n_seqs,
                               "seconds": seconds, "keys_per_s": info.n_keys / max(seconds, 1e-9),
                               "bytes": info.n_keys * (2 * info.dim + 4)})
 

@@ -20,7 +20,7 @@ from beyondlm import cli
 from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
 from beyondlm.ebm.experiment import EBMConfig, fit_ebm, reference_pairs
-from beyondlm.io import write_json
+from beyondlm.io import write_json, write_metrics
 from beyondlm.models import load_model
 from beyondlm.sampling import SamplingConfig
 
@@ -60,7 +60,7 @@ def main() -> None:
     weights = {**sol.to_dict(), "features": list(cfg.features), "embedder": cfg.embedder,
                "base": cfg.base}
     write_json(args.out, weights)
-    write_json(args.metrics, {**sol.to_dict(), "base": cfg.base, "diagnostics": diag, "wall_s": wall})
+    write_metrics(args.metrics, {**sol.to_dict(), "base": cfg.base, "diagnostics": diag, "wall_s": wall})
 
 
 if __name__ == "__main__":

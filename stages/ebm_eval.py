@@ -23,7 +23,7 @@ from beyondlm.config import ConfigError, load_section, prepared_data, read_param
 from beyondlm.data.prepare import load_split
 from beyondlm.ebm import EBMSolution
 from beyondlm.ebm.experiment import EBMEvalConfig, evaluate_decoders, quality_vs_m, reference_pairs
-from beyondlm.io import read_json, write_json
+from beyondlm.io import read_json, write_metrics
 from beyondlm.models import load_model
 from beyondlm.report import plot_quality_vs_m
 
@@ -58,7 +58,7 @@ def main() -> None:
     log.info("ppl base %.4f ebm %.4f ± %.4f; mauve %s (%.1f s)", result["ppl"]["base"],
              result["ppl"]["ebm"], result["ppl"]["ebm_se"],
              {k: round(v["mauve"], 3) for k, v in result["decoders"].items()}, result["wall_s"])
-    write_json(args.metrics, result)
+    write_metrics(args.metrics, result)
     plot_quality_vs_m(quality_vs_m(result, cfg.Ms), args.plot_dir / "quality_vs_m.tsv",
          args.plot_dir / "quality_vs_m.png",
          chance_mauve=result["decoders"]["sample_b"]["mauve"])

@@ -17,7 +17,7 @@ from beyondlm import cli
 from beyondlm.config import EvaluateConfig, load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
 from beyondlm.evaluation import evaluate_lm
-from beyondlm.io import atomic_path, write_json, write_text
+from beyondlm.io import atomic_path, write_metrics, write_text
 from beyondlm.models import load_model
 
 
@@ -39,7 +39,7 @@ def main() -> None:
         load_model(args.model), tokenizer, test["input_ids"], cfg, max_len=prep.max_len,
         language=language, test_logp_data=test["logp_data"] if language else None,
     )
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     with atomic_path(args.samples) as tmp:
         tmp.write_text("".join(json.dumps({"text": tokenizer.decode(r["ids"], skip_special_tokens=True), **r}) + "\n"
                                for r in records))

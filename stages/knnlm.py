@@ -17,7 +17,7 @@ import numpy as np
 from beyondlm import cli
 from beyondlm.config import load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
-from beyondlm.io import write_json, write_text
+from beyondlm.io import write_metrics, write_text
 from beyondlm.lookup.datastore import DatastoreConfig, forward_keys, load_datastore
 from beyondlm.lookup.knnlm import KnnlmConfig, build_index, evaluate_knnlm, recall_at_k, save_index
 from beyondlm.models import load_model
@@ -61,7 +61,7 @@ def main() -> None:
         if split == cfg.splits[0]:
             metrics["index"].update(index_metrics(cfg, index, store.keys, model, seqs))
         metrics[split] = split_metrics(cfg, model, index, store, seqs, rows, split, logp_data)
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
     write_text(args.plot, "\n".join(rows) + "\n")
 
 

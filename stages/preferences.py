@@ -17,7 +17,7 @@ from pathlib import Path
 from beyondlm import cli
 from beyondlm.align.experiment import PreferencesConfig, run_preferences
 from beyondlm.config import load_section, prepared_data, read_params, section
-from beyondlm.io import atomic_path, write_json
+from beyondlm.io import atomic_path, write_metrics
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     with atomic_path(args.out) as tmp:
         metrics = run_preferences(cfg, args.samples, tmp, sft=sft, tokenizer=tokenizer,
                                   max_len=prepared_data(params).max_len)
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ metrics: reports/metrics/prepare.json
 from beyondlm import cli
 from beyondlm.config import PrepareConfig, load_section, read_params, section
 from beyondlm.data.prepare import prepare, write_prepared
-from beyondlm.io import write_json
+from beyondlm.io import write_metrics
 
 
 def main() -> None:
     cfg = load_section(PrepareConfig, section(read_params(), "prepare"), "prepare")
     stats = write_prepared(prepare(cfg), cfg.out_dir)
-    write_json("reports/metrics/prepare.json", {"source": cfg.source, **stats})
+    write_metrics("reports/metrics/prepare.json", {"source": cfg.source, **stats})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 from beyondlm import cli
 from beyondlm.align.experiment import RewardConfig, run_reward
 from beyondlm.config import load_section, read_params, section
-from beyondlm.io import write_json
+from beyondlm.io import write_metrics
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     _, metrics = run_reward(cfg, args.pairs, args.samples, tokenizer, out_dir=args.out, live_dir=args.live)
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from beyondlm import cli
 from beyondlm.config import prepared_data, read_params, section, sft_config
-from beyondlm.io import write_json
+from beyondlm.io import write_metrics
 from beyondlm.sft import run_sft
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     cfg = sft_config(section(params, "sft"), args.variant, args.seed)
     data_dir = prepared_data(params).data_dir
     metrics = run_sft(cfg, data_dir, out_dir=args.out, ckpt_dir=args.ckpt, live_dir=args.live)
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
 
 
 if __name__ == "__main__":

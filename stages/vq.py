@@ -18,7 +18,7 @@ from pathlib import Path
 
 from beyondlm import cli
 from beyondlm.config import load_section, prepared_data, read_params, section
-from beyondlm.io import write_json
+from beyondlm.io import write_metrics
 from beyondlm.latent.experiment import VQConfig, run_vq
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     prep = prepared_data(params)
     metrics = run_vq(cfg, prep.data_dir, max_len=prep.max_len, out_dir=args.out,
                      live_dir=args.live, language=prep.language())
-    write_json(args.metrics, metrics)
+    write_metrics(args.metrics, metrics)
 
 
 if __name__ == "__main__":
