@@ -93,7 +93,8 @@ def write_tsv(path: str | Path, rows: list[dict]) -> None:
 # Run facts that differ between two runs of the same work. They must not enter a DVC-tracked
 # out or metric (its hash would change, and everything downstream would go stale), so
 # ``write_metrics`` moves them into an untracked sibling tree that the MLflow mirror reads.
-TIMING_KEYS = frozenset({"wall_s", "tokens_per_s", "build_seconds", "seconds", "resumed_from", "host", "load_avg"})
+TIMING_KEYS = frozenset({"wall_s", "tokens_per_s", "keys_per_s", "build_seconds", "seconds",
+                         "resumed_from", "host", "load_avg"})
 
 
 def timing_path(metrics_path: str | Path) -> Path:

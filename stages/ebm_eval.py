@@ -25,7 +25,7 @@ from beyondlm.ebm import EBMSolution
 from beyondlm.ebm.experiment import EBMEvalConfig, evaluate_decoders, quality_vs_m, reference_pairs
 from beyondlm.io import read_json, write_metrics
 from beyondlm.models import load_model
-from beyondlm.report import plot_quality_vs_m
+from beyondlm.report.ebm_plot import plot_quality_vs_m
 
 log = logging.getLogger("stages.ebm_eval")
 

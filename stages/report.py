@@ -11,7 +11,7 @@ from pathlib import Path
 
 from beyondlm import cli
 from beyondlm.config import ReportConfig, load_section, read_params, section
-from beyondlm.report import build_report
+from beyondlm.report.build import build_report
 
 
 def main() -> None:

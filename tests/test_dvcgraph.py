@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from beyondlm.dvcgraph import pipeline_stages
+from beyondlm.dvcgraph import code_dep_mismatches, code_deps, import_closure, pipeline_stages, write_code_deps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,3 +31,45 @@ def test_every_declared_param_exists_in_params_yaml():
     variant name with a dot (`tailr-g0.1`) silently becomes a deeper, missing path."""
     missing = {s.name: k for s in pipeline_stages(ROOT) for k, v in s.params.items() if v is None}
     assert not missing, f"declared params missing from params.yaml: {missing}"
+
+
+def test_every_stage_declares_exactly_the_library_code_it_imports():
+    """Editing a library file must rerun every stage that runs it, and only those."""
+    assert not code_dep_mismatches(ROOT), "fix: python -m beyondlm.dvcgraph --write"
+
+
+def _package(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_import_closure_follows_relative_lazy_and_submodule_imports(tmp_path):
+    _package(tmp_path, {
+        "lib/__init__.py": "",
+        "lib/a.py": "from lib.sub import b\n",                       # a submodule by from-import
+        "lib/sub/__init__.py": "from .c import f\n",                  # relative, in a package init
+        "lib/sub/b.py": "def g():\n    from ..d import h\n",          # lazy and two levels up
+        "lib/sub/c.py": "import os\nf = 1\n",
+        "lib/d.py": "h = 2\n",
+        "lib/unused.py": "",
+        "stages/s.py": "import json\nfrom lib.a import x\n",
+    })
+    got = {p.as_posix() for p in import_closure("stages.s", tmp_path, package="lib")}
+    assert got == {"lib/__init__.py", "lib/a.py", "lib/sub/__init__.py", "lib/sub/b.py", "lib/sub/c.py", "lib/d.py"}
+    assert code_deps({Path(p) for p in got}, tmp_path) == ["lib/__init__.py", "lib/a.py", "lib/d.py", "lib/sub"]
+
+
+def test_the_check_names_a_missing_and_a_stale_dep_and_the_writer_fixes_both(tmp_path):
+    _package(tmp_path, {
+        "beyondlm/__init__.py": "", "beyondlm/a.py": "", "beyondlm/b.py": "",
+        "stages/s.py": "from beyondlm import a\n",
+        "dvc.yaml": "stages:\n  s:\n    cmd: python -m stages.s\n    deps:\n      - stages/s.py\n"
+                    "      - beyondlm/b.py   # stale\n      - data/in\n    outs:\n      - out\n",
+    })
+    bad = code_dep_mismatches(tmp_path)["s"]
+    assert bad["undeclared"] == ["beyondlm/__init__.py", "beyondlm/a.py"] and bad["not imported"] == ["beyondlm/b.py"]
+    assert write_code_deps(tmp_path) == ["s"]
+    assert not code_dep_mismatches(tmp_path)
+    text = (tmp_path / "dvc.yaml").read_text()
+    assert "      - beyondlm/a.py\n      - data/in\n" in text and "b.py" not in text

@@ -41,8 +41,6 @@ SFT_COLUMNS = [
     ("objective", "objective", "s"),
     ("valid PPL", "valid.perplexity", ".3f"),
     ("final train loss", "train.final_loss", ".4f"),
-    ("train time (s)", "train.wall_s", ".0f"),
-    ("tokens/s", "train.tokens_per_s", ".0f"),
 ]
 BIGRAM_COLUMNS = [
     ("objective", "objective", "s"),
