@@ -46,7 +46,7 @@ from transformers import get_cosine_schedule_with_warmup
 from beyondlm import convergence
 from beyondlm.convergence import HeldOutValue
 from beyondlm.config import TrainConfig
-from beyondlm.io import atomic_path, write_json
+from beyondlm.io import atomic_path, split_timing, write_json
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,8 @@ class Checkpoints:
             return
         for old in self.root.glob("step-*"):
             shutil.rmtree(old, ignore_errors=True)
-        write_json(self.root / "complete.json", {**asdict(result), "fingerprint": self.fingerprint})
+        kept, _ = split_timing(asdict(result))  # persisted out: the same bytes for the same work
+        write_json(self.root / "complete.json", {**kept, "fingerprint": self.fingerprint})
 
 
 class HeldOut:
@@ -393,8 +394,7 @@ def train_loop(
         losses.append(loss)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            rate = (tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
-            _log_step(live, step, float(np.mean(losses[-cfg.log_every:])), scheduler, grad_norm, rate)
+            _log_step(live, step, float(np.mean(losses[-cfg.log_every:])), scheduler, grad_norm)
             bar.set_postfix(loss=f"{np.mean(losses[-cfg.log_every:]):.4f}", refresh=False)
         if held_out.due(step):
             _log_valid(live, step, held_out.evaluate(model, step))
@@ -482,11 +482,11 @@ def _log_valid(live: Live | None, step: int, value: float) -> None:
         live.log_metric("valid/loss", value)
 
 
-def _log_step(live: Live | None, step: int, loss: float, scheduler, grad_norm: float, rate: float) -> None:
+def _log_step(live: Live | None, step: int, loss: float, scheduler, grad_norm: float) -> None:
+    """Curves of the work only: a rate would change the tracked files on every rerun."""
     if live is None:
         return
     live.step = step
     live.log_metric("train/loss", loss)
     live.log_metric("train/lr", scheduler.get_last_lr()[0])
     live.log_metric("train/grad_norm", grad_norm)
-    live.log_metric("train/tokens_per_s", rate)
