@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 
-from beyondlm.config import load_yaml
+from beyondlm.config import ConfigError, load_yaml
 
 
 @dataclass(frozen=True)
@@ -214,6 +214,47 @@ def write_code_deps(root: str | Path = ".") -> list[str]:
         with atomic_path(root / "dvc.yaml") as tmp, tmp.open("w") as f:
             yml.dump(doc, f)
     return changed
+
+
+# --- data deps: files a stage reads because a param names them ------------------------------
+
+def _interpolate(text: str, params: dict) -> str | None:
+    """``${a.b}`` from params.yaml; None when a value is missing (``${item.x}``, a null)."""
+    import re
+
+    def value(m: "re.Match") -> str:
+        v = _lookup(params, m.group(1))
+        if v is None:
+            raise KeyError(m.group(1))
+        return str(v)
+
+    try:
+        return re.sub(r"\$\{\s*([\w.-]+)\s*\}", value, text)
+    except KeyError:
+        return None
+
+
+def check_declared_inputs(stage: str, paths: Mapping[str, str | None], root: str | Path = ".") -> None:
+    """Raise ConfigError unless every local file or directory named by a param in ``paths``
+    (``{"prepare.local.train": "x.jsonl"}``; None and hub ids are skipped) lies inside one of
+    ``stage``'s declared deps: DVC reruns a stage only when a declared dep changes."""
+    import os
+
+    root = Path(root).resolve()
+    definition = load_yaml(root / "dvc.yaml")["stages"][stage.split("@")[0]]
+    params = load_yaml(root / "params.yaml")
+    deps = [_interpolate(d if isinstance(d, str) else next(iter(d)), params)
+            for d in definition.get("do", definition).get("deps", [])]
+    declared = [os.path.abspath(root / d) for d in deps if d]
+    for key, value in paths.items():
+        if not value or not (root / value).exists():
+            continue  # unset, or not a local path (a hub id): nothing for DVC to hash
+        path = os.path.abspath(root / value)  # links are kept: a link under a declared dir is fine
+        if not any(path == d or path.startswith(d + os.sep) for d in declared):
+            raise ConfigError(
+                f"params.yaml: {key} = {value!r} is read by stage {stage!r} but is not one of its deps in "
+                f"dvc.yaml, so DVC would not rerun the stage when it changes. Fix: put the file (or a "
+                f"link to it) under inputs/{stage.split('@')[0]}/, which the stage declares")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from beyondlm import cli
 from beyondlm.align.experiment import PreferencesConfig, run_preferences
 from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.dvcgraph import check_declared_inputs
 from beyondlm.io import atomic_path, write_metrics
 
 
@@ -29,6 +30,7 @@ def main() -> None:
     cfg = load_section(PreferencesConfig, section(params, "preferences"), "preferences")
     sft = tokenizer = None
     if cfg.source == "file":
+        check_declared_inputs("preferences", {"preferences.file.path": cfg.file.path})
         from transformers import AutoTokenizer
 
         from beyondlm.models import load_model

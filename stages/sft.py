@@ -11,6 +11,7 @@ from pathlib import Path
 
 from beyondlm import cli
 from beyondlm.config import prepared_data, read_params, section, sft_config
+from beyondlm.dvcgraph import check_declared_inputs
 from beyondlm.io import write_metrics
 from beyondlm.sft import run_sft
 
@@ -24,6 +25,7 @@ def main() -> None:
     args = p.parse_args()
     params = read_params()
     cfg = sft_config(section(params, "sft"), args.variant, args.seed)
+    check_declared_inputs("sft", {"sft.model.name_or_path": cfg.model.name_or_path})
     data_dir = prepared_data(params).data_dir
     metrics = run_sft(cfg, data_dir, out_dir=args.out, ckpt_dir=args.ckpt, live_dir=args.live)
     write_metrics(args.metrics, metrics)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from beyondlm.dvcgraph import code_dep_mismatches, code_deps, import_closure, pipeline_stages, write_code_deps
+from beyondlm.dvcgraph import check_declared_inputs, code_dep_mismatches, code_deps, import_closure, pipeline_stages, write_code_deps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +73,53 @@ def test_the_check_names_a_missing_and_a_stale_dep_and_the_writer_fixes_both(tmp
     assert not code_dep_mismatches(tmp_path)
     text = (tmp_path / "dvc.yaml").read_text()
     assert "      - beyondlm/a.py\n      - data/in\n" in text and "b.py" not in text
+
+
+def _stage_project(tmp_path: Path, **local) -> Path:
+    """A project dir with this repo's dvc.yaml and params.yaml, prepare reading local files."""
+    import shutil
+
+    import yaml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare"].update(source="local", n_train=40, n_valid=5, n_test=5, n_prompts=4)
+    params["prepare"]["local"].update(local)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "inputs/prepare").mkdir(parents=True)
+    return tmp_path
+
+
+def _run_prepare(project: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_param_naming_a_file_outside_the_stage_deps_stops_the_stage(tmp_path):
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text("".join(f'{{"text": "text number {i} is here"}}\n' for i in range(60)))
+    project = _stage_project(tmp_path / "p", train=str(outside))
+    proc = _run_prepare(project)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"prepare.local.train = '{outside}' is read by stage 'prepare' but is not one of its deps" in proc.stderr
+    assert "inputs/prepare/" in proc.stderr
+    assert not (project / "data").exists()  # stopped before writing anything
+
+    (project / "inputs/prepare/texts.jsonl").symlink_to(outside)  # a link under the declared dir
+    edit = project / "params.yaml"
+    edit.write_text(edit.read_text().replace(str(outside), "inputs/prepare/texts.jsonl"))
+    proc = _run_prepare(project)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (project / "data/prepared").is_dir()
+
+
+def test_unset_paths_and_hub_ids_need_no_declaration(tmp_path):
+    project = _stage_project(tmp_path)
+    check_declared_inputs("prepare", {"prepare.local.train": None, "prepare.tokenizer.name_or_path": "gpt2"}, project)
+    check_declared_inputs("sft@mle-0", {"sft.model.name_or_path": None}, project)
