@@ -1,4 +1,5 @@
-"""Entry-point wrapper for stages: a user error prints one clear line and exits 2."""
+"""Entry-point wrapper for stages: a user error (bad params or a bad input file) prints one clear
+line and exits 2."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from typing import Callable
 
 from beyondlm.config import ConfigError
+from beyondlm.inputs import InputError
 
 
 def run(main: Callable[[], None]) -> None:
@@ -18,6 +20,6 @@ def run(main: Callable[[], None]) -> None:
     datasets.disable_progress_bars()  # one bar per Parquet write is noise in stage logs
     try:
         main()
-    except ConfigError as err:
+    except (ConfigError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

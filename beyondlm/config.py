@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from beyondlm.data.synthetic import LanguageSpec
+from beyondlm.inputs import reading, restore_fix
 
 
 class ConfigError(ValueError):
@@ -114,7 +115,10 @@ class PreparedData:
         from beyondlm.data.synthetic import SyntheticLanguage
 
         path = self.data_dir / "language.json"
-        return SyntheticLanguage.load(path) if path.exists() else None
+        if not path.exists():
+            return None
+        with reading(path, "synthetic language file", restore_fix(self.data_dir, "prepare")):
+            return SyntheticLanguage.load(path)
 
 
 def prepared_data(params: Mapping[str, Any]) -> PreparedData:

@@ -1,6 +1,7 @@
 """Build, save and load causal LMs: a tiny GPT-2 from config by default, any HF model by name.
 
-Weights are always saved and loaded as safetensors; ``trust_remote_code`` only when a param asks.
+Weights are always saved and loaded as safetensors; ``trust_remote_code`` only when a param asks. A
+broken model directory raises :class:`~beyondlm.inputs.InputError` naming the file.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from transformers import (
 )
 
 from beyondlm.config import ModelConfig
+from beyondlm.inputs import check_model_dir, reading, require, restore_fix
 from beyondlm.io import atomic_path
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A fresh tiny GPT-2 sized by ``cfg``, or ``cfg.name_or_path`` loaded from hub/local dir."""
     if cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
-        )
+        model = from_pretrained(AutoModelForCausalLM, cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                fix="set sft.model.name_or_path to a model directory or hub id")
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         return model
@@ -65,10 +66,18 @@ def load_model(path: str | Path, *, kind: str = "causal", trust_remote_code: boo
     from transformers import AutoModelForSequenceClassification
 
     auto = {"causal": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}[kind]
-    model = auto.from_pretrained(
-        path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
-    )
-    return model.eval()
+    fix = restore_fix(path)
+    require(path, "model directory", fix)  # a local path: never looked up on the hub
+    return from_pretrained(auto, path, fix=fix, trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
+
+
+def from_pretrained(auto, name_or_path: str | Path, *, fix: str, **kwargs) -> PreTrainedModel:
+    """``auto.from_pretrained`` (safetensors only); a local directory's weights are checked first, so
+    a missing, truncated or corrupt ``model.safetensors`` is one InputError line naming it."""
+    if Path(name_or_path).is_dir():
+        check_model_dir(name_or_path, fix)
+    with reading(name_or_path, "model", fix):
+        return auto.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

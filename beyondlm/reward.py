@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from beyondlm.logprobs import pad_batch
-from beyondlm.models import tiny_gpt2_config
+from beyondlm.models import from_pretrained, tiny_gpt2_config
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,8 @@ class RewardModelConfig:
 def build_reward_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """GPT-2 (or ``cfg.name_or_path``) with a scalar head (num_labels = 1) and a dedicated pad id."""
     if cfg.name_or_path:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.name_or_path, num_labels=1, use_safetensors=True
-        )
+        model = from_pretrained(AutoModelForSequenceClassification, cfg.name_or_path, num_labels=1,
+                                fix="set reward.model.name_or_path to a model directory or hub id")
         n_rows = max(model.get_input_embeddings().num_embeddings, len(tokenizer))
         pad = model.config.pad_token_id
         if pad is None or pad in (tokenizer.eos_token_id, tokenizer.bos_token_id) or pad >= n_rows:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from beyondlm.config import ConfigError, SFTConfig
-from beyondlm.data.prepare import load_split
+from beyondlm.data.prepare import load_split, load_tokenizer
 from beyondlm.logprobs import lm_targets, pad_batch, sequence_logps
 from beyondlm.metrics import perplexity
 from beyondlm.models import build_model, count_parameters, save_model
@@ -43,9 +43,7 @@ def make_loss_fn(cfg: SFTConfig):
 
 def run_sft(cfg: SFTConfig, data_dir: Path, *, out_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict:
     """Train, save the model to ``out_dir`` (safetensors), return metrics for the JSON."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    tokenizer = load_tokenizer(data_dir)
     train = load_split(data_dir, "train")["input_ids"]
     valid = load_split(data_dir, "valid")["input_ids"]
     longest = max(len(x) for x in train)

@@ -18,6 +18,7 @@ from beyondlm import cli
 from beyondlm.align.experiment import AlignConfig, frontier_rows, run_align
 from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
+from beyondlm.inputs import load_tokenizer
 from beyondlm.io import write_metrics, write_tsv
 from beyondlm.models import load_model
 
@@ -33,9 +34,7 @@ def main() -> None:
     if args.method not in cfg.methods:
         raise ConfigError(f"--method {args.method} is not in align.methods={cfg.methods}")
     prep = prepared_data(params)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.sft)
+    tokenizer = load_tokenizer(args.sft)
     result = run_align(args.method, cfg, sft_dir=args.sft, reward_model=load_model(args.reward, kind="reward"),
                        tokenizer=tokenizer, language=prep.language(), samples=args.samples, pairs=args.pairs,
                        test_prompts=load_split(prep.data_dir, "prompts_test")["prompt_ids"],

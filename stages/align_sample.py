@@ -16,6 +16,7 @@ from beyondlm import cli
 from beyondlm.align.experiment import SampleConfig, run_sample
 from beyondlm.config import load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
+from beyondlm.inputs import load_tokenizer
 from beyondlm.io import atomic_path, write_metrics
 from beyondlm.models import load_model
 
@@ -28,9 +29,7 @@ def main() -> None:
     params = read_params()
     cfg = load_section(SampleConfig, section(params, "align_sample"), "align_sample")
     prep = prepared_data(params)
-    from transformers import AutoTokenizer
-
-    tokenizer, model = AutoTokenizer.from_pretrained(args.model), load_model(args.model)
+    tokenizer, model = load_tokenizer(args.model), load_model(args.model)
     prompts = load_split(prep.data_dir, "prompts_train")["prompt_ids"]
     with atomic_path(args.out) as tmp:
         metrics = run_sample(cfg, model, tokenizer, prompts, max_new_tokens=prep.max_len - prep.prompt_len,

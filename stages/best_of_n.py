@@ -14,6 +14,7 @@ from beyondlm import cli
 from beyondlm.align.experiment import AlignConfig, BestOfNConfig, run_best_of_n
 from beyondlm.config import load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
+from beyondlm.inputs import load_tokenizer
 from beyondlm.io import write_metrics, write_tsv
 from beyondlm.models import load_model
 
@@ -27,9 +28,7 @@ def main() -> None:
     cfg = load_section(BestOfNConfig, section(params, "best_of_n"), "best_of_n")
     align = load_section(AlignConfig, section(params, "align"), "align")
     prep = prepared_data(params)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.sft)
+    tokenizer = load_tokenizer(args.sft)
     result = run_best_of_n(cfg, load_model(args.sft).eval(), load_model(args.reward, kind="reward"), tokenizer,
                            prep.language(), load_split(prep.data_dir, "prompts_test")["prompt_ids"],
                            eval_cfg=align.eval, max_new_tokens=prep.max_len - prep.prompt_len)

@@ -20,6 +20,7 @@ from beyondlm import cli
 from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
 from beyondlm.ebm.experiment import EBMConfig, fit_ebm, reference_pairs
+from beyondlm.inputs import load_tokenizer
 from beyondlm.io import write_json, write_metrics
 from beyondlm.models import load_model
 from beyondlm.sampling import SamplingConfig
@@ -42,9 +43,7 @@ def main() -> None:
         raise ConfigError(f"only {len(prompts)} valid texts are longer than prepare.prompt_len="
                           f"{prompt_len}: lower it or raise prepare.n_valid")
 
-    from transformers import AutoTokenizer
-
-    tokenizer, model = AutoTokenizer.from_pretrained(args.model), load_model(args.model)
+    tokenizer, model = load_tokenizer(args.model), load_model(args.model)
     sampling = SamplingConfig(max_new_tokens=max_len - prompt_len, batch_size=cfg.batch_size)
     t0 = time.perf_counter()
     try:

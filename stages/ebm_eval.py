@@ -23,7 +23,8 @@ from beyondlm.config import ConfigError, load_section, prepared_data, read_param
 from beyondlm.data.prepare import load_split
 from beyondlm.ebm import EBMSolution
 from beyondlm.ebm.experiment import EBMEvalConfig, evaluate_decoders, quality_vs_m, reference_pairs
-from beyondlm.io import read_json, write_metrics
+from beyondlm.inputs import load_tokenizer, read_json
+from beyondlm.io import write_metrics
 from beyondlm.models import load_model
 from beyondlm.report.ebm_plot import plot_quality_vs_m
 
@@ -48,10 +49,8 @@ def main() -> None:
                                      cfg.n_prompts)
     language = prep.language()
 
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
-    result = evaluate_decoders(load_model(args.model), AutoTokenizer.from_pretrained(args.model),
+    result = evaluate_decoders(load_model(args.model), load_tokenizer(args.model),
                                prompts, conts, sol, cfg, max_new_tokens=max_len - prompt_len,
                                embedder=weights.get("embedder", "lm"), language=language)
     result["wall_s"] = time.perf_counter() - t0

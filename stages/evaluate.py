@@ -17,6 +17,7 @@ from beyondlm import cli
 from beyondlm.config import EvaluateConfig, load_section, prepared_data, read_params, section
 from beyondlm.data.prepare import load_split
 from beyondlm.evaluation import evaluate_lm
+from beyondlm.inputs import load_tokenizer
 from beyondlm.io import atomic_path, write_metrics, write_text
 from beyondlm.models import load_model
 
@@ -32,9 +33,7 @@ def main() -> None:
     test = load_split(prep.data_dir, "test")
     language = prep.language()
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     metrics, records = evaluate_lm(
         load_model(args.model), tokenizer, test["input_ids"], cfg, max_len=prep.max_len,
         language=language, test_logp_data=test["logp_data"] if language else None,

@@ -18,6 +18,7 @@ from beyondlm import cli
 from beyondlm.align.experiment import PreferencesConfig, run_preferences
 from beyondlm.config import load_section, prepared_data, read_params, section
 from beyondlm.dvcgraph import check_declared_inputs
+from beyondlm.inputs import load_tokenizer
 from beyondlm.io import atomic_path, write_metrics
 
 
@@ -31,11 +32,9 @@ def main() -> None:
     sft = tokenizer = None
     if cfg.source == "file":
         check_declared_inputs("preferences", {"preferences.file.path": cfg.file.path})
-        from transformers import AutoTokenizer
-
         from beyondlm.models import load_model
 
-        tokenizer, sft = AutoTokenizer.from_pretrained(args.model), load_model(args.model).eval()
+        tokenizer, sft = load_tokenizer(args.model), load_model(args.model).eval()
     with atomic_path(args.out) as tmp:
         metrics = run_preferences(cfg, args.samples, tmp, sft=sft, tokenizer=tokenizer,
                                   max_len=prepared_data(params).max_len)

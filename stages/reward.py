@@ -15,6 +15,7 @@ from pathlib import Path
 from beyondlm import cli
 from beyondlm.align.experiment import RewardConfig, run_reward
 from beyondlm.config import load_section, read_params, section
+from beyondlm.inputs import load_tokenizer
 from beyondlm.io import write_metrics
 
 
@@ -24,9 +25,7 @@ def main() -> None:
         p.add_argument(arg, type=Path, required=True)
     args = p.parse_args()
     cfg = load_section(RewardConfig, section(read_params(), "reward"), "reward")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     _, metrics = run_reward(cfg, args.pairs, args.samples, tokenizer, out_dir=args.out, live_dir=args.live)
     write_metrics(args.metrics, metrics)
 

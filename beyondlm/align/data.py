@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from beyondlm.inputs import InputError, read_jsonl, read_parquet, reading, require, require_columns
 from beyondlm.sampling import SamplingConfig, sample_scored
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -92,20 +93,19 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path, fix: str) -> list[dict]:
     name = path.name.removesuffix(".gz")
     if name.endswith(".parquet"):
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict("records")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if name.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        if name.endswith(".json"):
-            data = json.load(f)
+        t = read_parquet(path, fix)
+        return [dict(zip(t, row)) for row in zip(*t.values())]
+    if name.endswith(".jsonl"):
+        return read_jsonl(path, fix)
+    if name.endswith(".json"):
+        with reading(path, "JSON file", fix):
+            with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+                data = json.load(f)
             return data if isinstance(data, list) else data["data"]
-    raise ValueError(f"{path}: preference files must be .jsonl, .json or .parquet (optionally .gz)")
+    raise InputError(path, "unknown format", "use .jsonl, .json or .parquet (optionally .gz)")
 
 
 def read_preference_file(path: str | Path, *, prompt_column: str | None = "prompt",
@@ -116,15 +116,12 @@ def read_preference_file(path: str | Path, *, prompt_column: str | None = "promp
     With a prompt column, chosen/rejected are the completions. Without one (HH-RLHF: whole
     dialogues in chosen and rejected) the prompt is their shared prefix up to the last assistant
     turn. Pairs with identical completions are dropped (they carry no preference)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"preference file {path} does not exist")
-    rows = _read_rows(path)
+    fix = "fix the file, or set preferences.file.path / chosen_column / rejected_column"
+    path = require(path, "preference file", fix)
+    rows = _read_rows(path, fix)
     if not rows:
-        raise ValueError(f"{path}: no rows")
-    missing = [c for c in (chosen_column, rejected_column) if c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; columns are {sorted(rows[0])}")
+        raise InputError(path, "has no rows", fix)
+    require_columns(path, sorted(rows[0]), (chosen_column, rejected_column), fix)
     has_prompt = prompt_column is not None and prompt_column in rows[0]
     out = []
     for row in rows[: limit or None]:

@@ -32,6 +32,7 @@ from beyondlm.align.train import (
     rloo_loss_fn,
 )
 from beyondlm.config import ConfigError, TrainConfig, check_param
+from beyondlm.inputs import read_json, read_parquet, restore_fix
 from beyondlm.io import write_json
 from beyondlm.logprobs import sequence_logps
 from beyondlm.objectives.preference import PREFERENCE_LOSSES, resolve_preference_loss
@@ -166,9 +167,7 @@ def save_groups(path: Path, prompt_ids, completions, ref_logps: np.ndarray, orac
 
 
 def load_table(path: Path) -> dict:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pydict()
+    return read_parquet(path, restore_fix(path))
 
 
 def save_pairs(path: Path, pairs: Sequence[PrefPair], split: Sequence[str], extra: Mapping | None = None) -> None:
@@ -314,7 +313,7 @@ def _resumed_evals(ckpt: Path, fingerprint: dict) -> list[dict]:
     path = ckpt / EVALS
     if not path.exists():
         return []
-    saved = json.loads(path.read_text())
+    saved = read_json(path, f"delete {ckpt} to start this seed's run over")
     if saved.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         path.unlink()
         return []

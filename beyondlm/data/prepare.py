@@ -21,6 +21,8 @@ from transformers import PreTrainedTokenizerBase
 from beyondlm.config import ConfigError, PrepareConfig
 from beyondlm.data import sources, tokenization
 from beyondlm.data.synthetic import SyntheticLanguage
+from beyondlm import inputs
+from beyondlm.inputs import load_parquet_split, restore_fix
 from beyondlm.io import atomic_path, write_json
 
 SPLITS = ("train", "valid", "test")
@@ -149,4 +151,9 @@ def load_split(data_dir: str | Path, name: str) -> datasets.Dataset:
     path = Path(data_dir) / f"{name}.parquet"
     if not path.exists():
         raise ConfigError(f"{path} is missing: run the prepare stage first (dvc repro prepare)")
-    return datasets.Dataset.from_parquet(str(path))
+    return load_parquet_split(path, restore_fix(data_dir, "prepare"))
+
+
+def load_tokenizer(data_dir: str | Path):
+    """The prepared tokenizer (``<data_dir>/tokenizer``), checked (see beyondlm.inputs.load_tokenizer)."""
+    return inputs.load_tokenizer(Path(data_dir) / "tokenizer", restore_fix(data_dir, "prepare"))

@@ -1,7 +1,8 @@
 """Text sources for ``prepare``: local files and hub data sets, loaded through ``datasets``.
 
 Both return ``{"train": [...], "valid": [...], "test": [...]}`` lists of non-empty strings. Missing
-columns, unreadable files and empty splits raise :class:`ConfigError` naming the file and the fix.
+files and columns and empty splits raise :class:`ConfigError`, an unreadable file (empty, bad gzip,
+a line that is not JSON, ...) :class:`~beyondlm.inputs.InputError`; both name the file and the fix.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from beyondlm.config import ConfigError, HubSourceConfig, LocalSourceConfig
+from beyondlm.inputs import read_jsonl, reading, require
 
 # suffix → (datasets builder, extra kwargs)
 _BUILDERS = {
@@ -41,7 +43,16 @@ def read_text_file(path: str | Path, text_column: str, key: str) -> list[str]:
     if not path.exists():
         raise ConfigError(f"prepare.local.{key}: file '{path}' does not exist")
     builder, kwargs = _builder(path)
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    fix = f"fix the file, or set prepare.local.{key} to another one"
+    fmt = path.name.removesuffix(".gz").rsplit(".", 1)[-1]
+    require(path, f"{fmt} file", fix)
+    with reading(path, f"{fmt} file", fix):
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        except Exception:
+            if fmt == "jsonl":
+                read_jsonl(path, fix)  # names the first line that is not JSON, if that is the cause
+            raise
     column = "text" if builder == "text" else text_column
     if column not in ds.column_names:
         raise ConfigError(

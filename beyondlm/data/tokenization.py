@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from beyondlm.inputs import reading
+
 EOS = "<|endoftext|>"
 UNK = "<unk>"
 
@@ -49,7 +51,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def pretrained_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with reading(name_or_path, "tokenizer", "set prepare.tokenizer.name_or_path to a tokenizer directory or hub id"):
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tok.eos_token is None:
         tok.add_special_tokens({"eos_token": EOS})
     if tok.bos_token is None:

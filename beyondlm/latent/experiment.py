@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from beyondlm.config import ConfigError, TrainConfig, load_section
-from beyondlm.data.prepare import load_split
+from beyondlm.data.prepare import load_split, load_tokenizer
 from beyondlm.latent.generation import sample_plans, sample_texts
 from beyondlm.latent.model import (
     LatentPlanLM,
@@ -263,10 +263,8 @@ def run_vq(cfg: VQConfig, data_dir: Path, *, max_len: int, out_dir: Path,
     ``max_len``: prepare.max_len (targets per text incl. EOS); ``language``: the synthetic p_d
     (``prepared_data(params).language()``) for the exact sample metrics, or None.
     """
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(Path(data_dir) / "tokenizer")
+    tokenizer = load_tokenizer(data_dir)
     train = load_split(data_dir, "train")["input_ids"]
     test_split = load_split(data_dir, "test")
     test = test_split["input_ids"][: cfg.max_test or None]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -30,8 +31,11 @@ import torch
 from torch import Tensor
 
 from beyondlm.config import ConfigError
-from beyondlm.io import read_json, write_json
+from beyondlm.inputs import InputError, load_npy, read_json, reading, restore_fix
+from beyondlm.io import write_json
 from beyondlm.logprobs import lm_targets, pad_batch
+
+log = logging.getLogger(__name__)
 
 # Architecture (``type(model).__name__``) → the module whose OUTPUT is the key: the last block's
 # pre-FFN layer norm. Add a line here to plug in another architecture.
@@ -221,14 +225,17 @@ def _key_rows(offsets: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def _resume_point(out: Path, info: DatastoreInfo) -> int | None:
     """Sequences already done (0 = start over); None if ``out`` already holds this datastore."""
     meta, progress = out / "meta.json", out / "progress.json"
-    if meta.exists():
-        if read_json(meta) == asdict(info):
-            return None
-        meta.unlink()  # a different datastore: rebuild
-    if progress.exists():
-        state = read_json(progress)
-        if {k: state.get(k) for k in asdict(info)} == asdict(info):
-            return int(state["n_seqs_done"])
+    try:
+        if meta.exists():
+            if read_json(meta) == asdict(info):
+                return None
+            meta.unlink()  # a different datastore: rebuild
+        if progress.exists():
+            state = read_json(progress)
+            if {k: state.get(k) for k in asdict(info)} == asdict(info):
+                return int(state["n_seqs_done"])
+    except InputError as err:  # a record we cannot read proves nothing: rebuild
+        log.warning("rebuilding the datastore: %s", err)
     return 0
 
 
@@ -260,11 +267,12 @@ def load_datastore(path: str | Path) -> Datastore:
             f"datastore {path} is incomplete: no meta.json{state}. Rerun build_datastore on the "
             "same sequences with resume=True (dvc repro datastore) to finish it"
         )
-    info = DatastoreInfo(**read_json(path / "meta.json"))
-    keys = np.load(path / "keys.npy", mmap_mode="r")
-    values = np.load(path / "values.npy", mmap_mode="r")
+    fix = restore_fix(path, "datastore")
+    with reading(path / "meta.json", "datastore record", fix):
+        info = DatastoreInfo(**read_json(path / "meta.json", fix))
+    keys, values = load_npy(path / "keys.npy", fix), load_npy(path / "values.npy", fix)
     if keys.shape != (info.n_keys, info.dim) or values.shape != (info.n_keys,):
-        raise ConfigError(f"datastore {path}: arrays {keys.shape}/{values.shape} disagree with meta.json")
+        raise InputError(path, f"arrays {keys.shape}/{values.shape} disagree with meta.json", fix)
     return Datastore(path, info, keys, values)
 
 

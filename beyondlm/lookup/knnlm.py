@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from beyondlm.config import ConfigError, _check_choice, _check_range
+from beyondlm.inputs import read_faiss_index, restore_fix
 from beyondlm.io import atomic_path
 from beyondlm.lookup.datastore import forward_keys
 
@@ -109,9 +110,7 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
 
 
 def load_index(path: str | Path) -> faiss.Index:
-    if not Path(path).exists():
-        raise ConfigError(f"faiss index {path} is missing: run the knnlm stage's index step first")
-    return faiss.read_index(str(path))
+    return read_faiss_index(path, restore_fix(path, "knnlm"))
 
 
 def recall_at_k(index: faiss.Index, exact_index: faiss.Index, queries: np.ndarray, k: int) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -14,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from beyondlm import inputs  # noqa: E402
 from beyondlm.io import atomic_path  # noqa: E402
 
 RUN = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
@@ -28,14 +28,17 @@ def get(d: dict | None, dotted: str) -> Any:
     return d
 
 
+METRICS_FIX = "rerun the stage that writes it: `dvc repro` (a changed metrics file makes its stage stale)"
+
+
 def read_json(path: Path) -> dict | None:
     """The parsed file, or None when it does not exist (a stage that has not run)."""
-    return json.loads(path.read_text()) if path.exists() else None
+    return inputs.read_json(path, METRICS_FIX) if path.exists() else None
 
 
 def load_json_dir(directory: Path) -> dict[str, dict]:
     """``{stem: parsed}`` of every ``*.json`` in ``directory`` (sorted; empty when absent)."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+    return {p.stem: inputs.read_json(p, METRICS_FIX) for p in sorted(directory.glob("*.json"))}
 
 
 def load_runs(directory: Path) -> dict[str, dict[int, dict]]:
@@ -43,7 +46,7 @@ def load_runs(directory: Path) -> dict[str, dict[int, dict]]:
     runs: dict[str, dict[int, dict]] = defaultdict(dict)
     for path in sorted(directory.glob("*.json")):
         if m := RUN.match(path.stem):
-            runs[m["variant"]][int(m["seed"])] = json.loads(path.read_text())
+            runs[m["variant"]][int(m["seed"])] = inputs.read_json(path, METRICS_FIX)
     return dict(runs)
 
 
