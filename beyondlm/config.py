@@ -337,18 +337,27 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != 
 SFT_KEYS = ("variants", "seeds", "objectives", "model", *TRAIN_KEYS)
 
 
+def check_variant_name(variant: Any) -> None:
+    """A variant name DVC can address: it becomes the params key ``sft.objectives.<variant>`` and
+    part of a stage name. A dot would make DVC fail with "Parameters ... are missing"."""
+    bad = next((c for c in ".@/:" if c in str(variant)), None)
+    if bad:  # DVC reads `sft.objectives.<variant>` as a dotted path and `@`/`:` as addressing
+        raise ConfigError(
+            f"params.yaml: variant name '{variant}' contains '{bad}': DVC cannot address it; "
+            f"use letters, digits, '-' and '_' (e.g. '{str(variant).replace(bad, '_')}')"
+        )
+
+
 def variant_objective(sft: Mapping[str, Any], variant: str) -> tuple[str, dict[str, float]]:
     """(objective name, validated hyperparameters) of ``sft.objectives.<variant>``; the entry's
     ``objective`` key defaults to the variant name. Shared by every stage with a variant axis."""
     from beyondlm.objectives import resolve_objective
 
     entries = sft.get("objectives") or {}
-    bad = next((c for c in ".@/:" if c in variant), None)
-    if bad:  # DVC reads `sft.objectives.<variant>` as a dotted path and `@`/`:` as addressing
-        raise ConfigError(
-            f"params.yaml: variant name '{variant}' contains '{bad}': DVC cannot address it; "
-            f"use letters, digits, '-' and '_' (e.g. '{variant.replace(bad, '_')}')"
-        )
+    # All of sft.variants: the first stage of the matrix to run stops on a bad name, before DVC
+    # reaches the bad variant's own stage (it only ever fails here; no output depends on the list).
+    for name in [variant, *(sft.get("variants") or [])]:
+        check_variant_name(name)
     if variant not in entries:
         raise ConfigError(
             f"params.yaml: sft.objectives has no entry '{variant}' (entries: "

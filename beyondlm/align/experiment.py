@@ -135,9 +135,21 @@ class AlignConfig:
         check_param("align.methods", self.methods and not bad, self.methods, f"choose from {list(METHODS)}")
         unknown = sorted(set(self.hyperparams) - set(PREFERENCE_LOSSES))
         check_param("align.hyperparams", not unknown, unknown, f"keys must be among {list(PREFERENCE_LOSSES)}")
+        for method, entry in self.hyperparams.items():  # now, not after the models are loaded
+            check_param(f"align.hyperparams.{method}", isinstance(entry or {}, Mapping), entry,
+                        "a mapping of hyperparameter: value")
+            for key, value in (entry or {}).items():
+                try:
+                    resolve_preference_loss(method, {key: value})
+                except ValueError as err:
+                    raise ConfigError(f"params.yaml: 'align.hyperparams.{method}.{key}'={value!r}: {err}; "
+                                      f"fix it, or drop it for the default") from err
         check_param("align.eval_every", self.eval_every >= 1, self.eval_every, "must be >= 1")
         check_param("align.rloo.K", self.rloo.K >= 2, self.rloo.K, "RLOO needs K >= 2")
         check_param("align.rloo.batch_size", self.rloo.batch_size >= 1, self.rloo.batch_size, "must be >= 1")
+        check_param("align.rloo.beta", self.rloo.beta >= 0, self.rloo.beta, "must be >= 0")
+        check_param("align.rloo.lr", self.rloo.lr > 0, self.rloo.lr, "must be > 0")
+        check_param("align.rloo.max_steps", self.rloo.max_steps >= 1, self.rloo.max_steps, "must be >= 1")
 
     def loss(self, method: str) -> dict[str, float]:
         try:
