@@ -46,6 +46,7 @@ from transformers import get_cosine_schedule_with_warmup
 from beyondlm import convergence
 from beyondlm.convergence import HeldOutValue
 from beyondlm.config import TrainConfig
+from beyondlm.inputs import InputError, check_safetensors, check_torch_file, read_json, require
 from beyondlm.io import atomic_path, split_timing, write_json
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,12 @@ class Checkpoints:
     A state is resumed only if its fingerprint (params + data identity) equals the current one,
     so a rerun after a params change never continues a stale run. Beside the accelerate state a
     checkpoint holds the held-out curve so far (``loop.json``) and the best weights (``BEST``).
+    A state that cannot be read (a truncated weights or optimizer file, a corrupt ``loop.json``)
+    is moved aside to ``<name>.bad`` with a warning; the run resumes from an earlier state or
+    starts over, rather than failing on every rerun.
     """
+
+    STATE_FILES = ("loop.json", "model.safetensors", "optimizer.bin", "scheduler.bin")  # what save() writes
 
     def __init__(self, root: Path | None, fingerprint: Mapping):
         self.root, self.fingerprint = root, json.loads(json.dumps(fingerprint, default=str))
@@ -199,11 +205,36 @@ class Checkpoints:
         if self.root is None or not self.root.exists():
             return None
         for path in sorted(self.root.glob("step-*"), reverse=True):
-            meta = path / "loop.json"
-            if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == self.fingerprint:
+            if path.suffix == ".bad":
+                continue
+            bad = path.with_name(f"{path.name}.bad")
+            try:
+                meta = self._readable(path, f"moved aside to {bad.name}; resuming from an earlier state or step 0")
+            except InputError as err:
+                log.warning("unreadable checkpoint: %s", err)
+                shutil.rmtree(bad, ignore_errors=True)
+                path.rename(bad)
+                continue
+            if meta.get("fingerprint") == self.fingerprint:
                 return path
             log.warning("ignoring checkpoint %s: written with other params or data", path)
         return None
+
+    def _readable(self, path: Path, fix: str) -> dict:
+        """``loop.json`` of the state ``path`` once every file in it reads (InputError if not):
+        the checks run before ``load_state``, which would have loaded the weights already when
+        the optimizer file turns out truncated."""
+        for name in self.STATE_FILES:
+            require(path / name, "checkpoint file", fix)
+        meta = read_json(path / "loop.json", fix)
+        if not isinstance(meta, dict) or not {"step", "tokens"} <= set(meta):
+            raise InputError(path / "loop.json", "is not a checkpoint record", fix)
+        for file in sorted(path.iterdir()):
+            if file.suffix == ".safetensors":
+                check_safetensors(file, fix)
+            elif file.suffix in (".bin", ".pkl"):  # torch.save zip archives
+                check_torch_file(file, fix)
+        return meta
 
     def save(self, accelerator: Accelerator, step: int, tokens: int, tracker: "HeldOut") -> None:
         if self.root is None:
