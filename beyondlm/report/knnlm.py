@@ -34,7 +34,7 @@ def knnlm_section(metrics: Path, reports: Path) -> list[str]:
     recall = next(((name, val) for name, val in idx.items() if name.startswith("recall@")), None)
     out = ["## Look-up model (kNN-LM)", "",
            f"Datastore: {store.get('n_keys', idx.get('n_keys'))} keys"
-           + (f" of dimension {store['dim']}, built at {store['keys_per_s'] * 60 / 1e6:.2f} M keys/min" if store else "")
+           + (f" of dimension {store['dim']}" if store else "")
            + f". Index `{idx.get('cfg/kind')}`"
            + (f", {recall[0]} against exact search {recall[1]:.3f}" if recall else "") + ".", "",
            "| split | LM perplexity | best kNN-LM perplexity | k | λ | LM fwd KL(p_d‖p) | kNN-LM fwd KL |",
