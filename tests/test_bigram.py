@@ -192,6 +192,6 @@ def test_stage_writes_exactly_its_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["bigram", "--variant", "mixce", "--seed", "0", "--metrics", "m.json"])
     runpy.run_module("stages.bigram", run_name="__main__")  # in-process: a subprocess re-imports torch (~10 s)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "params.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.timing.json", "params.yaml"]  # + wall time
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["objective"] == "mixce" and metrics["hyperparams"] == {"eta": 0.1}

@@ -253,7 +253,8 @@ def test_stages_write_exactly_their_outputs(tiny, tmp_path, monkeypatch):
     knnlm_stage.main()
     new = {p.relative_to(tmp_path).as_posix() for p in set(tmp_path.rglob("*")) - before if p.is_file()}
     assert new == {"out/ds/keys.npy", "out/ds/values.npy", "out/ds/meta.json", "out/idx.faiss",
-                   "m/ds.json", "m/knn.json", "m/knn.tsv"}
+                   "m/ds.json", "m/knn.json", "m/knn.tsv",
+                   "m/ds.timing.json", "m/knn.timing.json"}  # build times: untracked, beside the metrics
     metrics = json.loads((tmp_path / "m/knn.json").read_text())
     assert metrics["valid"]["lm_ppl"] == metrics["valid"]["k"]["8"]["ppl"]["0.0"] > 1
     assert 0 < metrics["index"]["recall@8"] <= 1
