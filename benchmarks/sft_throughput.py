@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from beyondlm.config import TRAIN_KEYS, ModelConfig, SFTConfig, TrainConfig, load_section, read_params, section
+from beyondlm.config import ModelConfig, SFTConfig, TrainConfig, load_section, read_params, section
 from beyondlm.data import tokenization
 from beyondlm.data.synthetic import LanguageSpec, SyntheticLanguage
 from beyondlm.logprobs import pad_batch
@@ -48,10 +48,9 @@ def setup(n: int = 4000):
 def sft_train_config(steps: int) -> TrainConfig:
     """The sft stage's TrainConfig from params.yaml (batch, lr, warmup, speed switches), run for
     ``steps`` steps without checkpoints."""
-    sft = section(read_params("params.yaml"), "sft")
-    raw = {k: sft[k] for k in TRAIN_KEYS if k in sft}
+    raw = section(read_params("params.yaml"), "sft").get("train") or {}
     return load_section(TrainConfig, {**raw, "max_steps": steps, "ckpt_every": 0, "eval_every": 0,
-                                      "warmup_steps": min(raw.get("warmup_steps", 0), steps)}, "sft")
+                                      "warmup_steps": min(raw.get("warmup_steps", 0), steps)}, "sft.train")
 
 
 class Positions:

@@ -16,7 +16,7 @@ Test metrics on ``n_test`` held-out gold samples x_i (BOS prepended for the mode
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -31,58 +31,34 @@ from beyondlm.models import build_model, count_parameters
 from beyondlm.sft import make_loss_fn
 from beyondlm.training import heldout_loss, target_tokens, train_loop
 
-TRAIN_KEYS = ("max_steps", "batch_size", "lr", "warmup_steps", "log_every", "eval_every", "converge_tol")
-
-
-@dataclass(frozen=True)
-class BigramModelConfig:
-    """``bigram.model``: the tiny GPT-2 (no pretrained models: the vocabulary is the gold LM's)."""
-
-    n_layer: int = 1
-    n_head: int = 2
-    n_embd: int = 32
-    n_positions: int = 80
-
-    def to_model_config(self) -> ModelConfig:
-        return ModelConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                           n_positions=self.n_positions)
-
 
 @dataclass(frozen=True)
 class BigramConfig:
-    """Params section ``bigram``; training keys not listed here take `TrainConfig`'s defaults."""
+    """Params section ``bigram``: the gold language, data sizes, ``model`` and ``train``."""
 
     variants: list[str] = field(default_factory=lambda: ["mle"])  # matrix axis (entries of sft.objectives)
     seeds: list[int] = field(default_factory=lambda: [0])  # matrix axis
     language: BigramSpec = field(default_factory=BigramSpec)
-    model: BigramModelConfig = field(default_factory=BigramModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=80))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=300, batch_size=32, lr=3e-3,
+                                                                    warmup_steps=30, ckpt_every=0))
     n_train: int = 5000  # gold samples to train on
-    n_test: int = 500  # held-out gold samples for NLL and forward KL
-    max_steps: int = 300
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    log_every: int = 10
-    eval_every: int = 0  # held-out evaluations (0 = max_steps // 10) on n_test fresh gold samples
-    converge_tol: float = 0.01
+    n_test: int = 500  # held-out gold samples for NLL and forward KL; held-out evaluations use as many
 
     def __post_init__(self) -> None:
         for key, lo in (("n_train", 1), ("n_test", 2)):
             value = getattr(self, key)
             if not lo <= value <= 10**8:
                 raise ConfigError(f"params.yaml: 'bigram.{key}'={value!r} must be between {lo} and 10**8")
+        if self.model.name_or_path:
+            raise ConfigError("params.yaml: bigram.model.name_or_path must be null: the vocabulary is the gold "
+                              "LM's own, so only a fresh tiny GPT-2 fits")
         need = self.language.max_len + 1  # BOS + up to max_len tokens
         if self.model.n_positions < need:
             raise ConfigError(
                 f"params.yaml: bigram.model.n_positions={self.model.n_positions} is shorter than "
                 f"BOS + bigram.language.max_len={self.language.max_len}; raise it to >= {need}"
             )
-        self.model.to_model_config()  # n_embd % n_head
-        self.train_config(seed=0)  # ranges of the training keys, named bigram.<key>
-
-    def train_config(self, seed: int) -> TrainConfig:
-        raw = {k: getattr(self, k) for k in TRAIN_KEYS}
-        return load_section(TrainConfig, {**raw, "seed": seed}, "bigram")
 
 
 def bigram_config(raw: Mapping[str, Any]) -> BigramConfig:
@@ -106,7 +82,7 @@ def run_bigram(cfg: BigramConfig, variant: str, objective: str, hyperparams: Map
     lm, train, valid, test = gold_data(cfg.language, cfg.n_train, cfg.n_test)
     tok = word_tokenizer(lm.vocab)
     sft = SFTConfig(variant=variant, objective=objective, hyperparams=dict(hyperparams),
-                    model=cfg.model.to_model_config(), train=cfg.train_config(seed))
+                    model=cfg.model, train=replace(cfg.train, seed=seed))
     torch.manual_seed(seed)
     model = build_model(sft.model, tok)
     bos = tok.bos_token_id  # = EOS_ID = 0

@@ -130,7 +130,8 @@ def prepared_data(params: Mapping[str, Any]) -> PreparedData:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``sft.model``: a tiny GPT-2 from this config, or any causal LM by ``name_or_path``."""
+    """``<section>.model`` of every section that trains an LM (sft, bigram, reward, vq.prior): a
+    tiny GPT-2 from this config, or any model by ``name_or_path``."""
 
     name_or_path: str | None = None
     n_layer: int = 2
@@ -141,17 +142,16 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise ConfigError(
-                f"sft.model.n_embd={self.n_embd} is not divisible by sft.model.n_head="
-                f"{self.n_head}: choose n_embd a multiple of n_head"
-            )
-        _check_range("sft.model.dropout", self.dropout, 0.0, 1.0)
+        if self.n_embd % self.n_head:  # load_section appends the section's name
+            raise ConfigError(f"params.yaml: 'n_embd'={self.n_embd} is not divisible by n_head={self.n_head}: "
+                              f"choose n_embd a multiple of n_head")
+        _check_range("dropout", self.dropout, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The shared training loop's knobs (sft, and later reward/align/vq)."""
+    """``<section>.train``: the shared training loop's knobs, in every section that trains (sft,
+    bigram, reward, align, align.rloo, vq, vq.prior); defaults differ per section, keys do not."""
 
     lr: float = 3e-3
     batch_size: int = 32  # sequences per micro-batch
@@ -257,13 +257,23 @@ def load_section(cls: type, raw: Mapping[str, Any] | None, prefix: str):
         )
     hints = typing.get_type_hints(cls)
     kwargs = {
-        name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
+        name: _coerce(hints[name], _over_default(fields[name], value), f"{prefix}.{name}" if prefix else name)
         for name, value in raw.items()
     }
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:  # __post_init__ validation (ours or LanguageSpec's)
         raise ConfigError(f"{err} (in params section '{prefix}')") from err
+
+
+def _over_default(f: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a field whose default is a dataclass (``train: TrainConfig(lr=2e-3, ...)``)
+    sets only its own keys; the rest keep the section's default, not the class's."""
+    if isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+        if dataclasses.is_dataclass(default):
+            return {**dataclasses.asdict(default), **value}
+    return value
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -334,7 +344,17 @@ def _check_range(key: str, value: float, low: float, high: float) -> None:
 
 # ----------------------------------------------------------------------------- sft section
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "seed")
-SFT_KEYS = ("variants", "seeds", "objectives", "model", *TRAIN_KEYS)
+SFT_KEYS = ("variants", "seeds", "objectives", "model", "train")
+
+
+def train_config(base: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None, prefix: str,
+                 **fixed: Any) -> TrainConfig:
+    """``TrainConfig`` from a section's ``train`` mapping with an entry's own ``train`` mapping on
+    top (``sft.objectives.<variant>.train``); ``fixed`` keys (the seed) are the stage's, not params'."""
+    for name, raw in ((prefix, base), (f"{prefix} override", overrides)):
+        if raw is not None and not isinstance(raw, Mapping):
+            raise ConfigError(f"params.yaml: '{name}' must be a mapping of training keys, got {raw!r}")
+    return load_section(TrainConfig, {**(base or {}), **(overrides or {}), **fixed}, prefix)
 
 
 def check_variant_name(variant: Any) -> None:
@@ -374,7 +394,7 @@ def variant_objective(sft: Mapping[str, Any], variant: str) -> tuple[str, dict[s
 
 
 def variant_train_overrides(sft: Mapping[str, Any], variant: str) -> dict[str, Any]:
-    """``sft.objectives.<variant>.train``: training keys this variant sets apart from ``sft``'s own
+    """``sft.objectives.<variant>.train``: training keys this variant sets apart from ``sft.train``
     (e.g. a slower objective's step budget, so every variant trains to convergence)."""
     train = ((sft.get("objectives") or {}).get(variant) or {}).get("train") or {}
     if not isinstance(train, Mapping):
@@ -389,13 +409,13 @@ def variant_train_overrides(sft: Mapping[str, Any], variant: str) -> dict[str, A
 
 def sft_config(sft: Mapping[str, Any], variant: str, seed: int) -> SFTConfig:
     """The config of stage ``sft@<variant>-<seed>``: ``sft.objectives[variant]`` names the
-    objective and its hyperparameters; training keys sit directly under ``sft``, and the entry's
+    objective and its hyperparameters; ``sft.train`` holds the training keys, and the entry's
     optional ``train`` mapping overrides them for this variant."""
     unknown = sorted(set(sft) - set(SFT_KEYS))
     if unknown:
-        raise ConfigError(f"params.yaml: unknown key 'sft.{unknown[0]}'. Allowed: {', '.join(SFT_KEYS)}")
+        moved = f" (training keys moved under 'sft.train': sft.train.{unknown[0]})" if unknown[0] in TRAIN_KEYS else ""
+        raise ConfigError(f"params.yaml: unknown key 'sft.{unknown[0]}'{moved}. Allowed: {', '.join(SFT_KEYS)}")
     objective, hyperparams = variant_objective(sft, variant)
-    keys = {**{k: sft[k] for k in TRAIN_KEYS if k in sft}, **variant_train_overrides(sft, variant)}
-    train = load_section(TrainConfig, {**keys, "seed": seed}, "sft")
+    train = train_config(sft.get("train"), variant_train_overrides(sft, variant), "sft.train", seed=seed)
     model = load_section(ModelConfig, sft.get("model"), "sft.model")
     return SFTConfig(variant=variant, objective=objective, hyperparams=hyperparams, model=model, train=train)

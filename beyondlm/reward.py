@@ -34,27 +34,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from beyondlm.config import ModelConfig
 from beyondlm.logprobs import pad_batch
 from beyondlm.models import from_pretrained, tiny_gpt2_config
 
 
-@dataclass(frozen=True)
-class RewardModelConfig:
-    """A fresh tiny GPT-2 reward model, or ``name_or_path`` (hub id / local dir) with a new head."""
-
-    name_or_path: str | None = None
-    n_layer: int = 2
-    n_head: int = 2
-    n_embd: int = 64
-    n_positions: int = 128
-    dropout: float = 0.0
-
-
-def build_reward_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """GPT-2 (or ``cfg.name_or_path``) with a scalar head (num_labels = 1) and a dedicated pad id."""
     if cfg.name_or_path:
         model = from_pretrained(AutoModelForSequenceClassification, cfg.name_or_path, num_labels=1,
-                                fix="set reward.model.name_or_path to a model directory or hub id")
+                                trust_remote_code=cfg.trust_remote_code, fix="set reward.model.name_or_path to a model directory or hub id")
         n_rows = max(model.get_input_embeddings().num_embeddings, len(tokenizer))
         pad = model.config.pad_token_id
         if pad is None or pad in (tokenizer.eos_token_id, tokenizer.bos_token_id) or pad >= n_rows:

@@ -3,8 +3,7 @@
 Trains a tiny GPT-2 on samples of the gold bigram LM with the objective of ``sft.objectives.<variant>``
 and compares its transition rows to the gold rows exactly (beyondlm/bigram_experiment.py).
 
-params: bigram (language, model, n_train, n_test, max_steps, batch_size, lr, warmup_steps,
-        log_every), sft.objectives.<variant>
+params: bigram (language, model, train, n_train, n_test), sft.objectives.<variant>
 deps:   stages/bigram.py, beyondlm/bigram_experiment.py, beyondlm/data/bigram.py, beyondlm/ (sft,
         training, models, objectives, logprobs, metrics, config, io, data/tokenization)
 outs:   none (the gold data are regenerated from the seed; the model is not kept)

@@ -37,7 +37,6 @@ from beyondlm.config import ConfigError, ModelConfig, TrainConfig, load_section
 from beyondlm.data import tokenization
 from beyondlm.logprobs import sequence_logps
 from beyondlm.models import build_model, save_model
-from beyondlm.reward import RewardModelConfig
 from beyondlm.sampling import SamplingConfig
 from tests.helpers import tiny_setup
 
@@ -152,14 +151,14 @@ def test_the_chain_on_the_tiny_language(tmp_path):
                    out=tmp_path / "samples.parquet")
     assert s["n_prompts"] == 48 and np.isfinite(s["oracle_mean"])
     run_preferences(PreferencesConfig(), tmp_path / "samples.parquet", tmp_path / "pairs.parquet")
-    rm, m = run_reward(RewardConfig(model=RewardModelConfig(n_layer=1, n_embd=32, n_positions=32),
+    rm, m = run_reward(RewardConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32),
                                     train=TrainConfig(lr=3e-3, batch_size=16, max_steps=6, warmup_steps=1, ckpt_every=0)),
                        tmp_path / "pairs.parquet", tmp_path / "samples.parquet", tok, out_dir=tmp_path / "rm")
     assert 0 <= m["valid_accuracy"] <= 1 and -1 <= m["oracle_pearson"] <= 1
     cfg = AlignConfig(seeds=[0, 1], eval_every=2, eval=EvalConfig(n_prompts=8),
                       train=TrainConfig(lr=1e-3, batch_size=4, max_steps=4, warmup_steps=1, ckpt_every=2,
                                         group_by_length=False),
-                      rloo=RLOOConfig(K=2, batch_size=4, max_steps=4))
+                      rloo=RLOOConfig(K=2, train={"batch_size": 4, "max_steps": 4}))
     kw = dict(sft_dir=tmp_path / "sft", reward_model=rm, tokenizer=tok, language=language,
               samples=tmp_path / "samples.parquet", pairs=tmp_path / "pairs.parquet", test_prompts=test_prompts,
               max_new_tokens=16)

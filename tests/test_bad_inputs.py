@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO = {"n_train": 60, "n_valid": 20, "n_test": 20, "max_len": 24, "prompt_len": 3, "n_prompts": 6,
          "synthetic": {"n_topics": 2, "words_per_class": 4, "mean_sentences": 1.5, "max_len": 24}}
 PARAMS = {"prepare": {**MICRO, "out_dir": "data/prepared"},
-          "sft": {"variants": ["mle"], "seeds": [0], "objectives": {"mle": {}}, "max_steps": 2},
+          "sft": {"variants": ["mle"], "seeds": [0], "objectives": {"mle": {}}, "train": {"max_steps": 2}},
           "evaluate": {"n_samples": 4, "batch_size": 4}}
 MODEL = "models/sft/m"
 PREVIOUS = {"reports/metrics/prepare.json": '{"previous": true}\n',

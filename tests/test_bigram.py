@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from beyondlm.bigram_experiment import BigramConfig, BigramModelConfig, bigram_config, run_bigram
+from beyondlm.bigram_experiment import BigramConfig, bigram_config, run_bigram
+from beyondlm.config import ModelConfig, TrainConfig
 from beyondlm.config import variant_objective
 from beyondlm.config import ConfigError
 from beyondlm.objectives import OBJECTIVES
@@ -167,8 +168,8 @@ def test_config_errors_name_the_key():
 
 
 SMOKE = BigramConfig(
-    language=BigramSpec(vocab_size=20, max_len=16, eos_prob=0.2), model=BigramModelConfig(n_embd=16, n_positions=17),
-    n_train=200, n_test=50, max_steps=20, batch_size=16, warmup_steps=2, log_every=5,
+    language=BigramSpec(vocab_size=20, max_len=16, eos_prob=0.2), model=ModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=17),
+    n_train=200, n_test=50, train=TrainConfig(max_steps=20, batch_size=16, warmup_steps=2, log_every=5, ckpt_every=0),
 )
 
 
@@ -185,7 +186,7 @@ def test_run_bigram_smoke(objective, hyperparams):
 
 def test_stage_writes_exactly_its_metrics(tmp_path, monkeypatch):
     params = {"bigram": {"language": {"vocab_size": 20, "max_len": 8, "eos_prob": 0.3}, "n_train": 64, "n_test": 8,
-                         "max_steps": 2, "batch_size": 8, "warmup_steps": 0, "log_every": 1,
+                         "train": {"max_steps": 2, "batch_size": 8, "warmup_steps": 0, "log_every": 1},
                          "model": {"n_layer": 1, "n_head": 2, "n_embd": 8, "n_positions": 9}},
               "sft": {"variants": ["mixce"], "seeds": [0], "objectives": {"mixce": {"eta": 0.1}}}}
     (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML

@@ -49,7 +49,7 @@ def test_nested_and_language_errors():
 
 def test_floats_accept_yaml_exponent_strings():
     # YAML 1.1 parses '3e-4' (no dot) as a string: accept it as the float the user meant.
-    cfg = sft_config({"objectives": {"mle": {}}, "lr": "3e-4"}, "mle", 0)
+    cfg = sft_config({"objectives": {"mle": {}}, "train": {"lr": "3e-4"}}, "mle", 0)
     assert cfg.train.lr == pytest.approx(3e-4)
 
 
@@ -63,13 +63,17 @@ def test_sft_config_errors():
         sft_config(base, "t", 0)
     with pytest.raises(ConfigError, match="sft.lrr"):
         sft_config({**base, "lrr": 1.0}, "mle", 0)
-    with pytest.raises(ConfigError, match="n_embd=30 is not divisible"):
+    with pytest.raises(ConfigError, match=r"sft.train.lrr"):
+        sft_config({**base, "train": {"lrr": 1.0}}, "mle", 0)
+    with pytest.raises(ConfigError, match=r"unknown key 'sft.lr' \(training keys moved under 'sft.train'"):
+        sft_config({**base, "lr": 1.0}, "mle", 0)  # the old layout says where the key went
+    with pytest.raises(ConfigError, match="'n_embd'=30 is not divisible.*section 'sft.model'"):
         sft_config({**base, "model": {"n_embd": 30, "n_head": 4}}, "mle", 0)
 
 
 def test_variant_train_overrides_apply_to_that_variant_only():
     sft = {"objectives": {"mle": {}, "t": {"objective": "tailr", "gamma": 1.0, "train": {"max_steps": 900}}},
-           "max_steps": 300, "lr": 1e-3}
+           "train": {"max_steps": 300, "lr": 1e-3}}
     slow, mle = sft_config(sft, "t", 1), sft_config(sft, "mle", 1)
     assert (slow.train.max_steps, slow.train.lr, slow.hyperparams["gamma"]) == (900, 1e-3, 1.0)
     assert mle.train.max_steps == 300
@@ -82,7 +86,7 @@ def test_variant_train_overrides_apply_to_that_variant_only():
 def test_params_parse_as_yaml_1_2_like_dvc(tmp_path):
     # `dvc exp run -S` writes unquoted `no`; YAML 1.1 would turn it into False, 1.2 keeps "no".
     path = tmp_path / "params.yaml"
-    path.write_text("sft:\n  objectives: {mle: {}}\n  mixed_precision: no\n  lr: 3e-4\n")
+    path.write_text("sft:\n  objectives: {mle: {}}\n  train: {mixed_precision: no, lr: 3e-4}\n")
     cfg = sft_config(section(read_params(path), "sft"), "mle", 0)
     assert cfg.train.mixed_precision == "no" and cfg.train.lr == 3e-4
 
@@ -97,3 +101,21 @@ def test_prepared_data_reads_declared_keys_typed():
     assert str(ref.data_dir) == "d/p" and ref.max_len == 32 and ref.language() is None
     with pytest.raises(ConfigError, match="'prepare.max_len' must be int"):
         prepared_data({"prepare": {"max_len": "long"}})
+
+
+def test_a_partial_train_mapping_keeps_the_sections_other_defaults():
+    """Every section that trains nests `model:` and `train:`; keys a params file leaves out keep the
+    section's defaults (RewardConfig's lr, not TrainConfig's)."""
+    from beyondlm.align.experiment import AlignConfig, RewardConfig
+
+    default = RewardConfig()
+    cfg = load_section(RewardConfig, {"train": {"max_steps": 70}, "model": {"n_layer": 1}}, "reward")
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.train.warmup_steps) == (70, default.train.lr, default.train.warmup_steps)
+    assert (cfg.model.n_layer, cfg.model.n_embd) == (1, default.model.n_embd)
+    align = load_section(AlignConfig, {"train": {"lr": 0.5, "max_steps": 40}, "eval_every": 10,
+                                       "rloo": {"train": {"max_steps": 20, "batch_size": 8}}}, "align")
+    rloo, dpo = align.train_config("rloo", seed=3), align.train_config("dpo_pref", seed=3)
+    assert (rloo.max_steps, rloo.batch_size, rloo.lr, rloo.seed, rloo.group_by_length) == (20, 8, 0.5, 3, False)
+    assert (dpo.max_steps, dpo.lr, dpo.eval_every) == (40, 0.5, 10)
+    with pytest.raises(ConfigError, match="align.rloo.train.max_stepz"):
+        load_section(AlignConfig, {"rloo": {"train": {"max_stepz": 2}}}, "align")

@@ -14,7 +14,7 @@ def test_stage_order_params_and_outputs_come_from_dvc_yaml(tmp_path, monkeypatch
     assert names[0] == "prepare" and names[-1] == "report"
     assert names.index("sft@mle-0") < names.index("evaluate@mle-0")
     sft = stages[names.index("sft@mle-0")]
-    assert "sft.lr" in sft.params and "sft.seeds" not in sft.params  # only declared keys
+    assert "sft.train" in sft.params and "sft.seeds" not in sft.params  # only declared keys
     assert ROOT / "reports/metrics/sft/mle-s0.json" in sft.metrics
     assert ROOT / "models/sft/mle-s0" in sft.outs
 

@@ -32,7 +32,10 @@ def edit_params(path: Path, section: str, **updates) -> dict:
 
     yml = YAML()
     data = yml.load(path.read_text())
-    data[section].update(updates)
+    node = data
+    for key in section.split("."):  # "sft.train": a nested mapping
+        node = node[key]
+    node.update(updates)
     with path.open("w") as f:
         yml.dump(data, f)
     return data
@@ -173,8 +176,8 @@ def test_prefect_flow_runs_stages_and_mirrors_them_into_mlflow(repo, mlflow_serv
     ev = children["evaluate@mle-0"]
     local = json.loads((repo / "reports/metrics/evaluate/mle-s0.json").read_text())
     assert ev.data.metrics["test/perplexity"] == pytest.approx(local["test"]["perplexity"])
-    lr = load_yaml(repo / "params.yaml")["sft"]["lr"]
-    assert float(children["sft@mle-0"].data.params["sft.lr"]) == lr
+    lr = load_yaml(repo / "params.yaml")["sft"]["train"]["lr"]
+    assert float(children["sft@mle-0"].data.params["sft.train/lr"]) == lr
     history = client.get_metric_history(children["sft@mle-0"].info.run_id, "train/loss")
     assert len(history) >= 2
     assert any(k.startswith("dvc/") for k in children["sft@mle-0"].data.tags)
@@ -202,7 +205,7 @@ def test_concurrent_flow_leaves_the_workspace_as_dvc_repro_would(repo, tmp_path)
 
 
 def test_killed_training_resumes_from_its_checkpoint(repo):
-    edit_params(repo / "params.yaml", "sft", max_steps=300, ckpt_every=25, lr=0.005)
+    edit_params(repo / "params.yaml", "sft.train", max_steps=300, ckpt_every=25, lr=0.005)
     ckpt = repo / "models/ckpt/sft/mle-s0"
     log = repo.parent / "killed.log"
     with log.open("w") as out:

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from beyondlm.config import TrainConfig
+from beyondlm.config import ModelConfig, TrainConfig
 from beyondlm.data import tokenization
 from beyondlm.reward import (
     Pair,
-    RewardModelConfig,
     bt_loss,
     build_reward_model,
     pair_accuracy,
@@ -25,7 +24,7 @@ from beyondlm.training import train_loop
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h"]
 VOCAB = ["<|endoftext|>", "<unk>", *WORDS, "MARK"]
-SMALL = RewardModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32)
+SMALL = ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +134,7 @@ def test_pretrained_path_gets_dedicated_pad(tok, tmp_path):
     config = GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=1, n_head=2,
                         num_labels=1, pad_token_id=tok.eos_token_id)
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
-    model = build_reward_model(RewardModelConfig(name_or_path=str(tmp_path)), tok)
+    model = build_reward_model(ModelConfig(name_or_path=str(tmp_path)), tok)
     assert model.config.num_labels == 1
     assert model.config.pad_token_id == len(tok) == model.get_input_embeddings().num_embeddings - 1
     r = score(model, [[0, 2, 3, 0], [0, 2, 3]], pad_id=0)

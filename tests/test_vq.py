@@ -48,9 +48,9 @@ MICRO = {"n_train": 96, "n_valid": 8, "n_test": 24, "max_len": MAX_LEN, "prompt_
                                        "max_len": MAX_LEN}}
 TINY_VQ = {"model": {"n_codes": 8, "n_down": 2, "code_dim": 8, "encoder_layers": 1, "n_layer": 1,
                      "n_head": 2, "n_embd": 16},
-           "prior": {"n_layer": 1, "n_head": 2, "n_embd": 16, "max_steps": 3, "batch_size": 16,
-                     "warmup_steps": 1},
-           "max_steps": 4, "batch_size": 16, "warmup_steps": 1, "log_every": 2, "n_samples": 8,
+           "prior": {"model": {"n_layer": 1, "n_head": 2, "n_embd": 16},
+                     "train": {"max_steps": 3, "batch_size": 16, "warmup_steps": 1, "log_every": 2}},
+           "train": {"max_steps": 4, "batch_size": 16, "warmup_steps": 1, "log_every": 2}, "n_samples": 8,
            "eval_batch_size": 16, "baseline": "baseline"}
 
 
@@ -286,7 +286,7 @@ def test_stage_writes_the_model_dir_and_finite_metrics(workdir, monkeypatch, nam
     vq_stage.main()
     out = workdir / f"out-{name}"
     written = {p.name for p in workdir.iterdir()} - {"prepared", "baseline", "params.yaml"}
-    assert written <= {f"out-{d}" for d in DISCRETIZERS} | {f"m-{d}.json" for d in DISCRETIZERS}
+    assert written <= {f"out-{d}" for d in DISCRETIZERS} | {f"m-{d}{s}.json" for d in DISCRETIZERS for s in ("", ".timing")}
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "plan_model.safetensors", "prior",
                                                      "tokenizer"]
     assert (out / "prior" / "model.safetensors").exists()

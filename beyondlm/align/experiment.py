@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,12 +31,12 @@ from beyondlm.align.train import (
     prompt_collate,
     rloo_loss_fn,
 )
-from beyondlm.config import ConfigError, TrainConfig, check_param
+from beyondlm.config import ConfigError, ModelConfig, TrainConfig, check_param, train_config
 from beyondlm.inputs import read_json, read_parquet, restore_fix
 from beyondlm.io import write_json
 from beyondlm.logprobs import sequence_logps
 from beyondlm.objectives.preference import PREFERENCE_LOSSES, resolve_preference_loss
-from beyondlm.reward import Pair, RewardModelConfig, pair_accuracy, pair_collate as rm_pair_collate
+from beyondlm.reward import Pair, pair_accuracy, pair_collate as rm_pair_collate
 from beyondlm.reward import build_reward_model, reward_loss_fn, score
 from beyondlm.sampling import SamplingConfig
 from beyondlm.training import heldout_loss, train_loop
@@ -95,7 +95,7 @@ class PreferencesConfig:
 class RewardConfig:
     """``reward``: the Bradley–Terry reward model and its training loop."""
 
-    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(n_head=2, n_embd=64))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, batch_size=64, max_steps=150,
                                                                     warmup_steps=10, ckpt_every=0))
 
@@ -111,9 +111,9 @@ class EvalConfig:
 class RLOOConfig:
     K: int = 4  # on-policy samples per prompt
     beta: float = 0.05  # KL coefficient in the sequence reward
-    batch_size: int = 16  # prompts per step (K·batch_size rollouts); align.train.batch_size is for the offline methods
-    lr: float = 1e-3  # on-policy steps cost a rollout each: fewer, larger steps than the offline methods
-    max_steps: int = 60
+    # over align.train: on-policy steps cost a rollout each, so fewer, larger steps than the offline
+    # methods; batch_size counts prompts (K·batch_size rollouts a step)
+    train: Mapping[str, Any] = field(default_factory=lambda: {"batch_size": 16, "lr": 1e-3, "max_steps": 60})
 
 
 @dataclass(frozen=True)
@@ -146,10 +146,17 @@ class AlignConfig:
                                       f"fix it, or drop it for the default") from err
         check_param("align.eval_every", self.eval_every >= 1, self.eval_every, "must be >= 1")
         check_param("align.rloo.K", self.rloo.K >= 2, self.rloo.K, "RLOO needs K >= 2")
-        check_param("align.rloo.batch_size", self.rloo.batch_size >= 1, self.rloo.batch_size, "must be >= 1")
         check_param("align.rloo.beta", self.rloo.beta >= 0, self.rloo.beta, "must be >= 0")
-        check_param("align.rloo.lr", self.rloo.lr > 0, self.rloo.lr, "must be > 0")
-        check_param("align.rloo.max_steps", self.rloo.max_steps >= 1, self.rloo.max_steps, "must be >= 1")
+        for method in self.methods:
+            self.train_config(method, seed=0)  # ranges of align.train and align.rloo.train, now
+
+    def train_config(self, method: str, seed: int) -> TrainConfig:
+        """``align.train`` (``align.rloo.train`` on top for RLOO); held-out checks every ``eval_every``."""
+        if method != "rloo":
+            return replace(self.train, seed=seed, eval_every=min(self.eval_every, self.train.max_steps))
+        train = train_config(asdict(self.train), self.rloo.train, "align.rloo.train", seed=seed,
+                             group_by_length=False)  # prompts only: nothing to group
+        return replace(train, eval_every=min(self.eval_every, train.max_steps))
 
     def loss(self, method: str) -> dict[str, float]:
         try:
@@ -346,17 +353,15 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
     ref_set = ReferenceSet.draw(judges, test_prompts[: cfg.eval.n_prompts], pure, seed=cfg.eval.seed + 7919)
     data, valid = _training_data(method, samples, pairs, reward_model, tokenizer)
     base = evaluate_policy(sft, judges, ref_set, pure, seed=cfg.eval.seed)
-    hyper = cfg.loss(method) if method != "rloo" else asdict(cfg.rloo)
+    hyper = cfg.loss(method) if method != "rloo" else {"K": cfg.rloo.K, "beta": cfg.rloo.beta}
     per_seed = {}
     for seed in cfg.seeds:
-        train_cfg = replace(cfg.train, seed=seed, eval_every=min(cfg.eval_every, cfg.train.max_steps))
+        train_cfg = cfg.train_config(method, seed)
         torch.manual_seed(seed)
         policy = load_model(sft_dir)
         stats: dict = {}
         if method == "rloo":
-            train_cfg = replace(train_cfg, batch_size=cfg.rloo.batch_size, lr=cfg.rloo.lr, group_by_length=False,
-                                max_steps=cfg.rloo.max_steps, eval_every=min(cfg.eval_every, cfg.rloo.max_steps))
-            rollout = replace(pure, batch_size=cfg.rloo.batch_size * cfg.rloo.K)
+            rollout = replace(pure, batch_size=train_cfg.batch_size * cfg.rloo.K)
             loss_fn = rloo_loss_fn(sft, reward_model, K=cfg.rloo.K, beta=cfg.rloo.beta, sampling=rollout,
                                    eos_id=tokenizer.eos_token_id, pad_id=pad, seed=seed, stats=stats)
             collate = prompt_collate(pad)

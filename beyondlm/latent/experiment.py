@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from beyondlm.config import ConfigError, TrainConfig, load_section
+from beyondlm.config import ConfigError, TrainConfig
 from beyondlm.data.prepare import load_split, load_tokenizer
 from beyondlm.latent.generation import sample_plans, sample_texts
 from beyondlm.latent.model import (
@@ -54,36 +54,24 @@ class VQConfig:
 
     model: PlanModelConfig = field(default_factory=PlanModelConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
-    lr: float = 5.0e-3
-    batch_size: int = 64
-    max_steps: int = 150
-    warmup_steps: int = 20
-    log_every: int = 10
-    eval_every: int = 0  # held-out evaluations of both trainings (0 = a tenth of each run)
-    converge_tol: float = 0.01
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-3, batch_size=64, max_steps=150,
+                                                                    warmup_steps=20, ckpt_every=0))
     n_samples: int = 256  # prior → decoder samples (and as many from the baseline)
     eval_batch_size: int = 256
     max_test: int = 0  # 0 = the whole test split
     baseline: str | None = "models/sft/mle-s0"  # SFT model dir to compare with (null: none)
-    seed: int = 0
+    seed: int = 0  # both trainings, the samples
 
     def __post_init__(self) -> None:
         for key, lo in (("n_samples", 1), ("eval_batch_size", 1), ("max_test", 0)):
             if getattr(self, key) < lo:
                 raise ConfigError(f"params.yaml: 'vq.{key}'={getattr(self, key)!r} must be >= {lo}")
-        self.train_config(), self.prior_train_config()  # ranges, named vq.<key> / vq.prior.<key>
 
     def train_config(self) -> TrainConfig:
-        keys = ("lr", "batch_size", "max_steps", "warmup_steps", "log_every", "eval_every", "converge_tol", "seed")
-        return load_section(TrainConfig, {**{k: getattr(self, k) for k in keys}, "ckpt_every": 0}, "vq")
+        return replace(self.train, seed=self.seed)
 
     def prior_train_config(self) -> TrainConfig:
-        p = self.prior
-        raw = {"lr": p.lr, "batch_size": p.batch_size, "max_steps": p.max_steps,
-               "warmup_steps": p.warmup_steps, "log_every": self.log_every, "ckpt_every": 0,
-               "converge_tol": self.converge_tol, "seed": self.seed,
-               "eval_every": min(self.eval_every, p.max_steps)}
-        return load_section(TrainConfig, raw, "vq.prior")
+        return replace(self.prior.train, seed=self.seed)
 
 
 # ----------------------------------------------------------------------------- training

@@ -22,6 +22,7 @@ with EOS); the longest has ceil(max_len / f) codes.
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from beyondlm.config import ModelConfig, check_param
+from beyondlm.config import ModelConfig, TrainConfig, check_param
 from beyondlm.io import atomic_path
 from beyondlm.latent.quantizers import DISCRETIZERS, GumbelConfig, NearestConfig, Quantized
 from beyondlm.models import tiny_gpt2_config
@@ -233,20 +234,16 @@ def plan_loss(token_logps: Tensor, mask: Tensor, aux_loss: Tensor) -> tuple[Tens
 # ----------------------------------------------------------------------------- prior
 @dataclass(frozen=True)
 class PriorConfig:
-    """``vq.prior``: the autoregressive prior over code sequences and its training."""
+    """``vq.prior``: the autoregressive prior over code sequences (its n_positions follows the
+    codes) and its training loop."""
 
-    n_layer: int = 2
-    n_head: int = 2
-    n_embd: int = 64
-    dropout: float = 0.0
-    lr: float = 5.0e-3
-    batch_size: int = 64
-    max_steps: int = 100
-    warmup_steps: int = 10
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(n_layer=2, n_head=2, n_embd=64))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-3, batch_size=64, max_steps=100,
+                                                                    warmup_steps=10, ckpt_every=0))
 
     def __post_init__(self) -> None:
-        check_param("vq.prior.n_embd", self.n_embd % self.n_head == 0, self.n_embd,
-               f"must be a multiple of vq.prior.n_head={self.n_head}")
+        check_param("vq.prior.model.name_or_path", self.model.name_or_path is None, self.model.name_or_path,
+                    "must be null: the prior's vocabulary is the codebook")
 
 
 def build_decoder(cfg: PlanModelConfig, tokenizer, max_len: int) -> GPT2LMHeadModel:
@@ -258,8 +255,7 @@ def build_decoder(cfg: PlanModelConfig, tokenizer, max_len: int) -> GPT2LMHeadMo
 
 def build_prior(cfg: PriorConfig, n_codes: int, max_codes: int, tokenizer) -> GPT2LMHeadModel:
     """Tiny GPT-2 over ids 0..K−1 (codes) and K (BOS = EOS = pad): ``[K, z_1 … z_L, K]``."""
-    size = ModelConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                       n_positions=max_codes + 2, dropout=cfg.dropout)
+    size = dataclasses.replace(cfg.model, n_positions=max_codes + 2)
     config = tiny_gpt2_config(size, tokenizer, vocab_size=n_codes + 1, bos_token_id=n_codes,
                               eos_token_id=n_codes, pad_token_id=n_codes)
     return GPT2LMHeadModel(config)
