@@ -23,16 +23,27 @@ from beyondlm.io import write_metrics, write_tsv
 from beyondlm.models import load_model
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--method", required=True)
     for arg in ("--sft", "--reward", "--samples", "--pairs", "--out", "--ckpt", "--metrics", "--plot"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
-    params = read_params()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> AlignConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
     cfg = load_section(AlignConfig, section(params, "align"), "align")
     if args.method not in cfg.methods:
         raise ConfigError(f"--method {args.method} is not in align.methods={cfg.methods}")
+    return cfg
+
+
+def main() -> None:
+    args = parser().parse_args()
+    params = read_params()
+    cfg = configure(args, params)
     prep = prepared_data(params)
     tokenizer = load_tokenizer(args.sft)
     result = run_align(args.method, cfg, sft_dir=args.sft, reward_model=load_model(args.reward, kind="reward"),

@@ -21,13 +21,23 @@ from beyondlm.io import atomic_path, write_metrics
 from beyondlm.models import load_model
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     for arg in ("--model", "--out", "--metrics"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> SampleConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return load_section(SampleConfig, section(params, "align_sample"), "align_sample")
+
+
+def main() -> None:
+    args = parser().parse_args()
     params = read_params()
-    cfg = load_section(SampleConfig, section(params, "align_sample"), "align_sample")
+    cfg = configure(args, params)
     prep = prepared_data(params)
     tokenizer, model = load_tokenizer(args.model), load_model(args.model)
     prompts = load_split(prep.data_dir, "prompts_train")["prompt_ids"]

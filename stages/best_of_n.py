@@ -19,14 +19,24 @@ from beyondlm.io import write_metrics, write_tsv
 from beyondlm.models import load_model
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     for arg in ("--sft", "--reward", "--metrics", "--plot"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> tuple[BestOfNConfig, AlignConfig]:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return (load_section(BestOfNConfig, section(params, "best_of_n"), "best_of_n"),
+            load_section(AlignConfig, section(params, "align"), "align"))
+
+
+def main() -> None:
+    args = parser().parse_args()
     params = read_params()
-    cfg = load_section(BestOfNConfig, section(params, "best_of_n"), "best_of_n")
-    align = load_section(AlignConfig, section(params, "align"), "align")
+    cfg, align = configure(args, params)
     prep = prepared_data(params)
     tokenizer = load_tokenizer(args.sft)
     result = run_best_of_n(cfg, load_model(args.sft).eval(), load_model(args.reward, kind="reward"), tokenizer,

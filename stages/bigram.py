@@ -22,18 +22,26 @@ from beyondlm.config import read_params, section, variant_objective
 from beyondlm.io import write_metrics
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--variant", required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--metrics", type=Path, required=True)
-    args = p.parse_args()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict):
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return bigram_config(section(params, "bigram")), variant_objective(section(params, "sft"), args.variant)
+
+
+def main() -> None:
+    args = parser().parse_args()
     # A ~60k-parameter model gains nothing from intra-op threads; on shared cores the idle threads'
     # spinning made runs 2-5x slower in wall time (measured on the 2-core reference machine).
     torch.set_num_threads(1)
-    params = read_params()
-    cfg = bigram_config(section(params, "bigram"))
-    objective, hyperparams = variant_objective(section(params, "sft"), args.variant)
+    cfg, (objective, hyperparams) = configure(args, read_params())
     write_metrics(args.metrics, run_bigram(cfg, args.variant, objective, hyperparams, args.seed))
 
 

@@ -20,13 +20,23 @@ from beyondlm.lookup.datastore import DatastoreConfig, build_datastore
 from beyondlm.models import load_model
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     for arg in ("--out", "--metrics"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> DatastoreConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return load_section(DatastoreConfig, section(params, "datastore"), "datastore")
+
+
+def main() -> None:
+    args = parser().parse_args()
     params = read_params()
-    cfg = load_section(DatastoreConfig, section(params, "datastore"), "datastore")
+    cfg = configure(args, params)
     data_dir = prepared_data(params).data_dir
     ids = load_split(data_dir, cfg.split)["input_ids"]
     if cfg.max_seqs:

@@ -28,13 +28,23 @@ from beyondlm.sampling import SamplingConfig
 log = logging.getLogger("stages.ebm")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     for arg in ("--model", "--out", "--metrics"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> EBMConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return load_section(EBMConfig, section(params, "ebm"), "ebm")
+
+
+def main() -> None:
+    args = parser().parse_args()
     params = read_params()
-    cfg = load_section(EBMConfig, section(params, "ebm"), "ebm")
+    cfg = configure(args, params)
     prep = prepared_data(params)
     max_len, prompt_len = prep.max_len, prep.prompt_len
     valid = load_split(prep.data_dir, "valid")

@@ -31,13 +31,23 @@ from beyondlm.report.ebm_plot import plot_quality_vs_m
 log = logging.getLogger("stages.ebm_eval")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     for arg in ("--model", "--weights", "--metrics", "--plot-dir"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> EBMEvalConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return load_section(EBMEvalConfig, section(params, "ebm_eval"), "ebm_eval")
+
+
+def main() -> None:
+    args = parser().parse_args()
     params = read_params()
-    cfg = load_section(EBMEvalConfig, section(params, "ebm_eval"), "ebm_eval")
+    cfg = configure(args, params)
     prep = prepared_data(params)
     max_len, prompt_len, data_dir = prep.max_len, prep.prompt_len, prep.data_dir
     weights = read_json(args.weights)

@@ -22,13 +22,23 @@ from beyondlm.io import atomic_path, write_metrics, write_text
 from beyondlm.models import load_model
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     for arg in ("--model", "--metrics", "--samples", "--plot"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> EvaluateConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return load_section(EvaluateConfig, section(params, "evaluate"), "evaluate")
+
+
+def main() -> None:
+    args = parser().parse_args()
     params = read_params()
-    cfg = load_section(EvaluateConfig, section(params, "evaluate"), "evaluate")
+    cfg = configure(args, params)
     prep = prepared_data(params)
     test = load_split(prep.data_dir, "test")
     language = prep.language()

@@ -35,14 +35,25 @@ def index_metrics(cfg: KnnlmConfig, index, keys, model, seqs) -> dict:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     for arg in ("--datastore", "--index", "--metrics", "--plot"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> tuple[KnnlmConfig, DatastoreConfig]:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return (load_section(KnnlmConfig, section(params, "knnlm"), "knnlm"),
+            load_section(DatastoreConfig, section(params, "datastore"), "datastore"))
+
+
+def main() -> None:
+    args = parser().parse_args()
     params = read_params()
-    cfg = load_section(KnnlmConfig, section(params, "knnlm"), "knnlm")
-    model_dir = load_section(DatastoreConfig, section(params, "datastore"), "datastore").model
+    cfg, store_cfg = configure(args, params)
+    model_dir = store_cfg.model
     data_dir = prepared_data(params).data_dir
     store, model = load_datastore(args.datastore), load_model(model_dir)
     start = time.perf_counter()

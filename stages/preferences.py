@@ -22,16 +22,28 @@ from beyondlm.inputs import load_tokenizer
 from beyondlm.io import atomic_path, write_metrics
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     for arg in ("--samples", "--model", "--out", "--metrics"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
-    params = read_params()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> PreferencesConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
     cfg = load_section(PreferencesConfig, section(params, "preferences"), "preferences")
-    sft = tokenizer = None
     if cfg.source == "file":
         check_declared_inputs("preferences", {"preferences.file.path": cfg.file.path})
+    return cfg
+
+
+def main() -> None:
+    args = parser().parse_args()
+    params = read_params()
+    cfg = configure(args, params)
+    sft = tokenizer = None
+    if cfg.source == "file":
         from beyondlm.models import load_model
 
         tokenizer, sft = load_tokenizer(args.model), load_model(args.model).eval()

@@ -6,6 +6,8 @@ outs:   ${prepare.out_dir}/ (splits, prompts, tokenizer, language.json for synth
 metrics: reports/metrics/prepare.json
 """
 
+import argparse
+
 from beyondlm import cli
 from beyondlm.config import PrepareConfig, load_section, read_params, section
 from beyondlm.data.prepare import prepare, write_prepared
@@ -13,10 +15,21 @@ from beyondlm.dvcgraph import check_declared_inputs
 from beyondlm.io import write_metrics
 
 
-def main() -> None:
-    cfg = load_section(PrepareConfig, section(read_params(), "prepare"), "prepare")
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
+    return argparse.ArgumentParser(description=__doc__)
+
+
+def configure(args: argparse.Namespace, params: dict) -> PrepareConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    cfg = load_section(PrepareConfig, section(params, "prepare"), "prepare")
     local = {f"prepare.local.{k}": getattr(cfg.local, k) for k in ("train", "valid", "test")} if cfg.source == "local" else {}
     check_declared_inputs("prepare", {**local, "prepare.tokenizer.name_or_path": cfg.tokenizer.name_or_path})
+    return cfg
+
+
+def main() -> None:
+    cfg = configure(parser().parse_args(), read_params())
     stats = write_prepared(prepare(cfg), cfg.out_dir)
     write_metrics("reports/metrics/prepare.json", {"source": cfg.source, **stats})
 

@@ -7,6 +7,7 @@ deps:   stages/report.py, beyondlm/report/, beyondlm/align/analysis.py, beyondlm
 outs:   reports/report.md, reports/claims.md, reports/plots/report/
 """
 
+import argparse
 from pathlib import Path
 
 from beyondlm import cli
@@ -14,9 +15,19 @@ from beyondlm.config import ReportConfig, load_section, read_params, section
 from beyondlm.report.build import build_report
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
+    return argparse.ArgumentParser(description=__doc__)
+
+
+def configure(args: argparse.Namespace, params: dict) -> ReportConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return load_section(ReportConfig, section(params, "report"), "report")
+
+
 def main() -> None:
     params = read_params()
-    cfg = load_section(ReportConfig, section(params, "report"), "report")
+    cfg = configure(parser().parse_args(), params)
     lm_dir = section(params, "datastore").get("model")
     build_report(Path("reports"), cfg.n_examples, knnlm_base=Path(lm_dir).name if lm_dir else None)
 

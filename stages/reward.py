@@ -19,12 +19,22 @@ from beyondlm.inputs import load_tokenizer
 from beyondlm.io import write_metrics
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     for arg in ("--pairs", "--samples", "--tokenizer", "--out", "--live", "--metrics"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
-    cfg = load_section(RewardConfig, section(read_params(), "reward"), "reward")
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> RewardConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return load_section(RewardConfig, section(params, "reward"), "reward")
+
+
+def main() -> None:
+    args = parser().parse_args()
+    cfg = configure(args, read_params())
     tokenizer = load_tokenizer(args.tokenizer)
     _, metrics = run_reward(cfg, args.pairs, args.samples, tokenizer, out_dir=args.out, live_dir=args.live)
     write_metrics(args.metrics, metrics)

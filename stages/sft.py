@@ -10,22 +10,33 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import prepared_data, read_params, section, sft_config
+from beyondlm.config import SFTConfig, prepared_data, read_params, section, sft_config
 from beyondlm.dvcgraph import check_declared_inputs
 from beyondlm.io import write_metrics
 from beyondlm.sft import run_sft
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--variant", required=True)
     p.add_argument("--seed", type=int, required=True)
     for arg in ("--out", "--ckpt", "--live", "--metrics"):
         p.add_argument(arg, type=Path, required=True)
-    args = p.parse_args()
-    params = read_params()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> SFTConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
     cfg = sft_config(section(params, "sft"), args.variant, args.seed)
     check_declared_inputs("sft", {"sft.model.name_or_path": cfg.model.name_or_path})
+    return cfg
+
+
+def main() -> None:
+    args = parser().parse_args()
+    params = read_params()
+    cfg = configure(args, params)
     data_dir = prepared_data(params).data_dir
     metrics = run_sft(cfg, data_dir, out_dir=args.out, ckpt_dir=args.ckpt, live_dir=args.live)
     write_metrics(args.metrics, metrics)

@@ -22,14 +22,24 @@ from beyondlm.io import write_metrics
 from beyondlm.latent.experiment import VQConfig, run_vq
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
     for arg in ("--out", "--metrics"):
         p.add_argument(arg, type=Path, required=True)
     p.add_argument("--live", type=Path, default=None)
-    args = p.parse_args()
+    return p
+
+
+def configure(args: argparse.Namespace, params: dict) -> VQConfig:
+    """Every params check of this stage, before any input is read (also run up front by the flow)."""
+    return load_section(VQConfig, section(params, "vq"), "vq")
+
+
+def main() -> None:
+    args = parser().parse_args()
     params = read_params()
-    cfg = load_section(VQConfig, section(params, "vq"), "vq")
+    cfg = configure(args, params)
     prep = prepared_data(params)
     metrics = run_vq(cfg, prep.data_dir, max_len=prep.max_len, out_dir=args.out,
                      live_dir=args.live, language=prep.language())

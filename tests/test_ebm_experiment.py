@@ -202,7 +202,8 @@ def test_stages_write_exactly_their_declared_outputs(tmp_path, monkeypatch, setu
     written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()} - {
         str(p.relative_to(tmp_path)) for p in before}  # nothing else, no leftover temp files
     assert written == {"models/ebm/weights.json", "m/ebm.json", "m/ebm_eval.json",
-                       "plots/quality_vs_m.tsv", "plots/quality_vs_m.png"}
+                       "plots/quality_vs_m.tsv", "plots/quality_vs_m.png",
+                       "m/ebm.timing.json", "m/ebm_eval.timing.json"}  # wall times, untracked
     weights = read_json("models/ebm/weights.json")
     assert weights["base"] == "mle-s0" and weights["features"] == NAMES
     header = (tmp_path / "plots/quality_vs_m.tsv").read_text().splitlines()[0].split("\t")

@@ -1,0 +1,55 @@
+"""pipelines.validate: every selected stage's params are checked before anything runs."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from beyondlm.config import ConfigError
+from beyondlm.dvcgraph import pipeline_stages
+from pipelines.validate import validate_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "inputs", tmp_path / "inputs")
+    (tmp_path / ".dvc").mkdir()  # a DVC root (without git) for pipeline_stages
+    (tmp_path / ".dvc/config").write_text("[core]\n    no_scm = True\n")
+    return tmp_path
+
+
+def _edit(project: Path, **sections) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for name, update in sections.items():
+        params[name].update(update)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_the_repo_params_pass_for_every_stage():
+    validate_stages(pipeline_stages(ROOT), ROOT)
+
+
+def test_bad_keys_in_any_section_stop_the_flow_naming_each_and_its_stages(project):
+    _edit(project, vq={"train": {"max_stepz": 3}}, align={"hyperparams": {"dpo_pref": {"beta": -1.0}}})
+    stages = pipeline_stages(project)
+    with pytest.raises(ConfigError) as err:
+        validate_stages(stages, project)
+    text = str(err.value)
+    assert text.startswith("nothing was run; fix params.yaml first:")
+    assert "vq.train.max_stepz" in text and "[stops: vq]" in text
+    align = next(line for line in text.splitlines() if "align.hyperparams.dpo_pref.beta" in line)
+    assert "align@dpo_pref" in align and "best_of_n" in align  # the section stops every stage reading it
+
+
+def test_a_bad_sft_key_is_reported_once_for_all_its_stages(project):
+    _edit(project, sft={"train": {"lr": -1.0}})
+    with pytest.raises(ConfigError) as err:
+        validate_stages(pipeline_stages(project, ["sft"]), project)
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == 1 and "'lr'=-1.0" in lines[0] and "sft@mle-0" in lines[0] and "sft@tailr-g1-2" in lines[0]
+    assert "sft@emo" not in lines[0]  # emo sets its own lr (sft.objectives.emo.train): its stages are fine
