@@ -1,10 +1,20 @@
 """Mirror what DVC stages wrote into MLflow: a parent run per pipeline run, a nested run per stage.
 
 - parent (``start_pipeline``): name = pipeline, params flattened, tags = git commit + caller's.
-- stage (``log_stage``): name = stage, tag ``mlflow.parentRunId``; params flattened; metrics =
-  numeric leaves of the metrics JSONs (step 0) + dvclive ``plots/metrics/**/*.tsv`` histories;
-  tags = ``stage``, git commit, ``dvc/dep:<path>``/``dvc/out:<path>`` md5s from dvc.lock;
-  artifacts at their path relative to the project root.
+- stage (``log_stage``): name = stage, tag ``mlflow.parentRunId``, start/end = the stage's own;
+  params flattened; metrics = numeric leaves of the metrics JSONs (step 0), of their untracked
+  timing siblings (``timing/...``, see ``beyondlm.io.timing_path``), ``stage/wall_s`` and dvclive
+  ``plots/metrics/**/*.tsv`` histories; tags = ``stage``, git commit, ``dvc/dep:<path>`` /
+  ``dvc/out:<path>`` md5s from dvc.lock; artifacts at their path relative to the project root.
+- artifacts once per content: an output whose dvc.lock md5 an earlier run of the experiment
+  already logged gets only the tag ``artifact/<path>`` = ``runs:/<that run>/<path>`` (the run that
+  copies it tags itself the same way). HF model directories (``config.json`` with a
+  ``model_type`` + ``model.safetensors``) are logged as MLflow pyfunc models (:class:`HFModel`):
+  ``mlflow.pyfunc.load_model("runs:/<run>/models/sft/mle-s0")``.
+- artifact locations: ``$MLFLOW_ARTIFACT_ROOT`` (a path relative to the project, or a URI), else
+  ``<root>/mlartifacts`` with a sqlite store. An experiment whose location lies elsewhere (the
+  project was copied or moved: mlflow.db stores absolute locations) is left to its runs; new runs
+  go to an experiment ``<name> @ <location>``, with one warning.
 
 Only ``MlflowClient`` with explicit run ids (no global active run): stages may log from threads.
 """
@@ -18,13 +28,17 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import yaml
+
+from beyondlm.io import timing_path
 
 # MLflow 3.17's telemetry thread (started by the first logged event) fails offline and then pops
 # an env var while requests iterates os.environ for proxies in our thread: a random KeyError that
@@ -32,6 +46,7 @@ import yaml
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.pyfunc import PythonModel  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.credentials import get_default_host_creds  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID  # noqa: E402
@@ -43,6 +58,7 @@ from mlflow.utils.validation import (  # noqa: E402
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # relative to the project root; MLflow >= 3.13 refuses ./mlruns
+ARTIFACT_ROOT_ENV = "MLFLOW_ARTIFACT_ROOT"
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed charset for metric/param/tag keys
 
 
@@ -51,6 +67,24 @@ def tracking_uri(root: Path | None = None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(root or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(root: Path, uri: str) -> str | None:
+    """Where this project's experiment keeps artifacts: ``$MLFLOW_ARTIFACT_ROOT`` (a relative path
+    is relative to ``root``), else ``<root>/mlartifacts`` for a sqlite store, else None (a tracking
+    server decides)."""
+    env = os.environ.get(ARTIFACT_ROOT_ENV)
+    if env:
+        return env if len(urlparse(env).scheme) > 1 else (Path(root) / env).resolve().as_uri()
+    return (Path(root) / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
+
+
+def _within(location: str, base: str) -> bool:
+    """Whether artifact URI ``location`` is ``base`` or below it (paths compared resolved)."""
+    loc, top = urlparse(location), urlparse(base)
+    if loc.scheme in ("", "file") and top.scheme in ("", "file"):
+        return Path(unquote(loc.path)).resolve().is_relative_to(Path(unquote(top.path)).resolve())
+    return location.rstrip("/") == base.rstrip("/") or location.startswith(base.rstrip("/") + "/")
 
 
 def flatten(d: Mapping, sep: str = "/") -> dict[str, Any]:
@@ -128,6 +162,60 @@ def _ping(uri: str) -> None:
         http_request(creds, "/health", "GET", max_retries=0, timeout=5).raise_for_status()
 
 
+def is_hf_model_dir(path: Path) -> bool:
+    """A ``save_pretrained`` directory with its tokenizer (``beyondlm.models.save_model``):
+    ``config.json`` naming a ``model_type``, safetensors weights, ``tokenizer_config.json``."""
+    path = Path(path)
+    files = ("config.json", "tokenizer_config.json")
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if not all((path / f).is_file() for f in files) or not any((path / f).is_file() for f in weights):
+        return False
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _requirements() -> list[str]:
+    """Pinned to this environment; explicit, so MLflow does not load the model to infer them."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "safetensors", "tokenizers")]
+
+
+class HFModel(PythonModel):
+    """A saved HF model directory with its tokenizer (artifact ``hf``) as an MLflow pyfunc:
+    ``predict(texts)`` -> one float per text (encoded ``[BOS] tokens [EOS]``): log p(x) in nats
+    under a causal LM, r(x) under a reward model (a sequence-classification head).
+
+    Loading needs this project installed: the class is pickled by reference and scores with
+    ``beyondlm``'s own functions.
+    """
+
+    def load_context(self, context) -> None:
+        from transformers import AutoTokenizer
+
+        from beyondlm.models import load_model
+
+        path = Path(context.artifacts["hf"])
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+        self.kind = "reward" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal"
+        self.model = load_model(path, kind=self.kind)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def predict(self, context, model_input: list[str], params=None) -> list[float]:
+        from beyondlm.data.tokenization import encode_texts
+        from beyondlm.logprobs import sequence_logps
+        from beyondlm.reward import score
+
+        seqs = encode_texts(self.tokenizer, model_input, self.model.config.max_position_embeddings - 1)
+        pad = self.model.config.pad_token_id
+        pad = self.tokenizer.pad_token_id if pad is None else pad  # an LM masks padding: any id does
+        if self.kind == "reward":
+            return score(self.model, seqs, pad_id=pad).tolist()
+        return sequence_logps(self.model, seqs, pad_id=pad)[0].tolist()
+
+
 def _safe(method):
     """No-op (None) once disabled; the first exception disables the tracker with one warning."""
 
@@ -164,11 +252,22 @@ class Tracker:
             self._disable(exc)
 
     def _experiment(self, name: str) -> str:
-        """Id of experiment ``name``, created if missing (sqlite: artifacts in root/mlartifacts)."""
+        """Id of experiment ``name`` (created if missing) keeping artifacts under
+        :func:`artifact_root`; if its location lies elsewhere, of ``<name> @ <location>`` (created
+        with one warning: a project that was copied or moved)."""
+        location = artifact_root(self.root, self.uri)
         exp = self._client.get_experiment_by_name(name)
+        if exp is not None and location is not None and not _within(exp.artifact_location, location):
+            old, name = exp, f"{name} @ {location}"
+            exp = self._client.get_experiment_by_name(name)
+            if exp is None:
+                log.warning("MLflow experiment %r keeps its artifacts in %s, outside %s (the project "
+                            "was copied or moved; mlflow.db stores absolute locations): logging to a "
+                            "new experiment %r. Fix: set %s=<dir> to choose the artifact root, or start "
+                            "a fresh mlflow.db; runs logged before keep their old locations.",
+                            old.name, old.artifact_location, location, name, ARTIFACT_ROOT_ENV)
         if exp is not None:
             return exp.experiment_id
-        location = (self.root / "mlartifacts").as_uri() if self.uri.startswith("sqlite") else None
         return self._client.create_experiment(name, artifact_location=location)
 
     def _disable(self, exc: BaseException) -> None:
@@ -222,29 +321,38 @@ class Tracker:
     def log_stage(self, stage: str, *, params: Mapping | None = None,
                   metrics_files: Sequence[Path] = (), history_dirs: Sequence[Path] = (),
                   artifacts: Sequence[Path] = (), tags: Mapping | None = None,
-                  status: str = "FINISHED") -> str | None:
-        """One run named ``stage`` (nested under the parent if any) holding what the stage wrote.
+                  status: str = "FINISHED", started: float | None = None,
+                  wall_s: float | None = None) -> str | None:
+        """One run named ``stage`` (nested under the parent if any) holding what the stage wrote;
+        ``started`` (epoch s) and ``wall_s`` (the command's) set its start and end time.
 
-        Missing files are skipped, so a crashed stage (``status="FAILED"``) logs what exists.
+        Missing files are skipped, so a crashed stage (``status="FAILED"``) logs what exists;
+        its outputs are copied, never indexed by a dvc.lock md5 (the lock predates them).
         """
         dvc = dvc_lock_hashes(stage, self.root / "dvc.lock")
         run_tags = {"stage": stage, **{f"dvc/{k}": v for k, v in dvc.items()}, **(tags or {})}
         if self._parent:
             run_tags[MLFLOW_PARENT_RUN_ID] = self._parent
-        run_id = self._client.create_run(self._experiment_id, run_name=stage,
+        start_ms = int(started * 1000) if started is not None else None
+        run_id = self._client.create_run(self._experiment_id, run_name=stage, start_time=start_ms,
                                          tags=self._base_tags(run_tags)).info.run_id
         self._log_params(run_id, params)
-        self._log_metrics(run_id, self._json_metrics(metrics_files) + self._histories(history_dirs))
+        timing = [timing_path(self._rel(p)) for p in metrics_files]
+        own = [Metric("stage/wall_s", float(wall_s), int(time.time() * 1000), 0)] if wall_s is not None else []
+        self._log_metrics(run_id, self._json_metrics(metrics_files) + self._json_metrics(timing, "timing/")
+                          + own + self._histories(history_dirs))
         for art in map(self._path, artifacts):
-            self._log_artifact(run_id, art)
-        self._client.set_terminated(run_id, status=status)
+            md5 = dvc.get(f"out:{self._rel(art)}") if status == "FINISHED" else None
+            self._log_output(run_id, art, md5)
+        end_ms = start_ms + int(wall_s * 1000) if start_ms is not None and wall_s is not None else None
+        self._client.set_terminated(run_id, status=status, end_time=end_ms)
         return run_id
 
-    def _json_metrics(self, files: Sequence[Path]) -> list[Metric]:
-        """Numeric leaves at step 0, key ``<json stem>/<flat key>`` (``<flat key>`` if 1 file)."""
+    def _json_metrics(self, files: Sequence[Path], prefix: str = "") -> list[Metric]:
+        """Numeric leaves at step 0, key ``<prefix><json stem>/<flat key>`` (no stem if 1 file)."""
         metrics, now = [], int(time.time() * 1000)
         for path in (p for p in map(self._path, files) if p.is_file()):
-            prefix = f"{path.stem}/" if len(files) > 1 else ""
+            key_prefix = prefix + (f"{path.stem}/" if len(files) > 1 else "")
             try:  # a crashed stage may leave a truncated file: skip it, keep logging the rest
                 data = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
@@ -253,7 +361,7 @@ class Tracker:
             for k, v in flatten(data).items():
                 # bools/strings skipped; NaN is kept, MLflow stores ±inf as ±1.8e308
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    metrics.append(Metric(_key(prefix + k), float(v), now, 0))
+                    metrics.append(Metric(_key(key_prefix + k), float(v), now, 0))
         return metrics
 
     def _histories(self, dirs: Sequence[Path]) -> list[Metric]:
@@ -266,17 +374,53 @@ class Tracker:
                 metrics += _read_history(tsv, _key(f"{d.name}/{name}" if len(dirs) > 1 else name))
         return metrics
 
-    def _log_artifact(self, run_id: str, path: Path) -> None:
-        """A file goes under its parent dir, a directory under itself, both relative to root."""
+    def _rel(self, path: Path) -> str:
+        """``path`` relative to the root (posix), or its name if it lies outside."""
         try:
-            rel = path.relative_to(self.root)
+            return self._path(path).relative_to(self.root).as_posix()
         except ValueError:
-            rel = Path(path.name)
-        if path.is_dir():
-            self._client.log_artifacts(run_id, str(path), artifact_path=rel.as_posix())
+            return Path(path).name
+
+    def _log_output(self, run_id: str, path: Path, md5: str | None) -> None:
+        """Copy ``path`` unless a run of this experiment already holds the same dvc.lock ``md5``
+        of it; either way tag ``artifact/<path>`` with the ``runs:/`` URI of the copy."""
+        rel = self._rel(path)
+        pointer, holder = _key(f"artifact/{rel}"), None
+        if md5:
+            found = self._client.search_runs(
+                [self._experiment_id], max_results=1,
+                filter_string=f"tags.`{_key(f'dvc/out:{rel}')}` = '{md5}' and tags.`{pointer}` LIKE 'runs:/%'")
+            holder = found[0].data.tags[pointer] if found else None
+        if holder is None and path.exists():
+            self._log_files(run_id, path)
+            holder = f"runs:/{run_id}/{rel}"
+        if md5 and holder:
+            self._client.set_tag(run_id, pointer, holder)
+
+    def _log_files(self, run_id: str, path: Path) -> None:
+        """A file under its parent dir, a directory under itself, an HF model directory (or one
+        inside ``path``) as an MLflow model: all at their path relative to the root."""
+        rel = self._rel(path)
+        if is_hf_model_dir(path):
+            self._log_model(run_id, path, rel)
+        elif path.is_dir() and any(is_hf_model_dir(c) for c in path.iterdir()):
+            for child in sorted(path.iterdir()):
+                self._log_files(run_id, child)
+        elif path.is_dir():
+            self._client.log_artifacts(run_id, str(path), artifact_path=rel)
         elif path.is_file():
-            parent = rel.parent.as_posix()
+            parent = Path(rel).parent.as_posix()
             self._client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+    def _log_model(self, run_id: str, model_dir: Path, rel: str) -> None:
+        """``model_dir`` as an :class:`HFModel` pyfunc at artifact path ``rel`` of the run."""
+        import mlflow.pyfunc
+
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(saved, python_model=HFModel(), artifacts={"hf": str(model_dir)},
+                                     pip_requirements=_requirements())
+            self._client.log_artifacts(run_id, str(saved), artifact_path=rel)
 
     @_safe
     def end_pipeline(self, status: str = "FINISHED") -> None:
