@@ -1,5 +1,10 @@
 """Typed params: one frozen dataclass per ``params.yaml`` section, loaded strictly.
 
+The base layer of the library: it imports no other ``beyondlm`` module at load time. Sections
+live next to what they configure (``prepare`` in ``beyondlm/data/config.py``, ``align`` in
+``beyondlm/align/experiment.py``, ...); the shared ones (``ModelConfig``, ``TrainConfig``, sft,
+evaluate, report) are here.
+
 ``load_section(Cls, raw, "sft")`` builds ``Cls`` from a plain dict: unknown keys, wrong types and
 out-of-range values raise :class:`ConfigError` naming the full key (``sft.model.n_head``), the value
 and what is allowed. Only these dataclasses enter library code; stages never pass raw dicts on.
@@ -14,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from beyondlm.data.synthetic import LanguageSpec
-from beyondlm.inputs import reading, restore_fix
 
 
 class ConfigError(ValueError):
@@ -23,111 +26,6 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- sections
-@dataclass(frozen=True)
-class LocalSourceConfig:
-    """``prepare.local``: text files on disk (jsonl, json, csv, tsv, parquet, txt)."""
-
-    train: str | None = None
-    valid: str | None = None  # if null, carved out of train by valid_fraction
-    test: str | None = None  # if null, carved out of train by test_fraction
-    text_column: str = "text"
-    valid_fraction: float = 0.05
-    test_fraction: float = 0.05
-
-
-@dataclass(frozen=True)
-class HubSourceConfig:
-    """``prepare.hub``: ``datasets.load_dataset(name, config, revision=...)``."""
-
-    name: str | None = None
-    config: str | None = None
-    revision: str | None = None
-    text_column: str = "text"
-    train_split: str = "train"
-    valid_split: str | None = "validation"
-    test_split: str | None = "test"
-    valid_fraction: float = 0.05
-    test_fraction: float = 0.05
-    trust_remote_code: bool = False
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    """``prepare.tokenizer``. ``auto``: the exact word vocabulary for synthetic data, a byte-level
-    BPE trained on the train split otherwise, or the model's own tokenizer when ``name_or_path``
-    is set."""
-
-    kind: str = "auto"  # auto | word | bpe | pretrained
-    vocab_size: int = 4000
-    name_or_path: str | None = None
-    trust_remote_code: bool = False
-
-    def __post_init__(self) -> None:
-        _check_choice("prepare.tokenizer.kind", self.kind, ("auto", "word", "bpe", "pretrained"))
-        _check_range("prepare.tokenizer.vocab_size", self.vocab_size, 64, 1_000_000)
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    source: str = "synthetic"  # synthetic | local | hub
-    out_dir: str = "data/prepared"
-    seed: int = 0
-    n_train: int = 20000  # synthetic sizes; local/hub: caps (0 = all)
-    n_valid: int = 1000
-    n_test: int = 2000
-    max_len: int = 64  # tokens per text incl. EOS (synthetic: the language's max length)
-    prompt_len: int = 8
-    n_prompts: int = 256
-    synthetic: LanguageSpec = field(default_factory=LanguageSpec)
-    local: LocalSourceConfig = field(default_factory=LocalSourceConfig)
-    hub: HubSourceConfig = field(default_factory=HubSourceConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-
-    def __post_init__(self) -> None:
-        _check_choice("prepare.source", self.source, ("synthetic", "local", "hub"))
-        _check_range("prepare.max_len", self.max_len, 4, 1_000_000)
-        _check_range("prepare.prompt_len", self.prompt_len, 1, self.max_len - 1)
-        for key in ("n_train", "n_valid", "n_test", "n_prompts"):
-            _check_range(f"prepare.{key}", getattr(self, key), 0, 10**9)
-        if self.source == "synthetic" and self.synthetic.max_len != self.max_len:
-            raise ConfigError(
-                f"prepare.synthetic.max_len={self.synthetic.max_len} differs from "
-                f"prepare.max_len={self.max_len}: set them equal (the language is defined "
-                "conditioned on length <= max_len)"
-            )
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """What downstream stages read of the ``prepare`` section: where its outputs are and the
-    lengths they were cut to. Stages using it declare these keys in dvc.yaml."""
-
-    out_dir: str = PrepareConfig.out_dir
-    max_len: int = PrepareConfig.max_len
-    prompt_len: int = PrepareConfig.prompt_len
-
-    @property
-    def data_dir(self) -> Path:
-        return Path(self.out_dir)
-
-    def language(self):
-        """The synthetic language (exact p_d) if prepare used it, else None."""
-        from beyondlm.data.synthetic import SyntheticLanguage
-
-        path = self.data_dir / "language.json"
-        if not path.exists():
-            return None
-        with reading(path, "synthetic language file", restore_fix(self.data_dir, "prepare")):
-            return SyntheticLanguage.load(path)
-
-
-def prepared_data(params: Mapping[str, Any]) -> PreparedData:
-    """The declared ``prepare`` keys, typed (the rest of the section is prepare's own)."""
-    prep = section(params, "prepare")
-    keys = [f.name for f in dataclasses.fields(PreparedData)]
-    return load_section(PreparedData, {k: prep[k] for k in keys if k in prep}, "prepare")
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """``<section>.model`` of every section that trains an LM (sft, bigram, reward, vq.prior): a
@@ -145,7 +43,7 @@ class ModelConfig:
         if self.n_embd % self.n_head:  # load_section appends the section's name
             raise ConfigError(f"params.yaml: 'n_embd'={self.n_embd} is not divisible by n_head={self.n_head}: "
                               f"choose n_embd a multiple of n_head")
-        _check_range("dropout", self.dropout, 0.0, 1.0)
+        check_range("dropout", self.dropout, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -173,13 +71,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_range("lr", self.lr, 0.0, 10.0)
+        check_range("lr", self.lr, 0.0, 10.0)
         for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
-            _check_range(key, getattr(self, key), 1, 10**9)
-        _check_range("eval_every", self.eval_every, 0, self.max_steps)
-        _check_range("converge_tol", self.converge_tol, 0.0, 1.0)
-        _check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
-        _check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+            check_range(key, getattr(self, key), 1, 10**9)
+        check_range("eval_every", self.eval_every, 0, self.max_steps)
+        check_range("converge_tol", self.converge_tol, 0.0, 1.0)
+        check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
+        check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
 
     @property
     def eval_interval(self) -> int:
@@ -208,8 +106,8 @@ class EvaluateConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_range("evaluate.n_samples", self.n_samples, 2, 10**7)
-        _check_range("evaluate.batch_size", self.batch_size, 1, 10**6)
+        check_range("evaluate.n_samples", self.n_samples, 2, 10**7)
+        check_range("evaluate.batch_size", self.batch_size, 1, 10**6)
 
 
 @dataclass(frozen=True)
@@ -332,12 +230,12 @@ def check_param(key: str, ok: bool, value: Any, allowed: str) -> None:
         raise ConfigError(f"params.yaml: '{key}'={value!r}: {allowed}")
 
 
-def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"params.yaml: '{key}'={value!r} is not one of {', '.join(allowed)}")
 
 
-def _check_range(key: str, value: float, low: float, high: float) -> None:
+def check_range(key: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ConfigError(f"params.yaml: '{key}'={value!r} must be between {low} and {high}")
 

@@ -121,6 +121,20 @@ def import_closure(module: str, root: str | Path = ".", package: str = "beyondlm
     return {f.relative_to(root) for f in seen if f.relative_to(root).parts[0] == package}
 
 
+def import_cycles(root: str | Path = ".", package: str = "beyondlm") -> list[list[str]]:
+    """Cycles in the import graph of ``package``'s modules (lazy imports count): a library whose
+    layers import only downward has none."""
+    import networkx as nx
+
+    root = Path(root).resolve()
+    graph = nx.DiGraph()
+    for file in (root / package).rglob("*.py"):
+        name = ".".join(file.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        graph.add_edges_from((name, dep) for dep in _imported(file, root, package)
+                             if dep != name and _module_file(root, dep) is not None)
+    return [sorted(c) for c in nx.simple_cycles(graph)]
+
+
 def declared_code(deps: Sequence[str], root: str | Path = ".", package: str = "beyondlm") -> set[Path]:
     """The ``package`` source files a stage's declared deps cover (a directory covers its .py files)."""
     root = Path(root).resolve()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from beyondlm import cli
 from beyondlm.align.experiment import AlignConfig, frontier_rows, run_align
-from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
+from beyondlm.config import ConfigError, load_section, read_params, section
+from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split
 from beyondlm.inputs import load_tokenizer
 from beyondlm.io import write_metrics, write_tsv

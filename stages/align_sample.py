@@ -14,7 +14,8 @@ from pathlib import Path
 
 from beyondlm import cli
 from beyondlm.align.experiment import SampleConfig, run_sample
-from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.config import load_section, read_params, section
+from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split
 from beyondlm.inputs import load_tokenizer
 from beyondlm.io import atomic_path, write_metrics

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.config import load_section, read_params, section
+from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split
 from beyondlm.io import write_metrics
 from beyondlm.lookup.datastore import DatastoreConfig, build_datastore

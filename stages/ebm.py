@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
+from beyondlm.config import ConfigError, load_section, read_params, section
+from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split
 from beyondlm.ebm.experiment import EBMConfig, fit_ebm, reference_pairs
 from beyondlm.inputs import load_tokenizer

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import ConfigError, load_section, prepared_data, read_params, section
+from beyondlm.config import ConfigError, load_section, read_params, section
+from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split
 from beyondlm.ebm import EBMSolution
 from beyondlm.ebm.experiment import EBMEvalConfig, evaluate_decoders, quality_vs_m, reference_pairs

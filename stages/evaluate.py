@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import EvaluateConfig, load_section, prepared_data, read_params, section
+from beyondlm.config import EvaluateConfig, load_section, read_params, section
+from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split
 from beyondlm.evaluation import evaluate_lm
 from beyondlm.inputs import load_tokenizer

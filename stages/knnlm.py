@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from beyondlm import cli
-from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.config import load_section, read_params, section
+from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split
 from beyondlm.io import write_metrics, write_text
 from beyondlm.lookup.datastore import DatastoreConfig, forward_keys, load_datastore

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from beyondlm import cli
 from beyondlm.align.experiment import PreferencesConfig, run_preferences
-from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.config import load_section, read_params, section
+from beyondlm.data.config import prepared_data
 from beyondlm.dvcgraph import check_declared_inputs
 from beyondlm.inputs import load_tokenizer
 from beyondlm.io import atomic_path, write_metrics

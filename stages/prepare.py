@@ -9,7 +9,8 @@ metrics: reports/metrics/prepare.json
 import argparse
 
 from beyondlm import cli
-from beyondlm.config import PrepareConfig, load_section, read_params, section
+from beyondlm.config import load_section, read_params, section
+from beyondlm.data.config import PrepareConfig
 from beyondlm.data.prepare import prepare, write_prepared
 from beyondlm.dvcgraph import check_declared_inputs
 from beyondlm.io import write_metrics

@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import load_section, prepared_data, read_params, section
+from beyondlm.config import load_section, read_params, section
+from beyondlm.data.config import prepared_data
 from beyondlm.io import write_metrics
 from beyondlm.latent.experiment import VQConfig, run_vq
 

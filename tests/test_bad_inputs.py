@@ -46,7 +46,8 @@ PREVIOUS = {"reports/metrics/prepare.json": '{"previous": true}\n',
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A complete small project: params.yaml, dvc.yaml, data/prepared, a tiny model, old outputs."""
-    from beyondlm.config import ModelConfig, PrepareConfig, load_section
+    from beyondlm.config import ModelConfig, load_section
+    from beyondlm.data.config import PrepareConfig
     from beyondlm.data.prepare import prepare, write_prepared
     from beyondlm.models import build_model, save_model
 

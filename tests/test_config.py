@@ -1,14 +1,7 @@
 import pytest
 
-from beyondlm.config import (
-    ConfigError,
-    EvaluateConfig,
-    PrepareConfig,
-    load_section,
-    read_params,
-    section,
-    sft_config,
-)
+from beyondlm.config import ConfigError, EvaluateConfig, load_section, read_params, section, sft_config
+from beyondlm.data.config import PrepareConfig
 
 
 def test_repo_params_load():
@@ -92,7 +85,7 @@ def test_params_parse_as_yaml_1_2_like_dvc(tmp_path):
 
 
 def test_prepared_data_reads_declared_keys_typed():
-    from beyondlm.config import PrepareConfig, prepared_data
+    from beyondlm.data.config import PrepareConfig, prepared_data
 
     default = prepared_data({})
     assert (default.out_dir, default.max_len, default.prompt_len) == (

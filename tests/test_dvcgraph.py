@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from beyondlm.dvcgraph import check_declared_inputs, code_dep_mismatches, code_deps, import_closure, pipeline_stages, write_code_deps
+from beyondlm.dvcgraph import check_declared_inputs, code_dep_mismatches, import_cycles, code_deps, import_closure, pipeline_stages, write_code_deps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,3 +123,15 @@ def test_unset_paths_and_hub_ids_need_no_declaration(tmp_path):
     project = _stage_project(tmp_path)
     check_declared_inputs("prepare", {"prepare.local.train": None, "prepare.tokenizer.name_or_path": "gpt2"}, project)
     check_declared_inputs("sft@mle-0", {"sft.model.name_or_path": None}, project)
+
+
+def test_the_library_imports_only_downward():
+    """No two library modules import each other, directly or through others (config is the base
+    layer; data/config.py holds prepare's section, so config no longer imports data)."""
+    assert import_cycles(ROOT) == []
+
+
+def test_import_cycles_finds_a_lazy_cycle(tmp_path):
+    _package(tmp_path, {"lib/__init__.py": "", "lib/a.py": "from lib import b\n",
+                        "lib/b.py": "def f():\n    from lib.a import g\n"})
+    assert import_cycles(tmp_path, package="lib") == [["lib.a", "lib.b"]]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from beyondlm.config import ConfigError, EvaluateConfig, PrepareConfig, load_section
+from beyondlm.config import ConfigError, EvaluateConfig, load_section
+from beyondlm.data.config import PrepareConfig
 from beyondlm.data.prepare import load_split, prepare, write_prepared
 from beyondlm.data.synthetic import SyntheticLanguage
 from beyondlm.evaluation import evaluate_lm

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from beyondlm.config import ConfigError, HubSourceConfig, LocalSourceConfig, PrepareConfig, load_section
+from beyondlm.config import ConfigError, load_section
+from beyondlm.data.config import HubSourceConfig, LocalSourceConfig, PrepareConfig
 from beyondlm.data import sources
 from beyondlm.data.prepare import prepare
 

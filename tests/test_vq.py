@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from beyondlm import cli
-from beyondlm.config import ConfigError, PrepareConfig, load_section
+from beyondlm.config import ConfigError, load_section
+from beyondlm.data.config import PrepareConfig
 from beyondlm.data.prepare import prepare, write_prepared
 from beyondlm.latent import (
     DISCRETIZERS,

@@ -18,7 +18,8 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from beyondlm.config import ConfigError, PrepareConfig
+from beyondlm.config import ConfigError
+from beyondlm.data.config import PrepareConfig
 from beyondlm.data import sources, tokenization
 from beyondlm.data.synthetic import SyntheticLanguage
 from beyondlm import inputs

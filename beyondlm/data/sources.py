@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from beyondlm.config import ConfigError, HubSourceConfig, LocalSourceConfig
+from beyondlm.config import ConfigError
+from beyondlm.data.config import HubSourceConfig, LocalSourceConfig
 from beyondlm.inputs import read_jsonl, reading, require
 
 # suffix → (datasets builder, extra kwargs)

@@ -289,9 +289,9 @@ class DatastoreConfig:
     chunk_tokens: int = 262144  # keys between flushes / progress records (resume granularity)
 
     def __post_init__(self) -> None:
-        from beyondlm.config import _check_choice, _check_range
+        from beyondlm.config import check_choice, check_range
 
-        _check_choice("datastore.split", self.split, ("train", "valid", "test"))
-        _check_range("datastore.max_seqs", self.max_seqs, 0, 10**9)
-        _check_range("datastore.batch_size", self.batch_size, 1, 10**6)
-        _check_range("datastore.chunk_tokens", self.chunk_tokens, 1, 10**12)
+        check_choice("datastore.split", self.split, ("train", "valid", "test"))
+        check_range("datastore.max_seqs", self.max_seqs, 0, 10**9)
+        check_range("datastore.batch_size", self.batch_size, 1, 10**6)
+        check_range("datastore.chunk_tokens", self.chunk_tokens, 1, 10**12)

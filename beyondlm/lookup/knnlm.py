@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from beyondlm.config import ConfigError, _check_choice, _check_range
+from beyondlm.config import ConfigError, check_choice, check_range
 from beyondlm.inputs import read_faiss_index, restore_fix
 from beyondlm.io import atomic_path
 from beyondlm.lookup.datastore import forward_keys
@@ -241,10 +241,10 @@ class IndexConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("knnlm.index.kind", self.kind, INDEX_KINDS)
+        check_choice("knnlm.index.kind", self.kind, INDEX_KINDS)
         for key in ("nlist", "m", "train_size", "k_factor", "nprobe"):
-            _check_range(f"knnlm.index.{key}", getattr(self, key), 1, 10**9)
-        _check_range("knnlm.index.nbits", self.nbits, 1, 16)
+            check_range(f"knnlm.index.{key}", getattr(self, key), 1, 10**9)
+        check_range("knnlm.index.nbits", self.nbits, 1, 16)
 
 
 @dataclass(frozen=True)
@@ -263,10 +263,10 @@ class KnnlmConfig:
 
     def __post_init__(self) -> None:
         for name in self.splits:
-            _check_choice("knnlm.splits", name, ("train", "valid", "test"))
+            check_choice("knnlm.splits", name, ("train", "valid", "test"))
         for k in self.k:
-            _check_range("knnlm.k", k, 1, 65536)
+            check_range("knnlm.k", k, 1, 65536)
         for lam in self.lambdas:
-            _check_range("knnlm.lambdas", lam, 0.0, 1.0)
-        _check_range("knnlm.temperature", self.temperature, 1e-6, 1e6)
-        _check_range("knnlm.batch_size", self.batch_size, 1, 10**6)
+            check_range("knnlm.lambdas", lam, 0.0, 1.0)
+        check_range("knnlm.temperature", self.temperature, 1e-6, 1e6)
+        check_range("knnlm.batch_size", self.batch_size, 1, 10**6)
