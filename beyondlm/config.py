@@ -49,7 +49,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """``<section>.train``: the shared training loop's knobs, in every section that trains (sft,
-    bigram, reward, align, align.rloo, vq, vq.prior); defaults differ per section, keys do not."""
+    bigram, reward, align, vq, vq.prior); defaults differ per section, keys do not."""
 
     lr: float = 3e-3
     batch_size: int = 32  # sequences per micro-batch

@@ -15,7 +15,8 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.align.experiment import AlignConfig, frontier_rows, run_align
+from beyondlm.align.config import AlignConfig
+from beyondlm.align.experiment import frontier_rows, run_align
 from beyondlm.config import ConfigError, load_section, read_params, section
 from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.align.experiment import SampleConfig, run_sample
+from beyondlm.align.config import SampleConfig
+from beyondlm.align.experiment import run_sample
 from beyondlm.config import load_section, read_params, section
 from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split

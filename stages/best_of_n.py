@@ -11,7 +11,8 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.align.experiment import AlignConfig, BestOfNConfig, run_best_of_n
+from beyondlm.align.config import AlignConfig, BestOfNConfig
+from beyondlm.align.experiment import run_best_of_n
 from beyondlm.config import load_section, read_params, section
 from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split

@@ -15,7 +15,8 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.align.experiment import PreferencesConfig, run_preferences
+from beyondlm.align.config import PreferencesConfig
+from beyondlm.align.experiment import run_preferences
 from beyondlm.config import load_section, read_params, section
 from beyondlm.data.config import prepared_data
 from beyondlm.dvcgraph import check_declared_inputs

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.align.experiment import RewardConfig, run_reward
+from beyondlm.align.config import RewardConfig
+from beyondlm.align.experiment import run_reward
 from beyondlm.config import load_section, read_params, section
 from beyondlm.inputs import load_tokenizer
 from beyondlm.io import write_metrics

@@ -17,22 +17,17 @@ from beyondlm.align.data import (
     tokenize_pairs,
 )
 from beyondlm.align.evaluate import best_of_n_kl, win_rate
+from beyondlm.align.config import AlignConfig, BestOfNConfig, EvalConfig, PreferencesConfig, RewardConfig, SampleConfig
 from beyondlm.align.experiment import (
-    AlignConfig,
-    BestOfNConfig,
-    EvalConfig,
-    PreferencesConfig,
-    RLOOConfig,
-    RewardConfig,
-    SampleConfig,
-    load_pairs,
     run_align,
     run_best_of_n,
     run_preferences,
     run_reward,
     run_sample,
 )
-from beyondlm.align.train import group_collate, offline_loss_fn, pair_collate, rloo_advantages, rloo_loss
+from beyondlm.align.store import load_pairs
+from beyondlm.align.train import group_collate, offline_loss_fn, pair_collate
+from beyondlm.objectives.preference import rloo_advantages, rloo_loss
 from beyondlm.config import ConfigError, ModelConfig, TrainConfig, load_section
 from beyondlm.data import tokenization
 from beyondlm.logprobs import sequence_logps
@@ -158,7 +153,7 @@ def test_the_chain_on_the_tiny_language(tmp_path):
     cfg = AlignConfig(seeds=[0, 1], eval_every=2, eval=EvalConfig(n_prompts=8),
                       train=TrainConfig(lr=1e-3, batch_size=4, max_steps=4, warmup_steps=1, ckpt_every=2,
                                         group_by_length=False),
-                      rloo=RLOOConfig(K=2, train={"batch_size": 4, "max_steps": 4}))
+                      hyperparams={"rloo": {"K": 2, "train": {"batch_size": 4, "max_steps": 4}}})
     kw = dict(sft_dir=tmp_path / "sft", reward_model=rm, tokenizer=tok, language=language,
               samples=tmp_path / "samples.parquet", pairs=tmp_path / "pairs.parquet", test_prompts=test_prompts,
               max_new_tokens=16)

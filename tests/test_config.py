@@ -99,16 +99,20 @@ def test_prepared_data_reads_declared_keys_typed():
 def test_a_partial_train_mapping_keeps_the_sections_other_defaults():
     """Every section that trains nests `model:` and `train:`; keys a params file leaves out keep the
     section's defaults (RewardConfig's lr, not TrainConfig's)."""
-    from beyondlm.align.experiment import AlignConfig, RewardConfig
+    from beyondlm.align.config import AlignConfig, RewardConfig
 
     default = RewardConfig()
     cfg = load_section(RewardConfig, {"train": {"max_steps": 70}, "model": {"n_layer": 1}}, "reward")
     assert (cfg.train.max_steps, cfg.train.lr, cfg.train.warmup_steps) == (70, default.train.lr, default.train.warmup_steps)
     assert (cfg.model.n_layer, cfg.model.n_embd) == (1, default.model.n_embd)
     align = load_section(AlignConfig, {"train": {"lr": 0.5, "max_steps": 40}, "eval_every": 10,
-                                       "rloo": {"train": {"max_steps": 20, "batch_size": 8}}}, "align")
+                                       "hyperparams": {"rloo": {"beta": 0.1, "train": {"max_steps": 20, "batch_size": 8}}}},
+                         "align")
     rloo, dpo = align.train_config("rloo", seed=3), align.train_config("dpo_pref", seed=3)
     assert (rloo.max_steps, rloo.batch_size, rloo.lr, rloo.seed, rloo.group_by_length) == (20, 8, 0.5, 3, False)
     assert (dpo.max_steps, dpo.lr, dpo.eval_every) == (40, 0.5, 10)
-    with pytest.raises(ConfigError, match="align.rloo.train.max_stepz"):
-        load_section(AlignConfig, {"rloo": {"train": {"max_stepz": 2}}}, "align")
+    assert align.loss("rloo") == {"K": 4.0, "beta": 0.1}  # RLOO is a row of the loss table
+    with pytest.raises(ConfigError, match="align.hyperparams.rloo.train.max_stepz"):
+        load_section(AlignConfig, {"hyperparams": {"rloo": {"train": {"max_stepz": 2}}}}, "align")
+    with pytest.raises(ConfigError, match=r"align.hyperparams.rloo.K'=1"):
+        load_section(AlignConfig, {"hyperparams": {"rloo": {"K": 1}}}, "align")

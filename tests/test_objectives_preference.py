@@ -217,6 +217,12 @@ def test_table_rows_run_with_defaults(name):
     pc, pr, rc, rr = _random_pair(b=4, seed=7)
     if row.kind == "pair":
         loss = row.fn(pc, pr, rc, rr, **params)
+    elif row.kind == "online":  # groups of the K samples the loop draws itself
+        K = int(params["K"])
+        g = torch.Generator().manual_seed(0)
+        loss = row.fn(*(torch.randn(4, K, generator=g, dtype=torch.float64) for _ in range(3)), **params)
+        with pytest.raises(ValueError, match=f"K={K}"):
+            row.fn(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), torch.zeros(4, 2), **params)
     else:
         loss = row.fn(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), torch.randn(4, 2, dtype=torch.float64),
                       **params)

@@ -1,205 +1,42 @@
 """The alignment experiment of the EXO paper (Ji et al., ICML 2024) on our data, stage by stage.
 
 align_sample → preferences → reward → align@<method> (all seeds) and best_of_n. Each function here
-is what one stage calls; the configs are the params sections of the same names.
+is what one stage calls; the configs (``beyondlm/align/config.py``) are the params sections of the
+same names, the Parquet tables between stages are read and written by ``beyondlm/align/store.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from beyondlm.align.data import (
-    Group,
-    PrefPair,
-    draw_groups,
-    pairs_from_groups,
-    read_preference_file,
-    tokenize_pairs,
+from beyondlm.align.config import (
+    AlignConfig,
+    BestOfNConfig,
+    EvalConfig,
+    PreferencesConfig,
+    RewardConfig,
+    SampleConfig,
 )
+from beyondlm.align.data import Group, PrefPair, draw_groups, pairs_from_groups, read_preference_file, tokenize_pairs
 from beyondlm.align.evaluate import Judges, ReferenceSet, best_of_n_kl, evaluate_policy, mean_se
-from beyondlm.align.train import (
-    group_collate,
-    offline_loss_fn,
-    pair_collate,
-    prompt_collate,
-    rloo_loss_fn,
-)
-from beyondlm.config import ConfigError, ModelConfig, TrainConfig, check_param, train_config
-from beyondlm.inputs import read_json, read_parquet, restore_fix
+from beyondlm.align.store import load_pairs, load_table, save_groups, save_pairs
+from beyondlm.align.train import group_collate, offline_loss_fn, pair_collate, prompt_collate, rloo_loss_fn
+from beyondlm.config import ConfigError
+from beyondlm.inputs import read_json
 from beyondlm.io import write_json
 from beyondlm.logprobs import sequence_logps
-from beyondlm.objectives.preference import PREFERENCE_LOSSES, resolve_preference_loss
-from beyondlm.reward import Pair, pair_accuracy, pair_collate as rm_pair_collate
-from beyondlm.reward import build_reward_model, reward_loss_fn, score
+from beyondlm.reward import Pair, build_reward_model, pair_accuracy, reward_loss_fn, score
+from beyondlm.reward import pair_collate as rm_pair_collate
 from beyondlm.sampling import SamplingConfig
 from beyondlm.training import heldout_loss, train_loop
 
 log = logging.getLogger(__name__)
-
-METHODS = (*PREFERENCE_LOSSES, "rloo")
-
-
-# ----------------------------------------------------------------------------- configs
-@dataclass(frozen=True)
-class SampleConfig:
-    """``align_sample``: K completions per training prompt from the SFT model ``base``."""
-
-    base: str = "mle-s0"  # models/sft/<base>: the policy's init and the reference π_sft
-    K: int = 4
-    temperature: float = 1.0
-    n_prompts: int = 0  # 0 = every prompt of prompts_train
-    batch_size: int = 1024
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_param("align_sample.K", self.K >= 2, self.K, "need at least 2 samples per prompt")
-        check_param("align_sample.temperature", self.temperature > 0, self.temperature, "must be > 0")
-        check_param("align_sample.n_prompts", self.n_prompts >= 0, self.n_prompts, "must be >= 0")
-
-
-@dataclass(frozen=True)
-class PrefFileConfig:
-    path: str | None = None  # .jsonl/.json/.parquet (optionally .gz) with chosen/rejected columns
-    prompt_column: str = "prompt"  # absent in the file: HH-RLHF dialogues, split at the last turn
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    limit: int = 0  # 0 = every row
-
-
-@dataclass(frozen=True)
-class PreferencesConfig:
-    """``preferences``: pairs labelled by the oracle from the samples, or read from a file."""
-
-    source: str = "samples"  # samples | file
-    max_pairs_per_prompt: int = 0  # 0 = every pair of distinct oracle scores (K(K−1)/2 at most)
-    valid_fraction: float = 0.1  # held-out prompts for the reward model's pair accuracy
-    file: PrefFileConfig = field(default_factory=PrefFileConfig)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_param("preferences.source", self.source in ("samples", "file"), self.source, "samples | file")
-        check_param("preferences.valid_fraction", 0 < self.valid_fraction < 1, self.valid_fraction,
-               "must lie in (0, 1)")
-        if self.source == "file" and not self.file.path:
-            raise ConfigError("params.yaml: preferences.source=file needs preferences.file.path")
-
-
-@dataclass(frozen=True)
-class RewardConfig:
-    """``reward``: the Bradley–Terry reward model and its training loop."""
-
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(n_head=2, n_embd=64))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, batch_size=64, max_steps=150,
-                                                                    warmup_steps=10, ckpt_every=0))
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    n_prompts: int = 128  # held-out prompts (prompts_test)
-    batch_size: int = 512
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class RLOOConfig:
-    K: int = 4  # on-policy samples per prompt
-    beta: float = 0.05  # KL coefficient in the sequence reward
-    # over align.train: on-policy steps cost a rollout each, so fewer, larger steps than the offline
-    # methods; batch_size counts prompts (K·batch_size rollouts a step)
-    train: Mapping[str, Any] = field(default_factory=lambda: {"batch_size": 16, "lr": 1e-3, "max_steps": 60})
-
-
-@dataclass(frozen=True)
-class AlignConfig:
-    """``align``: one policy per method and seed, evaluated at every ``eval_every`` steps."""
-
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    hyperparams: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    rloo: RLOOConfig = field(default_factory=RLOOConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, max_steps=60,
-                                                                    warmup_steps=5, ckpt_every=20,
-                                                                    group_by_length=False))
-    eval_every: int = 20
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        check_param("align.methods", self.methods and not bad, self.methods, f"choose from {list(METHODS)}")
-        unknown = sorted(set(self.hyperparams) - set(PREFERENCE_LOSSES))
-        check_param("align.hyperparams", not unknown, unknown, f"keys must be among {list(PREFERENCE_LOSSES)}")
-        for method, entry in self.hyperparams.items():  # now, not after the models are loaded
-            check_param(f"align.hyperparams.{method}", isinstance(entry or {}, Mapping), entry,
-                        "a mapping of hyperparameter: value")
-            for key, value in (entry or {}).items():
-                try:
-                    resolve_preference_loss(method, {key: value})
-                except ValueError as err:
-                    raise ConfigError(f"params.yaml: 'align.hyperparams.{method}.{key}'={value!r}: {err}; "
-                                      f"fix it, or drop it for the default") from err
-        check_param("align.eval_every", self.eval_every >= 1, self.eval_every, "must be >= 1")
-        check_param("align.rloo.K", self.rloo.K >= 2, self.rloo.K, "RLOO needs K >= 2")
-        check_param("align.rloo.beta", self.rloo.beta >= 0, self.rloo.beta, "must be >= 0")
-        for method in self.methods:
-            self.train_config(method, seed=0)  # ranges of align.train and align.rloo.train, now
-
-    def train_config(self, method: str, seed: int) -> TrainConfig:
-        """``align.train`` (``align.rloo.train`` on top for RLOO); held-out checks every ``eval_every``."""
-        if method != "rloo":
-            return replace(self.train, seed=seed, eval_every=min(self.eval_every, self.train.max_steps))
-        train = train_config(asdict(self.train), self.rloo.train, "align.rloo.train", seed=seed,
-                             group_by_length=False)  # prompts only: nothing to group
-        return replace(train, eval_every=min(self.eval_every, train.max_steps))
-
-    def loss(self, method: str) -> dict[str, float]:
-        try:
-            return resolve_preference_loss(method, dict(self.hyperparams.get(method) or {}))[1]
-        except ValueError as err:
-            raise ConfigError(f"params.yaml: align.hyperparams.{method}: {err}") from err
-
-
-@dataclass(frozen=True)
-class BestOfNConfig:
-    Ns: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-
-    def __post_init__(self) -> None:
-        check_param("best_of_n.Ns", bool(self.Ns) and all(n >= 1 for n in self.Ns), self.Ns,
-               "a non-empty list of integers >= 1")
-
-
-# ----------------------------------------------------------------------------- storage
-def save_groups(path: Path, prompt_ids, completions, ref_logps: np.ndarray, oracle: np.ndarray | None) -> None:
-    import datasets
-
-    cols = {"prompt_id": list(range(len(prompt_ids))), "prompt_ids": [list(p) for p in prompt_ids],
-            "completions": completions, "ref_logps": ref_logps.tolist()}
-    if oracle is not None:
-        cols["oracle"] = oracle.tolist()
-    datasets.Dataset.from_dict(cols).to_parquet(str(path))
-
-
-def load_table(path: Path) -> dict:
-    return read_parquet(path, restore_fix(path))
-
-
-def save_pairs(path: Path, pairs: Sequence[PrefPair], split: Sequence[str], extra: Mapping | None = None) -> None:
-    import datasets
-
-    cols = {k: [getattr(p, k) for p in pairs] for k in PrefPair.__dataclass_fields__}
-    datasets.Dataset.from_dict({**cols, "split": list(split), **(extra or {})}).to_parquet(str(path))
-
-
-def load_pairs(path: Path, split: str) -> list[PrefPair]:
-    t = load_table(path)
-    keys = list(PrefPair.__dataclass_fields__)
-    return [PrefPair(*(t[k][i] for k in keys)) for i, s in enumerate(t["split"]) if s == split]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -305,12 +142,12 @@ def judges_for(sft, reward_model, tokenizer, language, batch_size: int) -> Judge
                   tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size)
 
 
-def _training_data(method: str, samples: Path, pairs: Path, reward_model, tokenizer) -> tuple[list, list]:
-    """(train, valid) examples of ``method``: prompts (RLOO; no held-out loss), pairs split as the
-    preferences stage split them, or scored groups split by the same held-out prompts."""
-    if method == "rloo":
+def _training_data(kind: str, samples: Path, pairs: Path, reward_model, tokenizer) -> tuple[list, list]:
+    """(train, valid) examples of a method of ``kind``: prompts (online; no held-out loss), pairs
+    split as the preferences stage split them, or scored groups split by the same held-out prompts."""
+    if kind == "online":
         return [list(p) for p in load_table(samples)["prompt_ids"]], []
-    if PREFERENCE_LOSSES[method].kind == "pair":
+    if kind == "pair":
         return load_pairs(pairs, "train"), load_pairs(pairs, "valid")
     t = load_table(samples)
     K = len(t["completions"][0])
@@ -351,28 +188,29 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
     judges = judges_for(sft, reward_model, tokenizer, language, cfg.eval.batch_size)
     pure = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size)
     ref_set = ReferenceSet.draw(judges, test_prompts[: cfg.eval.n_prompts], pure, seed=cfg.eval.seed + 7919)
-    data, valid = _training_data(method, samples, pairs, reward_model, tokenizer)
+    data, valid = _training_data(cfg.kind(method), samples, pairs, reward_model, tokenizer)
     base = evaluate_policy(sft, judges, ref_set, pure, seed=cfg.eval.seed)
-    hyper = cfg.loss(method) if method != "rloo" else {"K": cfg.rloo.K, "beta": cfg.rloo.beta}
+    hyper = cfg.loss(method)
     per_seed = {}
     for seed in cfg.seeds:
         train_cfg = cfg.train_config(method, seed)
         torch.manual_seed(seed)
         policy = load_model(sft_dir)
         stats: dict = {}
-        if method == "rloo":
-            rollout = replace(pure, batch_size=train_cfg.batch_size * cfg.rloo.K)
-            loss_fn = rloo_loss_fn(sft, reward_model, K=cfg.rloo.K, beta=cfg.rloo.beta, sampling=rollout,
+        if cfg.kind(method) == "online":
+            K = int(hyper["K"])
+            rollout = replace(pure, batch_size=train_cfg.batch_size * K)
+            loss_fn = rloo_loss_fn(sft, reward_model, K=K, beta=hyper["beta"], sampling=rollout,
                                    eos_id=tokenizer.eos_token_id, pad_id=pad, seed=seed, stats=stats)
             collate = prompt_collate(pad)
         else:
             loss_fn = offline_loss_fn(method, hyper)
-            collate = (pair_collate if PREFERENCE_LOSSES[method].kind == "pair" else group_collate)(pad)
+            collate = (pair_collate if cfg.kind(method) == "pair" else group_collate)(pad)
         seed_ckpt = ckpt_dir / f"s{seed}"
         fingerprint = {"method": method, "hyper": hyper, "train": asdict(train_cfg),
                        "eval_every": cfg.eval_every, "n": len(data)}
         evals = [{"step": 0, **base}] + _resumed_evals(seed_ckpt, fingerprint)
-        validate = _validation(cfg, loss_fn, valid, collate, evals, judges, ref_set, pure,
+        validate = _validation(cfg, hyper, loss_fn, valid, collate, evals, judges, ref_set, pure,
                                seed_ckpt, fingerprint)
         policy, result = train_loop(policy, data, loss_fn, train_cfg, collate=collate, validate=validate,
                                     ckpt_dir=seed_ckpt, fingerprint=fingerprint, desc=f"align {method} s{seed}")
@@ -392,11 +230,11 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
             "final": summary, "runs": per_seed}
 
 
-def _validation(cfg: AlignConfig, loss_fn, valid, collate, evals, judges, ref_set, pure, ckpt, fingerprint):
+def _validation(cfg: AlignConfig, hyper, loss_fn, valid, collate, evals, judges, ref_set, pure, ckpt, fingerprint):
     """``validate(policy, step)`` for the loop: evaluates the policy on the held-out prompts
     (appended to ``evals`` and saved for resuming) and returns the held-out objective: the
-    method's loss on held-out pairs or groups, or for RLOO (no offline data) −(RM reward − β·KL)
-    of its own samples."""
+    method's loss on held-out pairs or groups, or for an online method (no offline data)
+    −(RM reward − β·KL) of its own samples."""
     heldout = heldout_loss(loss_fn, valid, collate) if valid else None
 
     def validate(policy, step: int):
@@ -405,7 +243,7 @@ def _validation(cfg: AlignConfig, loss_fn, valid, collate, evals, judges, ref_se
             e = {"step": step, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)}
             evals.append(e)
             write_json(ckpt / EVALS, {"fingerprint": fingerprint, "evals": evals[1:]})
-        return heldout(policy, step) if heldout is not None else -(e["rm_reward"] - cfg.rloo.beta * e["kl"])
+        return heldout(policy, step) if heldout is not None else -(e["rm_reward"] - hyper["beta"] * e["kl"])
 
     return validate
 
@@ -441,6 +279,4 @@ def frontier_rows(result: dict) -> list[dict]:
     return out
 
 
-__all__ = ["AlignConfig", "BestOfNConfig", "EvalConfig", "PreferencesConfig", "RewardConfig", "SampleConfig", "METHODS",
-           "run_sample", "run_preferences", "run_reward", "run_align", "run_best_of_n", "frontier_rows",
-           "mean_se"]
+__all__ = ["run_sample", "run_preferences", "run_reward", "run_align", "run_best_of_n", "frontier_rows", "mean_se"]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from beyondlm.align.data import Group, PrefPair
 from beyondlm.logprobs import batch_sequence_logps, pad_batch, sequence_logps
-from beyondlm.objectives.preference import PREFERENCE_LOSSES
+from beyondlm.objectives.preference import PREFERENCE_LOSSES, rloo_loss
 from beyondlm.reward import score
 from beyondlm.sampling import SamplingConfig, sample_scored
 
@@ -69,22 +69,6 @@ def offline_loss_fn(name: str, hyperparams: dict):
         return loss.sum(), loss.shape[0]
 
     return loss_fn
-
-
-def rloo_advantages(rewards: Tensor) -> Tensor:
-    """R_i − mean_{j≠i} R_j over the last dim (K ≥ 2): (B, K) → (B, K)."""
-    K = rewards.shape[-1]
-    if K < 2:
-        raise ValueError("RLOO needs K >= 2 samples per prompt for its leave-one-out baseline")
-    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (K - 1)
-
-
-def rloo_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, *, beta: float) -> Tensor:
-    """Per-prompt RLOO loss −mean_i A_i log π_θ(y_i|x) with the KL-regularized sequence reward.
-    Inputs (B, K) (sequence log-probs, reference log-probs, reward-model scores); returns (B,).
-    The advantage is a constant (detached): only log π_θ carries the gradient."""
-    R = rewards.float() - beta * (policy_logps.detach().float() - ref_logps.float())
-    return -(rloo_advantages(R).detach() * policy_logps).mean(-1)
 
 
 def prompt_collate(pad_id: int):

@@ -1,4 +1,5 @@
-"""Preference objectives: DPO and EXO, pairwise (-pref) and over groups of K scored samples (-rw).
+"""Preference objectives: DPO and EXO, pairwise (-pref) and over groups of K scored samples (-rw),
+and the on-policy RLOO baseline (groups it samples itself).
 
 Every loss is a pure function of sequence log-probabilities (already summed over response tokens,
 prompt masked, EOS included; see `beyondlm.logprobs.sequence_logps`) returning the per-example loss:
@@ -104,6 +105,26 @@ def dpo_rw_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, *, bet
     return -(log_p_r.exp() * log_p_theta).sum(-1)
 
 
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """R_i − mean_{j≠i} R_j over the last dim (K ≥ 2): (B, K) → (B, K)."""
+    K = rewards.shape[-1]
+    if K < 2:
+        raise ValueError("RLOO needs K >= 2 samples per prompt for its leave-one-out baseline")
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (K - 1)
+
+
+def rloo_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, *, beta: float,
+              K: float | None = None) -> Tensor:
+    """Per-prompt RLOO loss −mean_i A_i log π_θ(y_i|x) with the KL-regularized sequence reward.
+    Inputs (B, K) (sequence log-probs, reference log-probs, reward-model scores); returns (B,).
+    The advantage is a constant (detached): only log π_θ carries the gradient. ``K``, the group
+    size the sampler was asked for (a hyperparameter of the table row), is checked against the inputs."""
+    if K is not None and rewards.shape[-1] != int(K):
+        raise ValueError(f"RLOO was configured for K={int(K)} samples per prompt but got {rewards.shape[-1]}")
+    R = rewards.float() - beta * (policy_logps.detach().float() - ref_logps.float())
+    return -(rloo_advantages(R).detach() * policy_logps).mean(-1)
+
+
 @torch.no_grad()
 def preference_metrics(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
                        ref_rejected: Tensor, *, beta: float) -> dict[str, float]:
@@ -130,7 +151,9 @@ class PreferenceLoss:
     name: str
     fn: Callable[..., Tensor]
     defaults: Mapping[str, float]  # allowed hyperparameters and their defaults
-    kind: Literal["pair", "group"]  # pair: 4 × (B,) inputs; group: 3 × (B, K) inputs
+    # pair: 4 × (B,) inputs; group: 3 × (B, K) inputs from offline data; online: group inputs the
+    # training loop makes itself each step (K samples per prompt from the current policy, scored)
+    kind: Literal["pair", "group", "online"]
     reference: str
 
 
@@ -143,7 +166,9 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "beta_pi": (lambda v: v > 0.0, "(0, inf)"),
     "beta_r": (lambda v: v > 0.0, "(0, inf)"),
     "epsilon": (lambda v: 0.0 < v < 0.5, "(0, 0.5)"),  # ε ≥ ½ would prefer the rejected answer
+    "K": (lambda v: v >= 2 and v == int(v), "integers >= 2"),  # samples per prompt
 }
+_RLOO = "Ahmadian et al., Back to Basics: Revisiting REINFORCE Style Optimization for RLHF, ACL 2024"
 
 # β = 0.1 is the paper's IMDB setting (0.5 for TL;DR and HH); ε = 1e-3 is the TRL port's default.
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
@@ -154,6 +179,8 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
                                f"{_EXO}, eq. 16"),
     "exo_rw": PreferenceLoss("exo_rw", exo_rw_loss, {"beta_pi": 0.1, "beta_r": 0.1}, "group",
                              f"{_EXO} (EXO-rw)"),
+    # on-policy: K is the sampler's, beta the KL coefficient of the sequence reward (not a loss kwarg)
+    "rloo": PreferenceLoss("rloo", rloo_loss, {"K": 4, "beta": 0.05}, "online", _RLOO),
 }
 
 
