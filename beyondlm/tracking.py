@@ -8,9 +8,10 @@
   ``dvc/out:<path>`` md5s from dvc.lock; artifacts at their path relative to the project root.
 - artifacts once per content: an output whose dvc.lock md5 an earlier run of the experiment
   already logged gets only the tag ``artifact/<path>`` = ``runs:/<that run>/<path>`` (the run that
-  copies it tags itself the same way). HF model directories (``config.json`` with a
-  ``model_type`` + ``model.safetensors``) are logged as MLflow pyfunc models (:class:`HFModel`):
-  ``mlflow.pyfunc.load_model("runs:/<run>/models/sft/mle-s0")``.
+  copies it tags itself the same way). Model directories saved with their tokenizer
+  (``beyondlm.models.save_model``: sft, align seeds, reward) are logged as MLflow pyfunc models
+  (:class:`HFModel`): ``mlflow.pyfunc.load_model("runs:/<run>/models/sft/mle-s0")``; others
+  (vq: its own layout, a prior without a tokenizer) as plain files.
 - artifact locations: ``$MLFLOW_ARTIFACT_ROOT`` (a path relative to the project, or a URI), else
   ``<root>/mlartifacts`` with a sqlite store. An experiment whose location lies elsewhere (the
   project was copied or moved: mlflow.db stores absolute locations) is left to its runs; new runs

@@ -252,9 +252,9 @@ def test_hf_model_dirs_are_logged_as_mlflow_models(migrated_db, tmp_path, monkey
     texts = ["a b c", "c", "b b"]
     seqs = encode_texts(tok, texts, 15)  # [BOS] words [EOS]
     lm = mlflow.pyfunc.load_model(f"runs:/{run}/models/sft/tiny")
-    expected = sequence_logps(load_model(tmp_path / "models/sft/tiny"), seqs, pad_id=tok.pad_token_id)[0]
-    assert lm.predict(texts) == pytest.approx(expected.tolist())
-    assert mlflow.pyfunc.load_model(f"runs:/{run}/models/align/dpo/s0").predict(texts) == pytest.approx(expected.tolist())
+    expected = sequence_logps(load_model(tmp_path / "models/sft/tiny"), seqs, pad_id=tok.pad_token_id)[0].tolist()
+    assert lm.predict(texts) == pytest.approx(expected)
+    assert mlflow.pyfunc.load_model(f"runs:/{run}/models/align/dpo/s0").predict(texts) == pytest.approx(expected)
     reward = load_model(tmp_path / "models/reward", kind="reward")
     expected_r = score(reward, seqs, pad_id=reward.config.pad_token_id).tolist()
     assert mlflow.pyfunc.load_model(f"runs:/{run}/models/reward").predict(texts) == pytest.approx(expected_r)
