@@ -6,7 +6,7 @@ checkpoints; at step 0 and every ``align.eval_every`` steps the policy is evalua
 prompts: oracle and reward-model reward, KL(π_θ‖π_sft), win rates (``beyondlm.align.evaluate``).
 
 params: prepare.out_dir, prepare.max_len, prepare.prompt_len, align_sample.base, align
-deps:   stages/align.py, beyondlm/align, data/align/*, models/sft/${align_sample.base}, models/reward
+deps:   models/sft/${align_sample.base}, models/reward, data/align/*.parquet, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (s<seed>/ HF dirs), --ckpt (persist)
 metrics: --metrics; plots: --plot (tsv: seed, step, kl, oracle_reward, rm_reward)
 """

@@ -4,7 +4,7 @@ The reference log-probs are read off the sampling pass (raw logits) and stored: 
 stage recomputes them. On the synthetic language each completion also gets its oracle reward r*.
 
 params: prepare.out_dir, prepare.max_len, prepare.prompt_len, align_sample
-deps:   stages/align_sample.py, beyondlm/align, beyondlm/sampling.py, models/sft/${align_sample.base}
+deps:   models/sft/${align_sample.base}, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (parquet: prompt_ids, completions, ref_logps, oracle)
 metrics: --metrics
 """

@@ -3,7 +3,7 @@
 Same held-out prompts, reference set and metrics as ``align``; KL is the analytic log N − (N−1)/N.
 
 params: prepare.out_dir, prepare.max_len, prepare.prompt_len, align_sample.base, align.eval, best_of_n
-deps:   stages/best_of_n.py, beyondlm/align, models/sft/${align_sample.base}, models/reward
+deps:   models/sft/${align_sample.base}, models/reward, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 metrics: --metrics; plots: --plot (tsv: N, kl, oracle_reward, rm_reward)
 """
 

@@ -4,8 +4,7 @@ Trains a tiny GPT-2 on samples of the gold bigram LM with the objective of ``sft
 and compares its transition rows to the gold rows exactly (beyondlm/bigram_experiment.py).
 
 params: bigram (language, model, train, n_train, n_test), sft.objectives.<variant>
-deps:   stages/bigram.py, beyondlm/bigram_experiment.py, beyondlm/data/bigram.py, beyondlm/ (sft,
-        training, models, objectives, logprobs, metrics, config, io, data/tokenization)
+deps:   none but code (the gold data are generated from bigram.language); code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   none (the gold data are regenerated from the seed; the model is not kept)
 Runs single-threaded (see main).
 metrics: --metrics

@@ -1,8 +1,7 @@
 """Stage ``datastore``: the kNN-LM datastore (keys = last pre-FFN layer norm, values = next token).
 
 params: prepare.out_dir, datastore.*
-deps:   stages/datastore.py, beyondlm/lookup/datastore.py, beyondlm/logprobs.py, the model dir
-        (datastore.model), ${prepare.out_dir}/<datastore.split>.parquet
+deps:   the model dir (datastore.model), ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (keys.npy fp16 (N, D), values.npy int32 (N,), meta.json; persist: a killed build
         resumes from progress.json, and is rebuilt when the data or the weights changed)
 metrics: --metrics (N, D, keys/s)

@@ -5,8 +5,7 @@ Targets F̂ = mean evaluation functions of the valid split's reference continuat
 per reference prompt (``beyondlm.ebm.experiment.fit_ebm``).
 
 params: prepare.out_dir, prepare.max_len, prepare.prompt_len, ebm.*
-deps:   stages/ebm.py, beyondlm/ebm, beyondlm/ (sampling, logprobs, metrics, models, config, io),
-        models/sft/${ebm.base}, ${prepare.out_dir}
+deps:   models/sft/${ebm.base}, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (JSON: μ, targets, residuals, ESS, features, embedder, base)
 metrics: --metrics
 """

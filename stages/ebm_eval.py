@@ -7,8 +7,7 @@ cross-entropy difference H(p_d,p*) − H(p_d,p_θ) (``beyondlm.ebm.experiment``)
 functions and the embedder are the weights file's (what ``ebm`` fitted), not params.
 
 params: prepare.out_dir, prepare.max_len, prepare.prompt_len, ebm_eval.*
-deps:   stages/ebm_eval.py, beyondlm/ebm, beyondlm/ (sampling, logprobs, metrics, models, config,
-        io, data/synthetic), models/sft/${ebm.base}, models/ebm/weights.json, ${prepare.out_dir}
+deps:   models/sft/${ebm.base}, models/ebm/weights.json, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 metrics: --metrics
 plots:  --plot-dir/quality_vs_m.tsv (M, mauve, gap_<f>), --plot-dir/quality_vs_m.png
 """

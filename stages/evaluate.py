@@ -2,8 +2,7 @@
 sample vs data length distributions (``length``: histograms, TVD and its noise level).
 
 params: prepare.out_dir, prepare.max_len, evaluate.*
-deps:   stages/evaluate.py, beyondlm/ (evaluation, metrics, sampling, logprobs, models, config, io,
-        cli, data/prepare, data/synthetic), the model dir, ${prepare.out_dir}
+deps:   the model dir, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --samples (jsonl of the model's samples: text, ids, log p_θ, log p_d)
 metrics: --metrics
 plots:  --plot (TSV: log p_d vs log p_θ per possible sample, for ``dvc plots``)

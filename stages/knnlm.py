@@ -1,8 +1,7 @@
 """Stage ``knnlm``: faiss index over the datastore, then kNN-LM perplexity per split × k × λ.
 
 params: prepare.out_dir, datastore.model, knnlm.*
-deps:   stages/knnlm.py, beyondlm/lookup/, beyondlm/logprobs.py, the model dir, --datastore,
-        ${prepare.out_dir}/<knnlm.splits>.parquet
+deps:   the model dir (datastore.model), --datastore, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --index (faiss file)
 metrics: --metrics ({split: {lm_ppl, k: {λ: ppl}, best}, index: {recall@k, ...}})
 plots:  --plot (TSV: split, k, lambda, ppl)

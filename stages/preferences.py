@@ -6,7 +6,7 @@ last assistant turn), tokenized and scored once by the SFT model. Pairs are spli
 prompt (valid: the reward model's held-out accuracy).
 
 params: prepare.out_dir, prepare.max_len, preferences
-deps:   stages/preferences.py, beyondlm/align, data/align/samples.parquet, models/sft/${align_sample.base}
+deps:   data/align/samples.parquet, models/sft/${align_sample.base}, inputs/preferences/; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (parquet)
 metrics: --metrics
 """

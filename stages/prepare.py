@@ -1,7 +1,7 @@
 """Stage ``prepare``: corpus, prompts and tokenizer as Parquet through ``datasets``.
 
 params: prepare.*
-deps:   stages/prepare.py, beyondlm/data/, beyondlm/config.py, beyondlm/io.py
+deps:   inputs/prepare/ (local files named by prepare.local.*); code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   ${prepare.out_dir}/ (splits, prompts, tokenizer, language.json for synthetic)
 metrics: reports/metrics/prepare.json
 """

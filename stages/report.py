@@ -2,8 +2,7 @@
 table) and ``reports/claims.md`` (the claims block the README pastes), from every stage's outputs.
 
 params: report.*, datastore.model (which SFT run the kNN-LM interpolates: its convergence verdict)
-deps:   stages/report.py, beyondlm/report/, beyondlm/align/analysis.py, beyondlm/ (io, config, cli),
-        reports/metrics, reports/live/sft, reports/samples, reports/plots/ebm/quality_vs_m.png
+deps:   reports/metrics, reports/live/sft, reports/samples, reports/plots/ebm/quality_vs_m.png; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   reports/report.md, reports/claims.md, reports/plots/report/
 """
 

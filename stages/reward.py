@@ -4,7 +4,7 @@ Reports held-out pair accuracy and, on the synthetic language, the Pearson and S
 correlation of its scores with the oracle reward over every sample of ``align_sample``.
 
 params: reward
-deps:   stages/reward.py, beyondlm/reward.py, beyondlm/align, data/align/{preferences,samples}.parquet
+deps:   data/align/{preferences,samples}.parquet, ${prepare.out_dir} (tokenizer); code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (HF dir, safetensors), --live (dvclive curves)
 metrics: --metrics
 """

@@ -1,7 +1,7 @@
 """Stage ``sft@<variant>-<seed>``: train a causal LM with one objective of the table.
 
 params: prepare.out_dir, sft.model, sft.objectives.<variant>, sft.<training keys>
-deps:   stages/sft.py, beyondlm/ (models, training, objectives, logprobs), ${prepare.out_dir}
+deps:   ${prepare.out_dir}, inputs/sft/ (a local sft.model.name_or_path); code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (HF dir, safetensors), --ckpt (resumable states; persist), --live (dvclive curves)
 metrics: --metrics
 """

@@ -6,8 +6,7 @@ prior → decoder sample metrics (exact log p_d on the synthetic language) and t
 baseline SFT model ``vq.baseline``.
 
 params: prepare.out_dir, prepare.max_len, vq.*
-deps:   stages/vq.py, beyondlm/latent, beyondlm/ (training, models, logprobs, sampling, metrics,
-        config, io, cli, data/prepare.py, data/synthetic.py), ${vq.baseline}, ${prepare.out_dir}
+deps:   ${vq.baseline}, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (dir: plan_model.safetensors, prior/, tokenizer/, config.json)
 metrics: --metrics
 plots:  --live (optional: dvclive curves of both loops, posterior/ and prior/)
