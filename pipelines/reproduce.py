@@ -20,7 +20,9 @@ One ``dvc status`` call up front finds the stale stages; only they and the stage
 them are visited (a downstream stage is checked again once its upstream ran: an upstream stage
 may rewrite the same outputs). When nothing is stale (and no ``--force``) the run logs one parent
 MLflow run tagged ``outcome: nothing to do`` and returns; ``main`` checks before Prefect's
-ephemeral server starts, so that costs seconds. Each stage that ran logs a nested MLflow run with
+ephemeral server starts, so that costs seconds. Before any stage runs, the params of every stage
+the run selects are loaded as the stages load them (``pipelines.validate``): a bad key anywhere
+stops the run at once, naming each problem and the stages it would stop. Each stage that ran logs a nested MLflow run with
 its declared params, metrics, timings (``stage/wall_s`` of its command, ``timing/...`` from its
 untracked timing file), training curves, git commit, dvc.lock hashes and outputs (once per
 content, see beyondlm.tracking), under one parent run per flow run. No Prefect server is needed:
@@ -48,8 +50,10 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import wait  # noqa: E402
 
+from beyondlm.config import ConfigError  # noqa: E402
 from beyondlm.dvcgraph import StageInfo, pipeline_stages  # noqa: E402
 from beyondlm.tracking import Tracker  # noqa: E402
+from pipelines.validate import validate_stages  # noqa: E402
 
 
 def _stage_env() -> dict[str, str]:
@@ -226,9 +230,10 @@ def reproduce(targets: list[str] | None = None, root: str = ".", force: bool = F
         get_run_logger().info("every stage is up to date: nothing to do")
         nothing_to_do(tracker, _run_params(targets, force, workers))
         return []
+    todo = _downstream(stages, stale)
+    validate_stages(todo, root)  # every params problem of the run, before any stage starts
     tracker.start_pipeline("reproduce", params=_run_params(targets, force, workers),
                            tags={"stale": ", ".join(sorted(stale))})
-    todo = _downstream(stages, stale)
     done: list[str] = []
     try:
         if workers > 1:
@@ -256,6 +261,11 @@ def main() -> None:
         print("every stage is up to date: nothing to do")
         nothing_to_do(Tracker(root=Path.cwd()), _run_params(targets, args.force, args.workers))
         return
+    try:  # the same check the flow makes, here as one clear message before Prefect starts
+        validate_stages(pipeline_stages(".", targets), ".")
+    except ConfigError as err:  # exit 2, as the stages do on a params error
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     reproduce(targets=targets, force=args.force, workers=args.workers)
 
 

@@ -53,3 +53,21 @@ def test_a_bad_sft_key_is_reported_once_for_all_its_stages(project):
     lines = str(err.value).splitlines()[1:]
     assert len(lines) == 1 and "'lr'=-1.0" in lines[0] and "sft@mle-0" in lines[0] and "sft@tailr-g1-2" in lines[0]
     assert "sft@emo" not in lines[0]  # emo sets its own lr (sft.objectives.emo.train): its stages are fine
+
+
+def test_reproduce_stops_before_running_anything_on_bad_params(project):
+    """`python -m pipelines.reproduce` reports every params problem in one message and exits,
+    before Prefect starts and before any stage runs (no data/, models/ or dvc.lock appear)."""
+    import os
+    import subprocess
+    import sys
+
+    _edit(project, evaluate={"n_samples": 1}, knnlm={"k": "many"})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.reproduce"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: nothing was run; fix params.yaml first:" in proc.stderr
+    assert "'evaluate.n_samples'=1" in proc.stderr and "knnlm.k" in proc.stderr
+    assert not any((project / d).exists() for d in ("data", "models", "dvc.lock"))
