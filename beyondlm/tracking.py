@@ -10,8 +10,8 @@
   already logged gets only the tag ``artifact/<path>`` = ``runs:/<that run>/<path>`` (the run that
   copies it tags itself the same way). Model directories saved with their tokenizer
   (``beyondlm.models.save_model``: sft, align seeds, reward) are logged as MLflow pyfunc models
-  (:class:`HFModel`): ``mlflow.pyfunc.load_model("runs:/<run>/models/sft/mle-s0")``; others
-  (vq: its own layout, a prior without a tokenizer) as plain files.
+  (``beyondlm.mlflow_models``): ``mlflow.pyfunc.load_model("runs:/<run>/models/sft/mle-s0")``;
+  others (vq: its own layout, a prior without a tokenizer) as plain files.
 - artifact locations: ``$MLFLOW_ARTIFACT_ROOT`` (a path relative to the project, or a URI), else
   ``<root>/mlartifacts`` with a sqlite store. An experiment whose location lies elsewhere (the
   project was copied or moved: mlflow.db stores absolute locations) is left to its runs; new runs
@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -47,7 +46,6 @@ from beyondlm.io import timing_path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.pyfunc import PythonModel  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.credentials import get_default_host_creds  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID  # noqa: E402
@@ -55,6 +53,9 @@ from mlflow.utils.rest_utils import http_request  # noqa: E402
 from mlflow.utils.validation import (  # noqa: E402
     MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH)
+
+# HFModel re-exported: models logged before it moved pickled it as beyondlm.tracking.HFModel.
+from beyondlm.mlflow_models import HFModel, holds_hf_models, is_hf_model_dir, log_model  # noqa: E402,F401
 
 log = logging.getLogger(__name__)
 
@@ -161,60 +162,6 @@ def _ping(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         creds = get_default_host_creds(uri)
         http_request(creds, "/health", "GET", max_retries=0, timeout=5).raise_for_status()
-
-
-def is_hf_model_dir(path: Path) -> bool:
-    """A ``save_pretrained`` directory with its tokenizer (``beyondlm.models.save_model``):
-    ``config.json`` naming a ``model_type``, safetensors weights, ``tokenizer_config.json``."""
-    path = Path(path)
-    files = ("config.json", "tokenizer_config.json")
-    weights = ("model.safetensors", "model.safetensors.index.json")
-    if not all((path / f).is_file() for f in files) or not any((path / f).is_file() for f in weights):
-        return False
-    try:
-        return "model_type" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def _requirements() -> list[str]:
-    """Pinned to this environment; explicit, so MLflow does not load the model to infer them."""
-    from importlib.metadata import version
-
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "safetensors", "tokenizers")]
-
-
-class HFModel(PythonModel):
-    """A saved HF model directory with its tokenizer (artifact ``hf``) as an MLflow pyfunc:
-    ``predict(texts)`` -> one float per text (encoded ``[BOS] tokens [EOS]``): log p(x) in nats
-    under a causal LM, r(x) under a reward model (a sequence-classification head).
-
-    Loading needs this project installed: the class is pickled by reference and scores with
-    ``beyondlm``'s own functions.
-    """
-
-    def load_context(self, context) -> None:
-        from transformers import AutoTokenizer
-
-        from beyondlm.models import load_model
-
-        path = Path(context.artifacts["hf"])
-        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-        self.kind = "reward" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal"
-        self.model = load_model(path, kind=self.kind)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-
-    def predict(self, context, model_input: list[str], params=None) -> list[float]:
-        from beyondlm.data.tokenization import encode_texts
-        from beyondlm.logprobs import sequence_logps
-        from beyondlm.reward import score
-
-        seqs = encode_texts(self.tokenizer, model_input, self.model.config.max_position_embeddings - 1)
-        pad = self.model.config.pad_token_id
-        pad = self.tokenizer.pad_token_id if pad is None else pad  # an LM masks padding: any id does
-        if self.kind == "reward":
-            return score(self.model, seqs, pad_id=pad).tolist()
-        return sequence_logps(self.model, seqs, pad_id=pad)[0].tolist()
 
 
 def _safe(method):
@@ -403,8 +350,8 @@ class Tracker:
         inside ``path``) as an MLflow model: all at their path relative to the root."""
         rel = self._rel(path)
         if is_hf_model_dir(path):
-            self._log_model(run_id, path, rel)
-        elif path.is_dir() and any(is_hf_model_dir(c) for c in path.iterdir()):
+            log_model(self._client, run_id, path, rel)
+        elif holds_hf_models(path):
             for child in sorted(path.iterdir()):
                 self._log_files(run_id, child)
         elif path.is_dir():
@@ -412,16 +359,6 @@ class Tracker:
         elif path.is_file():
             parent = Path(rel).parent.as_posix()
             self._client.log_artifact(run_id, str(path), None if parent == "." else parent)
-
-    def _log_model(self, run_id: str, model_dir: Path, rel: str) -> None:
-        """``model_dir`` as an :class:`HFModel` pyfunc at artifact path ``rel`` of the run."""
-        import mlflow.pyfunc
-
-        with tempfile.TemporaryDirectory() as tmp:
-            saved = Path(tmp) / "model"
-            mlflow.pyfunc.save_model(saved, python_model=HFModel(), artifacts={"hf": str(model_dir)},
-                                     pip_requirements=_requirements())
-            self._client.log_artifacts(run_id, str(saved), artifact_path=rel)
 
     @_safe
     def end_pipeline(self, status: str = "FINISHED") -> None:
