@@ -17,7 +17,15 @@ from beyondlm.align.data import (
     tokenize_pairs,
 )
 from beyondlm.align.evaluate import best_of_n_kl, win_rate
-from beyondlm.align.config import AlignConfig, BestOfNConfig, EvalConfig, PreferencesConfig, RewardConfig, SampleConfig
+from beyondlm.align.config import (
+    METHODS,
+    AlignConfig,
+    BestOfNConfig,
+    EvalConfig,
+    PreferencesConfig,
+    RewardConfig,
+    SampleConfig,
+)
 from beyondlm.align.experiment import (
     run_align,
     run_best_of_n,
@@ -26,8 +34,8 @@ from beyondlm.align.experiment import (
     run_sample,
 )
 from beyondlm.align.store import load_pairs
-from beyondlm.align.train import group_collate, offline_loss_fn, pair_collate
-from beyondlm.objectives.preference import rloo_advantages, rloo_loss
+from beyondlm.align.train import completion_tokens, group_collate, offline_loss_fn, pair_collate
+from beyondlm.objectives.preference import rloo_advantages, rloo_loss, simpo_loss
 from beyondlm.config import ConfigError, ModelConfig, TrainConfig, load_section
 from beyondlm.data import tokenization
 from beyondlm.logprobs import sequence_logps
@@ -94,6 +102,32 @@ def test_losses_through_the_model_at_the_reference():
     grp = [Group(p, g, list(r), [0.0, 1.0, 2.0]) for p, g, r in zip(prompts, groups, ref)]
     loss, n = offline_loss_fn("dpo_rw", {"beta_pi": 0.1, "beta_r": 1.0})(model, group_collate(tok.pad_token_id)(grp))
     assert n == 4 and loss.item() / n == pytest.approx(math.log(3), abs=1e-5)
+    # IPO at the reference: (0 − 1/(2τ))² = 1/(4τ²) = 4 at τ = 0.25, summed or per token.
+    batch = pair_collate(tok.pad_token_id)(pairs)
+    for per_token in (0.0, 1.0):
+        loss, n = offline_loss_fn("ipo", {"tau": 0.25, "length_normalize": per_token})(model, batch)
+        assert n == 4 and loss.item() / n == pytest.approx(4.0, rel=1e-5)
+
+
+def test_simpo_through_the_model_uses_completion_lengths():
+    """SimPO's |y| are the tokens the log-probs sum (the completion, EOS included): the loss
+    through the model equals simpo_loss of a fresh scoring pass and the completions' lengths."""
+    language, tok, model = tiny_setup()
+    prompts = [[tok.bos_token_id, *s[:3]] for s in language.sample(4, np.random.default_rng(2))]
+    groups, ref = draw_groups(model, prompts, 2, SamplingConfig(max_new_tokens=10), eos_id=tok.eos_token_id,
+                              pad_id=tok.pad_token_id, seed=1)
+    pairs = [PrefPair(p, g[0], g[1], float(r[0]), float(r[1])) for p, g, r in zip(prompts, groups, ref)]
+    batch = pair_collate(tok.pad_token_id)(pairs)
+    n_tokens = completion_tokens(batch)  # (2B,) = [chosen; rejected]
+    assert n_tokens.tolist() == [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    assert len(set(n_tokens.tolist())) > 1  # lengths differ, so normalising matters
+    seqs = [p.prompt_ids + p.chosen for p in pairs] + [p.prompt_ids + p.rejected for p in pairs]
+    fresh, counted = sequence_logps(model, seqs, pad_id=tok.pad_token_id, starts=[len(p.prompt_ids) for p in pairs] * 2)
+    assert counted.tolist() == n_tokens.tolist()
+    hyper = {"beta": 2.0, "gamma": 1.0, "length_normalize": 1.0}
+    loss, n = offline_loss_fn("simpo", hyper)(model, batch)
+    want = simpo_loss(*fresh.chunk(2), chosen_tokens=counted[:4], rejected_tokens=counted[4:], **hyper)
+    assert n == 4 and loss.item() == pytest.approx(want.sum().item(), rel=1e-5)
 
 
 def test_config_errors_name_the_key():
@@ -105,6 +139,16 @@ def test_config_errors_name_the_key():
         load_section(PreferencesConfig, {"source": "file"}, "preferences")
     with pytest.raises(ConfigError, match="unknown key 'align_sample.k'"):
         load_section(SampleConfig, {"k": 4}, "align_sample")
+
+
+def test_ipo_and_simpo_are_align_methods():
+    cfg = load_section(AlignConfig, {"methods": ["ipo", "simpo"], "hyperparams": {
+        "ipo": {"tau": 0.5}, "simpo": {"gamma": 0.5, "length_normalize": 0.0}}}, "align")
+    assert cfg.kind("ipo") == cfg.kind("simpo") == "pair"
+    assert cfg.loss("ipo") == {"tau": 0.5, "length_normalize": 0.0}
+    assert cfg.loss("simpo") == {"beta": 2.0, "gamma": 0.5, "length_normalize": 0.0}
+    with pytest.raises(ConfigError, match="align.hyperparams.simpo.length_normalize"):
+        load_section(AlignConfig, {"hyperparams": {"simpo": {"length_normalize": True}}}, "align")
 
 
 @pytest.mark.skipif(not HH.exists(), reason="shared HH-RLHF sample not present")
@@ -135,8 +179,8 @@ def test_split_hh_rejects_a_pair_without_a_shared_turn():
 
 
 def test_the_chain_on_the_tiny_language(tmp_path):
-    """align_sample → preferences → reward → every method (2 seeds, evaluated on the way) →
-    best-of-N."""
+    """align_sample → preferences → reward → every method of the loss table (2 seeds, evaluated on
+    the way) → best-of-N."""
     language, tok, model = tiny_setup()
     save_model(model, tok, tmp_path / "sft")
     rng = np.random.default_rng(0)
@@ -157,7 +201,7 @@ def test_the_chain_on_the_tiny_language(tmp_path):
     kw = dict(sft_dir=tmp_path / "sft", reward_model=rm, tokenizer=tok, language=language,
               samples=tmp_path / "samples.parquet", pairs=tmp_path / "pairs.parquet", test_prompts=test_prompts,
               max_new_tokens=16)
-    for method in ("dpo_pref", "exo_pref", "dpo_rw", "exo_rw", "rloo"):
+    for method in METHODS:  # every row of the loss table
         r = run_align(method, cfg, out_dir=tmp_path / "align" / method, ckpt_dir=tmp_path / "ckpt" / method, **kw)
         run = r["runs"]["s0"]
         assert [e["step"] for e in run["evals"]] == [0, 2, 4]

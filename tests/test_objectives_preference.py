@@ -1,4 +1,4 @@
-"""Numeric tests of the DPO/EXO preference losses: hand-computed values, limit cases, TRL parity."""
+"""Numeric tests of the DPO/EXO/IPO/SimPO preference losses: hand-computed values, limit cases, TRL parity."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from beyondlm.objectives.preference import (
     dpo_rw_loss,
     exo_pref_loss,
     exo_rw_loss,
+    ipo_loss,
     pair_margin,
     preference_metrics,
     resolve_preference_loss,
+    simpo_loss,
 )
 
 
@@ -43,6 +45,23 @@ def trl_exo_pair(chosen_logratios, rejected_logratios, beta, label_smoothing):
     log_ql = F.logsigmoid(-beta * delta_score)
     log_pl = torch.log(epsilon)
     return qw * (log_qw - log_pw) + ql * (log_ql - log_pl)
+
+
+def trl_ipo(chosen_logratios, rejected_logratios, chosen_len, rejected_len, beta):
+    """TRL 1.16's `ipo`, trl/trainer/dpo_trainer.py lines 1393-1404 (DPOTrainer._compute_loss,
+    f_divergence_type="reverse_kl"; the mask sums are the completion lengths): per-token averages."""
+    chosen_avg_score = chosen_logratios / chosen_len.clamp(min=1.0)
+    rejected_avg_score = rejected_logratios / rejected_len.clamp(min=1.0)
+    ipo_delta = chosen_avg_score - rejected_avg_score
+    return (ipo_delta - 1 / (2 * beta)) ** 2
+
+
+def trl_simpo(chosen_logps, rejected_logps, chosen_len, rejected_len, beta, simpo_gamma):
+    """TRL 1.16's `simpo`, trl/experimental/cpo/cpo_trainer.py lines 715-722 (CPOTrainer.cpo_loss,
+    alpha = 0, label_smoothing = 0), on get_batch_logps(average_log_prob=True) = sum / |y|."""
+    logits = chosen_logps / chosen_len - rejected_logps / rejected_len
+    logits = logits - simpo_gamma / beta
+    return -F.logsigmoid(beta * logits)
 
 
 # ---- hand-computed values ------------------------------------------------------------------------
@@ -76,6 +95,27 @@ def test_exo_rw_hand_value():
 def test_dpo_rw_hand_value():
     # −Σ p_r log p_θ
     assert dpo_rw_loss(*GROUP, beta_pi=1.0, beta_r=1.0).item() == pytest.approx(0.7271269012019825, rel=1e-12)
+
+
+# IPO on the same pair: margin Δ_w − Δ_l = 2. τ = 1 → target 1/(2τ) = 0.5 → (2 − 0.5)² = 2.25.
+# Per token with |y_w| = 2, |y_l| = 4: Δ_w/2 − Δ_l/4 = 0.5 + 0.25 = 0.75 → (0.75 − 0.5)² = 0.0625.
+LENS = (torch.tensor([2]), torch.tensor([4]))  # |y_w|, |y_l| in tokens (EOS included)
+
+
+def test_ipo_hand_value():
+    got = ipo_loss(*PAIR, chosen_tokens=LENS[0], rejected_tokens=LENS[1], tau=1.0)
+    assert got.item() == pytest.approx(2.25, rel=1e-12)
+    got = ipo_loss(*PAIR, chosen_tokens=LENS[0], rejected_tokens=LENS[1], tau=1.0, length_normalize=1.0)
+    assert got.item() == pytest.approx(0.0625, rel=1e-12)
+
+
+# SimPO (reference ignored): log π_θ(y_w) = −1 over 2 tokens, log π_θ(y_l) = −3 over 4 tokens.
+# Means ℓ̄_w = −0.5, ℓ̄_l = −0.75; β = 2, γ = 1: z = 2·0.25 − 1 = −0.5 → −log σ(−0.5) = log(1 + e^0.5).
+# Sums instead (length_normalize 0): z = 2·(−1 + 3) − 1 = 3 → log(1 + e^−3).
+def test_simpo_hand_value():
+    kw = dict(chosen_tokens=LENS[0], rejected_tokens=LENS[1], beta=2.0, gamma=1.0)
+    assert simpo_loss(*PAIR, **kw).item() == pytest.approx(0.9740769841801067, rel=1e-12)
+    assert simpo_loss(*PAIR, **kw, length_normalize=0.0).item() == pytest.approx(0.04858735157374206, rel=1e-12)
 
 
 # ---- limit cases ---------------------------------------------------------------------------------
@@ -134,15 +174,83 @@ def test_dpo_rw_one_hot_equals_dpo_pref():
     torch.testing.assert_close(rw, dpo_pref_loss(pc, pr, rc, rr, beta=0.7))
 
 
+def _lengths(b: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 30, (b,), generator=g) for _ in range(2)]  # |y_w|, |y_l|
+
+
+@pytest.mark.parametrize("length_normalize", [0.0, 1.0])
+def test_ipo_policy_equals_reference_gives_inverse_4_tau_squared(length_normalize):
+    # Δ_w = Δ_l = 0 → (0 − 1/(2τ))² = 1/(4τ²): τ = 0.1 gives 25, whatever the lengths.
+    pc, pr, _, _ = _random_pair()
+    nw, nl = _lengths()
+    loss = ipo_loss(pc, pr, pc.clone(), pr.clone(), chosen_tokens=nw, rejected_tokens=nl, tau=0.1,
+                    length_normalize=length_normalize)
+    torch.testing.assert_close(loss, torch.full_like(loss, 25.0))
+
+
+def test_ipo_is_zero_with_zero_gradient_at_its_target_margin():
+    tau = 0.25  # target 1/(2τ) = 2 on the sequence log-ratio margin
+    pc = _t(2.0, 2.5).requires_grad_(True)
+    loss = ipo_loss(pc, _t(0.0, 0.0), _t(0.0, 0.0), _t(0.0, 0.0), chosen_tokens=torch.tensor([3, 3]),
+                    rejected_tokens=torch.tensor([5, 5]), tau=tau)
+    torch.testing.assert_close(loss, _t(0.0, 0.25))
+    (g,) = torch.autograd.grad(loss.sum(), pc)
+    torch.testing.assert_close(g, _t(0.0, 1.0))  # d/dΔ_w (m − 2)² = 2(m − 2)
+
+
+def test_ipo_matches_trl_per_token_convention():
+    pc, pr, rc, rr = _random_pair(b=64, seed=8, scale=20.0)
+    nw, nl = _lengths(64, seed=8)
+    ours = ipo_loss(pc, pr, rc, rr, chosen_tokens=nw, rejected_tokens=nl, tau=0.1, length_normalize=1.0)
+    torch.testing.assert_close(ours, trl_ipo(pc - rc, pr - rr, nw.double(), nl.double(), 0.1))
+    # With all lengths 1 the two conventions agree.
+    ones = torch.ones_like(nw)
+    seq = ipo_loss(pc, pr, rc, rr, chosen_tokens=ones, rejected_tokens=ones, tau=0.1)
+    torch.testing.assert_close(seq, trl_ipo(pc - rc, pr - rr, ones.double(), ones.double(), 0.1))
+
+
+def test_simpo_gamma_zero_without_normalisation_is_dpo_without_reference():
+    # −log σ(β(log π_θ(y_w) − log π_θ(y_l))) = DPO at β with reference log-probs 0.
+    pc, pr, rc, rr = _random_pair(seed=9)
+    nw, nl = _lengths(seed=9)
+    simpo = simpo_loss(pc, pr, rc, rr, chosen_tokens=nw, rejected_tokens=nl, beta=0.7, gamma=0.0,
+                       length_normalize=0.0)
+    torch.testing.assert_close(simpo, dpo_pref_loss(pc, pr, torch.zeros_like(rc), torch.zeros_like(rr), beta=0.7))
+
+
+def test_simpo_is_reference_free_and_log2_at_equal_means():
+    pc, pr, rc, rr = _random_pair(seed=10)
+    nw, nl = _lengths(seed=10)
+    kw = dict(chosen_tokens=nw, rejected_tokens=nl, beta=2.0, gamma=1.0)
+    torch.testing.assert_close(simpo_loss(pc, pr, rc, rr, **kw), simpo_loss(pc, pr, rc * 3 - 1, None, **kw))
+    # Equal mean token log-probs (−1.5 per token over 2 and over 6 tokens) and γ = 0: log 2.
+    even = simpo_loss(_t(-3.0), _t(-9.0), chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([6]),
+                      beta=2.0, gamma=0.0)
+    assert even.item() == pytest.approx(math.log(2.0), rel=1e-12)
+
+
+def test_simpo_matches_trl_cpo_simpo():
+    pc, pr, _, _ = _random_pair(b=64, seed=11, scale=20.0)
+    nw, nl = _lengths(64, seed=11)
+    ours = simpo_loss(pc, pr, chosen_tokens=nw, rejected_tokens=nl, beta=2.0, gamma=1.0)
+    torch.testing.assert_close(ours, trl_simpo(pc, pr, nw.double(), nl.double(), 2.0, 1.0))
+
+
 # ---- gradients, shapes, extremes -----------------------------------------------------------------
 def _all_losses(pc, pr, rc, rr):
     pol, ref = torch.stack([pc, pr], 1), torch.stack([rc, rr], 1)  # (B, 2)
     rewards = torch.stack([rc * 0 + 1.0, rc * 0], 1)
+    n = torch.arange(1, pc.shape[0] + 1)
+    lens = {"chosen_tokens": n, "rejected_tokens": n.flip(0)}
     return {
         "dpo_pref": dpo_pref_loss(pc, pr, rc, rr, beta=0.1),
         "exo_pref": exo_pref_loss(pc, pr, rc, rr, beta=0.1, epsilon=1e-3),
         "exo_rw": exo_rw_loss(pol, ref, rewards, beta_pi=0.1, beta_r=0.1),
         "dpo_rw": dpo_rw_loss(pol, ref, rewards, beta_pi=0.1, beta_r=0.1),
+        "ipo": ipo_loss(pc, pr, rc, rr, **lens, tau=0.1),
+        "ipo_per_token": ipo_loss(pc, pr, rc, rr, **lens, tau=0.1, length_normalize=1.0),
+        "simpo": simpo_loss(pc, pr, rc, rr, **lens, beta=2.0, gamma=1.0),
     }
 
 
@@ -216,7 +324,8 @@ def test_table_rows_run_with_defaults(name):
     assert row.name == name and row.reference
     pc, pr, rc, rr = _random_pair(b=4, seed=7)
     if row.kind == "pair":
-        loss = row.fn(pc, pr, rc, rr, **params)
+        lengths = {"chosen_tokens": torch.tensor([1, 5, 9, 2]), "rejected_tokens": torch.tensor([3, 3, 1, 7])}
+        loss = row.fn(pc, pr, rc, rr, **(lengths if row.lengths else {}), **params)
     elif row.kind == "online":  # groups of the K samples the loop draws itself
         K = int(params["K"])
         g = torch.Generator().manual_seed(0)
@@ -232,12 +341,20 @@ def test_table_rows_run_with_defaults(name):
 def test_resolve_overrides_defaults():
     row, params = resolve_preference_loss("exo_pref", {"epsilon": 4.5e-5})
     assert row.fn is exo_pref_loss and params == {"beta": 0.1, "epsilon": 4.5e-5}
+    # the papers' defaults: IPO τ = 0.1 on sequence log-ratios; SimPO β = 2, γ/β = 0.5, per-token means
+    assert resolve_preference_loss("ipo", {})[1] == {"tau": 0.1, "length_normalize": 0.0}
+    assert resolve_preference_loss("simpo", {"length_normalize": 0})[1] == {"beta": 2.0, "gamma": 1.0,
+                                                                            "length_normalize": 0.0}
 
 
 @pytest.mark.parametrize(
     "name, hp, match",
     [
-        ("ipo", {}, "unknown preference loss 'ipo'"),
+        ("no_such_loss", {}, "unknown preference loss 'no_such_loss'"),
+        ("ipo", {"tau": 0.0}, "'tau'=0.0 is outside"),
+        ("ipo", {"beta": 0.1}, r"unknown hyperparameter\(s\) \['beta'\]"),  # IPO's strength is τ
+        ("simpo", {"gamma": -0.5}, "'gamma'=-0.5 is outside"),
+        ("simpo", {"length_normalize": 0.5}, "'length_normalize'=0.5 is outside"),
         ("dpo_pref", {"epsilon": 0.1}, r"unknown hyperparameter\(s\) \['epsilon'\]"),
         ("exo_pref", {"epsilon": 0.0}, "'epsilon'=0.0 is outside"),
         ("exo_pref", {"epsilon": 0.5}, "'epsilon'=0.5 is outside"),

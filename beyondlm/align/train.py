@@ -1,7 +1,8 @@
 """Alignment objectives as ``loss_fn(model, batch)`` for the shared training loop.
 
-Offline methods (DPO and EXO, -pref on pairs, -rw on groups of K scored samples) read the
-reference log-probs stored with their data: the reference model is never run during training.
+Offline methods (DPO and EXO, -pref on pairs, -rw on groups of K scored samples; IPO and SimPO
+on pairs) read the reference log-probs stored with their data: the reference model is never run
+during training (SimPO, reference-free, ignores them).
 The on-policy baseline is RLOO (Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style
 Optimization for Learning from Human Feedback in LLMs", ACL 2024): K samples per prompt from the
 current policy, sequence reward R_i = r_φ(x, y_i) − β [log π_θ(y_i|x) − log π_sft(y_i|x)], the
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from beyondlm.align.data import Group, PrefPair
-from beyondlm.logprobs import batch_sequence_logps, pad_batch, sequence_logps
+from beyondlm.logprobs import batch_sequence_logps, lm_targets, pad_batch, sequence_logps
 from beyondlm.objectives.preference import PREFERENCE_LOSSES, rloo_loss
 from beyondlm.reward import score
 from beyondlm.sampling import SamplingConfig, sample_scored
@@ -54,6 +55,12 @@ def group_collate(pad_id: int):
     return collate
 
 
+def completion_tokens(batch: dict[str, Tensor]) -> Tensor:
+    """|y| per row: the positions ``batch_sequence_logps`` sums (completion tokens, EOS included),
+    from the same masks and ``start``. (2B, T) rows → (2B,) long."""
+    return lm_targets(batch["input_ids"], batch["attention_mask"], batch["start"])[1].sum(-1)
+
+
 def offline_loss_fn(name: str, hyperparams: dict):
     """``loss_fn(model, batch) -> (Σ per-pair or per-group losses, n pairs or groups)``."""
     spec = PREFERENCE_LOSSES[name]
@@ -62,7 +69,11 @@ def offline_loss_fn(name: str, hyperparams: dict):
         logps = batch_sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["start"])
         if spec.kind == "pair":
             chosen, rejected = logps.chunk(2)  # (B,), (B,)
-            loss = spec.fn(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], **hyperparams)
+            lengths = {}
+            if spec.lengths:  # IPO, SimPO: per-token means need |y_w|, |y_l|
+                n_chosen, n_rejected = completion_tokens(batch).chunk(2)  # (B,), (B,)
+                lengths = {"chosen_tokens": n_chosen, "rejected_tokens": n_rejected}
+            loss = spec.fn(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], **lengths, **hyperparams)
         else:
             B, K = batch["rewards"].shape
             loss = spec.fn(logps.view(B, K), batch["ref_logps"], batch["rewards"], **hyperparams)

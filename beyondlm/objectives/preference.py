@@ -1,11 +1,15 @@
 """Preference objectives: DPO and EXO, pairwise (-pref) and over groups of K scored samples (-rw),
-and the on-policy RLOO baseline (groups it samples itself).
+IPO and the reference-free SimPO on pairs, and the on-policy RLOO baseline (groups it samples itself).
 
 Every loss is a pure function of sequence log-probabilities (already summed over response tokens,
 prompt masked, EOS included; see `beyondlm.logprobs.sequence_logps`) returning the per-example loss:
 
     pair:  fn(policy_chosen (B,), policy_rejected (B,), ref_chosen (B,), ref_rejected (B,), *, ...) -> (B,)
     group: fn(policy_logps (B, K), ref_logps (B, K), rewards (B, K), *, ...) -> (B,)
+
+A pair row with ``lengths=True`` (IPO, SimPO) also takes ``chosen_tokens``, ``rejected_tokens`` (B,):
+the completion lengths |y| in tokens, counted as the log-probs count them (response tokens, EOS
+included), for the per-token averages ℓ/|y| of its ``length_normalize`` switch.
 
 Δ(y) = log π_θ(y) − log π_ref(y) is the sequence log-ratio. A pair batch coming out of the model as
 one (2B,) tensor is `[chosen; rejected]` on dim 0 (`logps.chunk(2)`). Reference log-probs and
@@ -68,6 +72,58 @@ def exo_pref_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Te
     log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)  # log σ(z), log σ(−z), stable for |z| ~ 1e4
     # exp(log σ) underflows to exactly 0 where the other factor is large: 0 · finite, never 0 · inf.
     return log_qw.exp() * (log_qw - math.log1p(-epsilon)) + log_ql.exp() * (log_ql - math.log(epsilon))
+
+
+def _per_token(logps: Tensor, n_tokens: Tensor, length_normalize: float) -> Tensor:
+    """logps / |y| with ``length_normalize`` = 1.0, logps unchanged with 0.0: (B,) → (B,).
+
+    ``n_tokens`` (B,) counts the completion tokens summed in ``logps`` (EOS included); clamped at 1
+    so an empty completion (log-prob 0) stays 0 instead of 0/0."""
+    x = _f(logps)
+    return x / n_tokens.to(device=x.device, dtype=x.dtype).clamp(min=1.0) if length_normalize else x
+
+
+def ipo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+             chosen_tokens: Tensor, rejected_tokens: Tensor, tau: float, length_normalize: float = 0.0) -> Tensor:
+    """IPO: Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences", AISTATS 2024 (arXiv 2310.12036), eq. 17, the empirical IPO loss per pair:
+        ℓ = (Δ_w − Δ_l − 1/(2τ))²,
+    a regression of the log-ratio margin onto 1/(2τ) instead of DPO's ever-growing logistic margin.
+    τ is the KL-regularisation strength (TRL's ``beta`` plays τ; default 0.1, TRL's).
+
+    Convention. With ``length_normalize`` = 0.0 (our default) Δ is the *sequence* log-ratio, the
+    sum over response tokens (EOS included) that DPO and EXO use here: eq. 17 as written, and τ
+    scales the same Δ as DPO's β. With 1.0 each Δ is divided by its completion length |y| in
+    tokens, Δ_w/|y_w| − Δ_l/|y_l|: TRL's ``DPOTrainer(loss_type="ipo")`` (trl 1.16,
+    dpo_trainer.py, which says the IPO authors confirmed their reported results used this
+    per-token average). Per-token, the target 1/(2τ) is a margin *per token*, far larger in
+    total: choose τ for the convention used.
+    Inputs (B,) sequence log-probs and (B,) token counts; returns (B,). Policy = reference gives
+    1/(4τ²); the minimum 0 is at margin 1/(2τ). Reference terms detached.
+    """
+    chosen = _per_token(_f(policy_chosen) - _f(ref_chosen).detach(), chosen_tokens, length_normalize)  # (B,)
+    rejected = _per_token(_f(policy_rejected) - _f(ref_rejected).detach(), rejected_tokens, length_normalize)
+    return (chosen - rejected - 1.0 / (2.0 * tau)) ** 2
+
+
+def simpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None = None,
+               ref_rejected: Tensor | None = None, *, chosen_tokens: Tensor, rejected_tokens: Tensor,
+               beta: float, gamma: float, length_normalize: float = 1.0) -> Tensor:
+    """SimPO: Meng, Xia and Chen, "SimPO: Simple Preference Optimization with a Reference-Free
+    Reward", NeurIPS 2024 (arXiv 2405.14734), eq. 6:
+        ℓ = −log σ(β/|y_w| · log π_θ(y_w|x) − β/|y_l| · log π_θ(y_l|x) − γ).
+    Reference-free: ``ref_chosen``/``ref_rejected`` are accepted for the common pair signature and
+    ignored. The implicit reward is the mean token log-prob (``length_normalize`` = 1.0, the paper);
+    0.0 uses the sequence sums, and then γ = 0 gives DPO's loss with a uniform reference
+    (−log σ(β(log π_θ(y_w) − log π_θ(y_l)))). γ is the target reward margin, as in the paper and
+    TRL's ``CPOTrainer(loss_type="simpo")`` ``simpo_gamma`` (its logits ℓ̄_w − ℓ̄_l − γ/β, times β);
+    the authors' trainer takes γ/β (``gamma_beta_ratio``) instead. Defaults β = 2.0, γ = 1.0
+    (γ/β = 0.5, the authors' recommended start and their Llama3-Base setting).
+    Inputs (B,) sequence log-probs and (B,) token counts (EOS included); returns (B,).
+    """
+    chosen = _per_token(policy_chosen, chosen_tokens, length_normalize)  # (B,) ℓ̄_w
+    rejected = _per_token(policy_rejected, rejected_tokens, length_normalize)
+    return -F.logsigmoid(beta * (chosen - rejected) - gamma)
 
 
 def group_log_probs(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, *, beta_pi: float,
@@ -155,10 +211,14 @@ class PreferenceLoss:
     # training loop makes itself each step (K samples per prompt from the current policy, scored)
     kind: Literal["pair", "group", "online"]
     reference: str
+    # pair rows only: fn also takes chosen_tokens, rejected_tokens (B,), the completion lengths
+    lengths: bool = False
 
 
 _EXO = "Ji et al., Towards Efficient Exact Optimization of Language Model Alignment, ICML 2024"
 _DPO = "Rafailov et al., Direct Preference Optimization, NeurIPS 2023"
+_IPO = "Azar et al., A General Theoretical Paradigm to Understand Learning from Human Preferences, AISTATS 2024"
+_SIMPO = "Meng et al., SimPO: Simple Preference Optimization with a Reference-Free Reward, NeurIPS 2024"
 
 # Allowed range per hyperparameter name: (predicate, text shown in the error).
 _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
@@ -167,10 +227,15 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "beta_r": (lambda v: v > 0.0, "(0, inf)"),
     "epsilon": (lambda v: 0.0 < v < 0.5, "(0, 0.5)"),  # ε ≥ ½ would prefer the rejected answer
     "K": (lambda v: v >= 2 and v == int(v), "integers >= 2"),  # samples per prompt
+    "tau": (lambda v: v > 0.0, "(0, inf)"),  # IPO's target margin 1/(2τ)
+    "gamma": (lambda v: v >= 0.0, "[0, inf)"),  # SimPO's target reward margin
+    "length_normalize": (lambda v: v in (0.0, 1.0), "0.0 (sequence sums) or 1.0 (per-token means)"),
 }
 _RLOO = "Ahmadian et al., Back to Basics: Revisiting REINFORCE Style Optimization for RLHF, ACL 2024"
 
 # β = 0.1 is the paper's IMDB setting (0.5 for TL;DR and HH); ε = 1e-3 is the TRL port's default.
+# IPO: τ = 0.1 (TRL's default), on sequence log-ratios (eq. 17 as written; TRL averages per token).
+# SimPO: β = 2.0, γ = 1.0 (γ/β = 0.5, the authors' README), per-token mean log-probs (eq. 6).
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "dpo_pref": PreferenceLoss("dpo_pref", dpo_pref_loss, {"beta": 0.1}, "pair", f"{_DPO}, eq. 7"),
     "dpo_rw": PreferenceLoss("dpo_rw", dpo_rw_loss, {"beta_pi": 0.1, "beta_r": 0.1}, "group",
@@ -179,6 +244,10 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
                                f"{_EXO}, eq. 16"),
     "exo_rw": PreferenceLoss("exo_rw", exo_rw_loss, {"beta_pi": 0.1, "beta_r": 0.1}, "group",
                              f"{_EXO} (EXO-rw)"),
+    "ipo": PreferenceLoss("ipo", ipo_loss, {"tau": 0.1, "length_normalize": 0.0}, "pair", f"{_IPO}, eq. 17",
+                          lengths=True),
+    "simpo": PreferenceLoss("simpo", simpo_loss, {"beta": 2.0, "gamma": 1.0, "length_normalize": 1.0}, "pair",
+                            f"{_SIMPO}, eq. 6", lengths=True),
     # on-policy: K is the sampler's, beta the KL coefficient of the sequence reward (not a loss kwarg)
     "rloo": PreferenceLoss("rloo", rloo_loss, {"K": 4, "beta": 0.05}, "online", _RLOO),
 }
