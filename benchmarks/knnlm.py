@@ -30,7 +30,8 @@ import faiss
 import numpy as np
 import torch
 
-from beyondlm.config import load_section, read_params, section, sft_config
+from beyondlm.config import load_section, read_params, section
+from beyondlm.sft import sft_config
 from beyondlm.data.config import PrepareConfig, prepared_data
 from beyondlm.data.prepare import load_split, prepare
 from beyondlm.lookup import build_datastore, build_index, datastore_keys, evaluate_knnlm, forward_keys

@@ -13,12 +13,13 @@ from statistics import median
 import numpy as np
 import torch
 
-from beyondlm.config import ModelConfig, SFTConfig, TrainConfig
+from beyondlm.config import ModelConfig, TrainConfig
+from beyondlm.sft import SFTConfig
 from beyondlm.data import tokenization
 from beyondlm.data.synthetic import LanguageSpec, SyntheticLanguage
 from beyondlm.logprobs import pad_batch
 from beyondlm.models import build_model
-from beyondlm.objectives import OBJECTIVES
+from beyondlm.objectives.sft import OBJECTIVES
 from beyondlm.sft import make_loss_fn
 
 

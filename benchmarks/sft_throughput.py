@@ -24,7 +24,8 @@ import time
 import numpy as np
 import torch
 
-from beyondlm.config import ModelConfig, SFTConfig, TrainConfig, load_section, read_params, section
+from beyondlm.config import ModelConfig, TrainConfig, load_section, read_params, section
+from beyondlm.sft import SFTConfig
 from beyondlm.data import tokenization
 from beyondlm.data.synthetic import LanguageSpec, SyntheticLanguage
 from beyondlm.logprobs import pad_batch

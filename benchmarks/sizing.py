@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from beyondlm.config import read_params, section, sft_config
+from beyondlm.config import read_params, section
+from beyondlm.sft import sft_config
 from beyondlm.data.config import prepared_data
 from beyondlm.io import write_json
 from beyondlm.sft import run_sft

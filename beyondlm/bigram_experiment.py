@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from beyondlm.config import ConfigError, ModelConfig, SFTConfig, TrainConfig, load_section
+from beyondlm.config import ConfigError, ModelConfig, TrainConfig, load_section
+from beyondlm.sft import SFTConfig
 from beyondlm.data.bigram import BigramLM, BigramSpec, empirical_rows, jensen_shannon, transition_metrics
 from beyondlm.data.tokenization import word_tokenizer
 from beyondlm.logprobs import pad_batch, sequence_logps

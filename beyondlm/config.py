@@ -2,8 +2,8 @@
 
 The base layer of the library: it imports no other ``beyondlm`` module at load time. Sections
 live next to what they configure (``prepare`` in ``beyondlm/data/config.py``, ``align`` in
-``beyondlm/align/experiment.py``, ...); the shared ones (``ModelConfig``, ``TrainConfig``, sft,
-evaluate, report) are here.
+``beyondlm/align/experiment.py``, ...); the shared ones (``ModelConfig``, ``TrainConfig``) and
+the small evaluate and report sections are here.
 
 ``load_section(Cls, raw, "sft")`` builds ``Cls`` from a plain dict: unknown keys, wrong types and
 out-of-range values raise :class:`ConfigError` naming the full key (``sft.model.n_head``), the value
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -83,17 +83,6 @@ class TrainConfig:
     def eval_interval(self) -> int:
         """Steps between held-out evaluations: ``eval_every``, or a tenth of the run."""
         return self.eval_every or max(1, self.max_steps // 10)
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    """One ``sft@<variant>-<seed>`` stage: the model, the loop and one objective."""
-
-    variant: str
-    objective: str
-    hyperparams: Mapping[str, float]
-    model: ModelConfig
-    train: TrainConfig
 
 
 @dataclass(frozen=True)
@@ -240,9 +229,8 @@ def check_range(key: str, value: float, low: float, high: float) -> None:
         raise ConfigError(f"params.yaml: '{key}'={value!r} must be between {low} and {high}")
 
 
-# ----------------------------------------------------------------------------- sft section
+# ----------------------------------------------------------------------------- training keys
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "seed")
-SFT_KEYS = ("variants", "seeds", "objectives", "model", "train")
 
 
 def train_config(base: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None, prefix: str,
@@ -253,67 +241,3 @@ def train_config(base: Mapping[str, Any] | None, overrides: Mapping[str, Any] | 
         if raw is not None and not isinstance(raw, Mapping):
             raise ConfigError(f"params.yaml: '{name}' must be a mapping of training keys, got {raw!r}")
     return load_section(TrainConfig, {**(base or {}), **(overrides or {}), **fixed}, prefix)
-
-
-def check_variant_name(variant: Any) -> None:
-    """A variant name DVC can address: it becomes the params key ``sft.objectives.<variant>`` and
-    part of a stage name. A dot would make DVC fail with "Parameters ... are missing"."""
-    bad = next((c for c in ".@/:" if c in str(variant)), None)
-    if bad:  # DVC reads `sft.objectives.<variant>` as a dotted path and `@`/`:` as addressing
-        raise ConfigError(
-            f"params.yaml: variant name '{variant}' contains '{bad}': DVC cannot address it; "
-            f"use letters, digits, '-' and '_' (e.g. '{str(variant).replace(bad, '_')}')"
-        )
-
-
-def variant_objective(sft: Mapping[str, Any], variant: str) -> tuple[str, dict[str, float]]:
-    """(objective name, validated hyperparameters) of ``sft.objectives.<variant>``; the entry's
-    ``objective`` key defaults to the variant name. Shared by every stage with a variant axis."""
-    from beyondlm.objectives import resolve_objective
-
-    entries = sft.get("objectives") or {}
-    # All of sft.variants: the first stage of the matrix to run stops on a bad name, before DVC
-    # reaches the bad variant's own stage (it only ever fails here; no output depends on the list).
-    for name in [variant, *(sft.get("variants") or [])]:
-        check_variant_name(name)
-    if variant not in entries:
-        raise ConfigError(
-            f"params.yaml: sft.objectives has no entry '{variant}' (entries: "
-            f"{', '.join(entries) or 'none'}); add it or drop it from the variants list"
-        )
-    entry = dict(entries[variant] or {})
-    name = entry.pop("objective", variant)
-    entry.pop("train", None)  # sft's per-variant training overrides: variant_train_overrides
-    try:
-        _, hyperparams = resolve_objective(name, entry)
-    except ValueError as err:
-        raise ConfigError(f"params.yaml: sft.objectives.{variant}: {err}") from err
-    return name, hyperparams
-
-
-def variant_train_overrides(sft: Mapping[str, Any], variant: str) -> dict[str, Any]:
-    """``sft.objectives.<variant>.train``: training keys this variant sets apart from ``sft.train``
-    (e.g. a slower objective's step budget, so every variant trains to convergence)."""
-    train = ((sft.get("objectives") or {}).get(variant) or {}).get("train") or {}
-    if not isinstance(train, Mapping):
-        raise ConfigError(f"params.yaml: sft.objectives.{variant}.train must be a mapping of training keys, "
-                          f"got {train!r}")
-    unknown = sorted(set(train) - set(TRAIN_KEYS))
-    if unknown:
-        raise ConfigError(f"params.yaml: unknown key 'sft.objectives.{variant}.train.{unknown[0]}'. "
-                          f"Allowed: {', '.join(TRAIN_KEYS)}")
-    return dict(train)
-
-
-def sft_config(sft: Mapping[str, Any], variant: str, seed: int) -> SFTConfig:
-    """The config of stage ``sft@<variant>-<seed>``: ``sft.objectives[variant]`` names the
-    objective and its hyperparameters; ``sft.train`` holds the training keys, and the entry's
-    optional ``train`` mapping overrides them for this variant."""
-    unknown = sorted(set(sft) - set(SFT_KEYS))
-    if unknown:
-        moved = f" (training keys moved under 'sft.train': sft.train.{unknown[0]})" if unknown[0] in TRAIN_KEYS else ""
-        raise ConfigError(f"params.yaml: unknown key 'sft.{unknown[0]}'{moved}. Allowed: {', '.join(SFT_KEYS)}")
-    objective, hyperparams = variant_objective(sft, variant)
-    train = train_config(sft.get("train"), variant_train_overrides(sft, variant), "sft.train", seed=seed)
-    model = load_section(ModelConfig, sft.get("model"), "sft.model")
-    return SFTConfig(variant=variant, objective=objective, hyperparams=hyperparams, model=model, train=train)

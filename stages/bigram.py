@@ -17,7 +17,8 @@ import torch
 
 from beyondlm import cli
 from beyondlm.bigram_experiment import bigram_config, run_bigram
-from beyondlm.config import read_params, section, variant_objective
+from beyondlm.config import read_params, section
+from beyondlm.sft import variant_objective
 from beyondlm.io import write_metrics
 
 

@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 
 from beyondlm import cli
-from beyondlm.config import SFTConfig, read_params, section, sft_config
+from beyondlm.config import read_params, section
+from beyondlm.sft import SFTConfig, sft_config
 from beyondlm.data.config import prepared_data
 from beyondlm.dvcgraph import check_declared_inputs
 from beyondlm.io import write_metrics

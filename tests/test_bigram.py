@@ -13,9 +13,9 @@ import torch
 
 from beyondlm.bigram_experiment import BigramConfig, bigram_config, run_bigram
 from beyondlm.config import ModelConfig, TrainConfig
-from beyondlm.config import variant_objective
+from beyondlm.sft import variant_objective
 from beyondlm.config import ConfigError
-from beyondlm.objectives import OBJECTIVES
+from beyondlm.objectives.sft import OBJECTIVES
 from beyondlm.data.bigram import (
     EOS_ID,
     FIRST_WORD,

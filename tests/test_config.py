@@ -1,6 +1,7 @@
 import pytest
 
-from beyondlm.config import ConfigError, EvaluateConfig, load_section, read_params, section, sft_config
+from beyondlm.config import ConfigError, EvaluateConfig, load_section, read_params, section
+from beyondlm.sft import sft_config
 from beyondlm.data.config import PrepareConfig
 
 

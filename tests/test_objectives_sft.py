@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from beyondlm.objectives import (
+from beyondlm.objectives.sft import (
     OBJECTIVES,
     emo_cost,
     emo_loss,

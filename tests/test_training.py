@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from beyondlm.config import SFTConfig, TrainConfig
+from beyondlm.config import TrainConfig
+from beyondlm.sft import SFTConfig
 from beyondlm.logprobs import pad_batch
 from beyondlm.sft import make_loss_fn
 from beyondlm.training import BatchOrder, train_loop
