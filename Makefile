@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REPRO_WORKERS ?= 2   # stages at once (independent ones overlap; 1 = one after another)
 
-.PHONY: repro test bench dvc-repro clean-venv
+.PHONY: repro test bench dvc-repro deps clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ repro: $(STAMP)
 # The same stages through DVC alone (no Prefect, no MLflow).
 dvc-repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# After an import changes: each stage's code deps in dvc.yaml = its import closure (a test checks).
+deps: $(STAMP)
+	$(BIN)/python -m beyondlm.dvcgraph --write
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
