@@ -20,7 +20,7 @@ from pipelines.reproduce import reproduce
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cron", default="0 3 * * *", help="schedule (default: nightly at 03:00)")
-    p.add_argument("--name", default="nightly-reproduce")
+    p.add_argument("--name", default="nightly-reproduce-served")  # prefect.yaml's is ...-pool: distinct
     args = p.parse_args()
     reproduce.serve(name=args.name, cron=args.cron, tags=["beyondlm", "nightly"])
 
