@@ -50,7 +50,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import wait  # noqa: E402
 
-from beyondlm.config import ConfigError  # noqa: E402
+from beyondlm.config import ConfigError, load_yaml  # noqa: E402
 from beyondlm.dvcgraph import StageInfo, pipeline_stages  # noqa: E402
 from beyondlm.tracking import Tracker  # noqa: E402
 from pipelines.validate import validate_stages  # noqa: E402
@@ -215,6 +215,23 @@ def anything_stale(root: str, targets: list[str] | None = None) -> bool:
     return bool(stale) and (not targets or bool(stale & {s.name for s in pipeline_stages(root, targets)}))
 
 
+def prune_lock(root: str) -> list[str]:
+    """Drop the dvc.lock entries of stages dvc.yaml no longer defines (DVC keeps them, e.g. the
+    matrix stages of a variant taken out of ``sft.variants``), so the lock describes the pipeline
+    as it is; DVC's own YAML writer keeps every other line as DVC wrote it. The names dropped."""
+    from dvc.utils.serialize import modify_yaml
+
+    lock = Path(root) / "dvc.lock"
+    defined = {s.name for s in pipeline_stages(root)}
+    if not lock.exists() or not set(load_yaml(lock).get("stages", {})) - defined:
+        return []
+    with _DVC, modify_yaml(str(lock)) as data:
+        gone = [name for name in data["stages"] if name not in defined]
+        for name in gone:
+            del data["stages"][name]
+    return gone
+
+
 @flow(name="reproduce", log_prints=True)
 def reproduce(targets: list[str] | None = None, root: str = ".", force: bool = False,
               tracking_uri: str | None = None, workers: int = 1) -> list[str]:
@@ -244,6 +261,8 @@ def reproduce(targets: list[str] | None = None, root: str = ".", force: bool = F
     except BaseException:
         tracker.end_pipeline("FAILED")
         raise
+    if gone := prune_lock(root):
+        get_run_logger().info("dropped dvc.lock entries of stages no longer in dvc.yaml: %s", ", ".join(gone))
     tracker.end_pipeline("FINISHED")
     return done
 

@@ -163,3 +163,18 @@ def test_partly_stale_workspace_logs_only_the_stages_that_ran(project):
     # reports/metrics/a.json changed ({"n": 2}): copied
     assert a.data.tags["artifact/reports/metrics/a.json"] == f"runs:/{a.info.run_id}/reports/metrics/a.json"
     assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=project).stdout) == {}
+
+
+def test_a_run_drops_lock_entries_of_stages_no_longer_defined(project):
+    """DVC keeps a removed (matrix) stage's lock entry; the flow drops it and leaves the rest as is."""
+    from dvc.utils.serialize import modify_yaml
+
+    lock = project / "dvc.lock"
+    with modify_yaml(str(lock)) as data:
+        data["stages"]["gone@x"] = dict(data["stages"]["c"])  # as if a matrix value was removed
+    before = lock.read_text()
+    set_params(project, n=2, k=2, m=3)
+    assert reproduce(root=str(project)) == ["c"]
+    after = lock.read_text()
+    assert "gone@x" in before and "gone@x" not in after
+    assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=project).stdout) == {}
