@@ -15,6 +15,8 @@
    step; the median over interleaved rounds is reported.
 2. EXO-rw vs DPO-rw (target ≤ 1.2×): both through our loop on the same groups of K = 4 and the same
    prompt batches (same seed), interleaved in one process.
+3. Every offline pair loss of the table (EXO-pref, IPO, SimPO) vs DPO-pref (target ≤ 1.2×): the same
+   pairs and batches through our loop, interleaved in one process (``--impl pairs``).
 """
 
 from __future__ import annotations
@@ -202,6 +204,28 @@ def run_rw(steps: int, warmup: int, batch_size: int, K: int, rounds: int) -> dic
             "rounds": rounds, "step_s": {k: median(v) for k, v in times.items()}, "runs": times}
 
 
+PAIR_METHODS = ("dpo_pref", "exo_pref", "ipo", "simpo")  # every offline pair row of the loss table
+
+
+def run_pairs(steps: int, warmup: int, batch_size: int, rounds: int) -> dict:
+    """Each offline pair loss of the table (defaults) through our loop on the same pairs and
+    batches, interleaved rounds in one process; per-step seconds and the ratio to DPO."""
+    from beyondlm.objectives.preference import resolve_preference_loss
+
+    tok, model, _, _, pairs, _ = pair_data(steps + warmup, batch_size)
+    collate, cfg = pair_collate(tok.pad_token_id), train_cfg(steps + warmup, batch_size)
+    times: dict[str, list[float]] = {name: [] for name in PAIR_METHODS}
+    for _ in range(rounds):
+        for name in times:  # interleaved: machine-load drift hits every method alike
+            loss_fn = offline_loss_fn(name, resolve_preference_loss(name, {})[1])
+            times[name].append(timed_loop(copy.deepcopy(model), pairs, loss_fn, collate, cfg, warmup)["step_s"])
+    step_s = {k: median(v) for k, v in times.items()}
+    ratios = {k: step_s[k] / step_s["dpo_pref"] for k in PAIR_METHODS if k != "dpo_pref"}
+    return {"impl": "pairs", "pairs_per_step": batch_size, "steps": steps, "rounds": rounds, "step_s": step_s,
+            "ratio_over_dpo_pref": ratios, "target": "<= 1.2", "met": all(r <= 1.2 for r in ratios.values()),
+            "runs": times}
+
+
 def machine_extras() -> dict:
     """What the measured processes ran with, on top of ``benchmarks.run.machine_info``."""
     import transformers
@@ -231,6 +255,7 @@ def align_bench(steps: int = 20, warmup: int = 5, batch_size: int = 32, rounds: 
     ours, theirs = (median(r["step_s"] for r in runs[k]) for k in ("ours", "trl"))
     rw = _measure("rw", rw_steps, 2, rw_batch, ["--K", str(K), "--rounds", str(rounds)])
     rw_ratio = rw["step_s"]["exo_rw"] / rw["step_s"]["dpo_rw"]
+    pair_losses = _measure("pairs", rw_steps, 2, batch_size, ["--rounds", str(rounds)])
     return {
         "dpo_vs_trl": {
             "conditions": {
@@ -254,6 +279,7 @@ def align_bench(steps: int = 20, warmup: int = 5, batch_size: int = 32, rounds: 
             "target": "<= 1.0", "met": ours / theirs <= 1.0, "runs": runs,
         },
         "exo_rw_vs_dpo_rw": {**rw, "ratio_exo_over_dpo": rw_ratio, "target": "<= 1.2", "met": rw_ratio <= 1.2},
+        "pair_losses_vs_dpo": pair_losses,
         "bench_wall_s": time.perf_counter() - t0,
         "load_average": {"before": load_before, "after": os.getloadavg()},  # other jobs on the same cores
     }
@@ -261,7 +287,7 @@ def align_bench(steps: int = 20, warmup: int = 5, batch_size: int = 32, rounds: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impl", choices=("ours", "trl", "rw"))
+    p.add_argument("--impl", choices=("ours", "trl", "rw", "pairs"))
     p.add_argument("--steps", type=int, default=20, help="timed steps of one DPO run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     p.add_argument("--batch-size", type=int, default=32)
@@ -281,6 +307,8 @@ def main() -> None:
         return
     if args.impl == "rw":
         result = run_rw(args.steps, args.warmup, args.batch_size, args.K, args.rounds)
+    elif args.impl == "pairs":
+        result = run_pairs(args.steps, args.warmup, args.batch_size, args.rounds)
     else:
         result = (run_ours if args.impl == "ours" else run_trl)(args.steps, args.warmup, args.batch_size)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
