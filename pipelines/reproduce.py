@@ -215,14 +215,15 @@ def anything_stale(root: str, targets: list[str] | None = None) -> bool:
     return bool(stale) and (not targets or bool(stale & {s.name for s in pipeline_stages(root, targets)}))
 
 
-def prune_lock(root: str) -> list[str]:
+def prune_lock(root: str, stages: list[StageInfo] | None = None) -> list[str]:
     """Drop the dvc.lock entries of stages dvc.yaml no longer defines (DVC keeps them, e.g. the
     matrix stages of a variant taken out of ``sft.variants``), so the lock describes the pipeline
-    as it is; DVC's own YAML writer keeps every other line as DVC wrote it. The names dropped."""
+    as it is; DVC's own YAML writer keeps every other line as DVC wrote it. ``stages``: every stage
+    of the pipeline if the caller has them (not a targets subset). The names dropped."""
     from dvc.utils.serialize import modify_yaml
 
     lock = Path(root) / "dvc.lock"
-    defined = {s.name for s in pipeline_stages(root)}
+    defined = {s.name for s in (stages if stages is not None else pipeline_stages(root))}
     if not lock.exists() or not set(load_yaml(lock).get("stages", {})) - defined:
         return []
     with _DVC, modify_yaml(str(lock)) as data:
@@ -261,7 +262,7 @@ def reproduce(targets: list[str] | None = None, root: str = ".", force: bool = F
     except BaseException:
         tracker.end_pipeline("FAILED")
         raise
-    if gone := prune_lock(root):
+    if gone := prune_lock(root, None if targets else stages):  # all stages are at hand without targets
         get_run_logger().info("dropped dvc.lock entries of stages no longer in dvc.yaml: %s", ", ".join(gone))
     tracker.end_pipeline("FINISHED")
     return done
