@@ -90,7 +90,7 @@ def _imported(file: Path, root: Path, package: str) -> set[str]:
     import ast
 
     rel = file.relative_to(root).with_suffix("")
-    here = list(rel.parts[:-1] if rel.name != "__init__" else rel.parts[:-1])
+    here = list(rel.parts[:-1])  # the package a relative import starts from (a/b/c.py and a/b/__init__.py: a.b)
     names: set[str] = set()
     for node in ast.walk(ast.parse(file.read_text(), str(file))):
         if isinstance(node, ast.Import):
