@@ -50,15 +50,24 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / m.sum(1).clamp(min=1)
 
 
-def batch_sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, start: Tensor | None = None,
-                         temperature: float = 1.0) -> Tensor:
-    """Σ_t log p(x_t | x_<t) over each row's scored positions, (B,) float32, WITH gradients.
+def batch_token_logps(model, input_ids: Tensor, attention_mask: Tensor, start: Tensor | None = None,
+                      temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """log p(x_t | x_<t) per position, WITH gradients: ``(logps (B, T-1) float32, mask (B, T-1) bool)``.
 
-    Rows are right-padded ``[BOS] prompt completion``; ``start`` (B,) is the first scored position
-    (the prompt length), ``None`` scores every token after BOS."""
+    Position t−1 scores token t (``lm_targets``); ``logps`` is 0 where ``mask`` is false (prompt,
+    padding), so a row sum is its sequence log-prob. Rows are right-padded ``[BOS] prompt
+    completion``; ``start`` (B,) is the first scored position (the prompt length), ``None`` scores
+    every token after BOS."""
     labels, mask = lm_targets(input_ids, attention_mask, start)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
-    return (token_logps(logits, labels, temperature) * mask).sum(-1)
+    return token_logps(logits, labels, temperature) * mask, mask
+
+
+def batch_sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, start: Tensor | None = None,
+                         temperature: float = 1.0) -> Tensor:
+    """Σ_t log p(x_t | x_<t) over each row's scored positions, (B,) float32, WITH gradients
+    (``batch_token_logps`` summed over positions)."""
+    return batch_token_logps(model, input_ids, attention_mask, start, temperature)[0].sum(-1)
 
 
 @torch.no_grad()

@@ -36,3 +36,24 @@ def test_sequence_logps_equal_a_manual_loop_and_ignore_batching():
     starts_got, starts_n = sequence_logps(model, seqs, pad_id=0, starts=[3, 1, 6], batch_size=3)
     assert starts_n.tolist() == [2, 2, 1]
     assert starts_got[0] > got[0]  # fewer (negative) terms
+
+
+def test_batch_token_logps_per_position_sum_to_the_sequence_logps():
+    """Token log-probs of padded rows: the manual per-token values on scored positions, 0 elsewhere
+    (prompt, padding), and their row sums are ``batch_sequence_logps``."""
+    from beyondlm.logprobs import batch_sequence_logps, batch_token_logps
+
+    _, tok, model = tiny_setup()
+    model.eval()
+    seqs, start = [[0, 5, 6, 7, 0], [0, 9, 0]], torch.tensor([3, 1])
+    ids, attn = pad_batch(seqs, pad_id=0)
+    with torch.no_grad():
+        logps, mask = batch_token_logps(model, ids, attn, start)  # (2, 4)
+        assert mask.tolist() == [[False, False, True, True], [True, True, False, False]]
+        for i, s in enumerate(seqs):
+            logp = model(torch.tensor([s])).logits.log_softmax(-1)[0]  # (T, V), no padding at all
+            for t in range(1, len(s)):  # position t − 1 scores token t
+                want = logp[t - 1, s[t]].item() if t >= start[i] else 0.0
+                assert abs(logps[i, t - 1].item() - want) < 1e-5
+        assert (logps[~mask] == 0).all()
+        torch.testing.assert_close(batch_sequence_logps(model, ids, attn, start), logps.sum(-1))
