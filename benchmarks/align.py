@@ -1,6 +1,6 @@
 """Offline alignment per-step cost: our DPO vs TRL's DPOTrainer, and EXO-rw vs DPO-rw.
 
-    python -m benchmarks.align --impl ours|trl|rw     # one measurement, one JSON line
+    python -m benchmarks.align --impl ours|trl|rw|pairs|online   # one measurement, one JSON line
     python -m benchmarks.align                        # the whole bench → reports/bench/align.json
 
 1. DPO (targets: ours ≤ 1.0× TRL per optimizer step). Ours: ``dpo_pref`` through ``train_loop`` +
@@ -13,10 +13,16 @@
    gradient checkpointing (TRL's default is on), no length grouping (the ``align`` stage's setting).
    Each run is a fresh process; the clock runs from the end of step ``warmup`` to the end of the last
    step; the median over interleaved rounds is reported.
-2. EXO-rw vs DPO-rw (target ≤ 1.2×): both through our loop on the same groups of K = 4 and the same
-   prompt batches (same seed), interleaved in one process.
-3. Every offline pair loss of the table (EXO-pref, IPO, SimPO) vs DPO-pref (target ≤ 1.2×): the same
-   pairs and batches through our loop, interleaved in one process (``--impl pairs``).
+2. EXO-rw and BOND vs DPO-rw (target ≤ 1.2×): through our loop on the same groups of K = 4 and the
+   same prompt batches (same seed), interleaved in one process.
+3. Every offline pair loss of the table (EXO-pref, IPO, SimPO) and KTO vs DPO-pref (target ≤ 1.2×):
+   the same pairs and batches through our loop (KTO: the same completions, unpaired), interleaved
+   in one process (``--impl pairs``).
+4. GRPO and Dr. GRPO vs RLOO per optimizer step (target ≤ 1.1×), the on-policy rows: each step
+   samples K completions per prompt, scores them with a reward model and the frozen reference, and
+   takes one step (``online_loss_fn``). Same prompts, K, sampling settings and seed, so the first
+   rollouts are identical (later ones follow each method's own policy: the mean completion length
+   is reported with the times), interleaved in one process (``--impl online``).
 """
 
 from __future__ import annotations
@@ -37,19 +43,23 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from beyondlm.align.data import Group, PrefPair
-from beyondlm.align.train import group_collate, offline_loss_fn, pair_collate
+from beyondlm.align.data import Group, PrefPair, unpaired_examples
+from beyondlm.align.train import group_collate, offline_loss_fn, pair_collate, unpaired_collate
+from beyondlm.align.train import online_loss_fn, prompt_collate
 from beyondlm.config import ModelConfig, TrainConfig, load_section, read_params, section
 from beyondlm.data import tokenization
 from beyondlm.data.synthetic import LanguageSpec, SyntheticLanguage
 from beyondlm.logprobs import sequence_logps
 from beyondlm.models import build_model
+from beyondlm.objectives.preference import resolve_preference_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_WORDS = 8  # prepare.prompt_len; with BOS the prompt is 9 tokens
 MAX_COMPLETION = 56  # prepare.max_len − prompt_len: the samplers' max_new_tokens
 BETA = 0.1  # align.hyperparams.dpo_pref
 RW = {"beta_pi": 0.1, "beta_r": 1.0}  # align.hyperparams.{dpo_rw, exo_rw}
+RW_METHODS = ("dpo_rw", "exo_rw")
+GROUP_METHODS = (*RW_METHODS, "bond")  # every offline group row of the loss table (BOND at its defaults)
 # One intra-op thread per measured process: on the 2 shared cores, 2 OpenMP threads under load made
 # a step ~10x slower and erratic (threads waiting on each other), which would swamp the ratios.
 THREADS = 1
@@ -195,35 +205,82 @@ def run_rw(steps: int, warmup: int, batch_size: int, K: int, rounds: int) -> dic
     groups = [Group(p, cs, r.tolist(), s.tolist()) for p, cs, r, s in zip(prompts, comps, ref, rewards)]
     collate = group_collate(tok.pad_token_id)
     cfg = train_cfg(steps + warmup, batch_size)
-    times: dict[str, list[float]] = {"dpo_rw": [], "exo_rw": []}
+    hyper = {name: RW if name in RW_METHODS else resolve_preference_loss(name, {})[1] for name in GROUP_METHODS}
+    times: dict[str, list[float]] = {name: [] for name in GROUP_METHODS}
     for _ in range(rounds):
-        for name in times:  # interleaved: machine-load drift hits both alike
-            times[name].append(timed_loop(copy.deepcopy(model), groups, offline_loss_fn(name, RW), collate,
+        for name in times:  # interleaved: machine-load drift hits every method alike
+            times[name].append(timed_loop(copy.deepcopy(model), groups, offline_loss_fn(name, hyper[name]), collate,
                                           cfg, warmup)["step_s"])
-    return {"impl": "rw", "K": K, "groups_per_batch": batch_size, "hyperparams": RW, "steps": steps,
-            "rounds": rounds, "step_s": {k: median(v) for k, v in times.items()}, "runs": times}
+    step_s = {k: median(v) for k, v in times.items()}
+    return {"impl": "rw", "K": K, "groups_per_batch": batch_size, "hyperparams": hyper, "steps": steps,
+            "rounds": rounds, "step_s": step_s, "ratio_over_dpo_rw": {k: step_s[k] / step_s["dpo_rw"]
+                                                                     for k in GROUP_METHODS if k != "dpo_rw"},
+            "runs": times}
 
 
-PAIR_METHODS = ("dpo_pref", "exo_pref", "ipo", "simpo")  # every offline pair row of the loss table
+# every offline pair row of the loss table, and KTO on the same pairs unpaired
+PAIR_METHODS = ("dpo_pref", "exo_pref", "ipo", "simpo", "kto")
 
 
 def run_pairs(steps: int, warmup: int, batch_size: int, rounds: int) -> dict:
     """Each offline pair loss of the table (defaults) through our loop on the same pairs and
-    batches, interleaved rounds in one process; per-step seconds and the ratio to DPO."""
-    from beyondlm.objectives.preference import resolve_preference_loss
-
+    batches, interleaved rounds in one process; per-step seconds and the ratio to DPO. KTO runs
+    twice on the same pairs unpaired (a desirable and an undesirable example each, in the pairs'
+    order): ``kto`` with 2·B examples per step, the same completions per step as the pair losses
+    (the ``align`` stage's setting, ``align.hyperparams.kto.train.batch_size`` = 2 × 32), and
+    ``kto_B`` with B examples per step, the convention of a per-device batch size counted in
+    examples (TRL's). Its extra cost is the forward pass of the mismatched rows (no gradient)."""
     tok, model, _, _, pairs, _ = pair_data(steps + warmup, batch_size)
-    collate, cfg = pair_collate(tok.pad_token_id), train_cfg(steps + warmup, batch_size)
-    times: dict[str, list[float]] = {name: [] for name in PAIR_METHODS}
+    unpaired = unpaired_examples(pairs, model, tok.pad_token_id, seed=0)
+    runs = {name: (name, pairs, pair_collate, batch_size) for name in PAIR_METHODS if name != "kto"}
+    runs |= {"kto": ("kto", unpaired, unpaired_collate, 2 * batch_size),
+             "kto_B": ("kto", unpaired, unpaired_collate, batch_size)}
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, (name, examples, collate, batch) in runs.items():  # interleaved: load drift hits all alike
+            loss_fn = offline_loss_fn(name, resolve_preference_loss(name, {})[1])
+            times[label].append(timed_loop(copy.deepcopy(model), examples, loss_fn, collate(tok.pad_token_id),
+                                           train_cfg(steps + warmup, batch), warmup)["step_s"])
+    step_s = {k: median(v) for k, v in times.items()}
+    ratios = {k: step_s[k] / step_s["dpo_pref"] for k in runs if k != "dpo_pref"}
+    return {"impl": "pairs", "pairs_per_step": batch_size, "kto_examples_per_step": {"kto": 2 * batch_size,
+            "kto_B": batch_size}, "steps": steps, "rounds": rounds, "step_s": step_s, "ratio_over_dpo_pref": ratios,
+            "target": "<= 1.2", "met": {k: r <= 1.2 for k, r in ratios.items()}, "runs": times}
+
+
+ONLINE_METHODS = ("rloo", "grpo", "dr_grpo")  # every on-policy row of the loss table
+
+
+def run_online(steps: int, warmup: int, batch_size: int, K: int, rounds: int) -> dict:
+    """GRPO and Dr. GRPO vs RLOO through our loop + ``online_loss_fn`` (table defaults, K samples per
+    prompt), interleaved rounds in one process; per-step seconds (sampling, reward model and
+    reference scoring included), the ratio to RLOO and the mean completion length of each method's
+    rollouts (the step cost grows with it)."""
+    from beyondlm.align.config import RewardConfig
+    from beyondlm.reward import build_reward_model
+    from beyondlm.sampling import SamplingConfig
+
+    tok, model, prompts, _ = setup(batch_size * (steps + warmup), K=1)
+    reward = load_section(RewardConfig, section(read_params(ROOT / "params.yaml"), "reward"), "reward")
+    rm, ref = build_reward_model(reward.model, tok).eval(), copy.deepcopy(model).eval()
+    # the align stage's rollouts: pure sampling, one generate batch of all K·batch_size rows
+    sampling = SamplingConfig(max_new_tokens=MAX_COMPLETION, batch_size=batch_size * K)
+    collate, cfg = prompt_collate(tok.pad_token_id), train_cfg(steps + warmup, batch_size)
+    times: dict[str, list[float]] = {name: [] for name in ONLINE_METHODS}
+    lengths: dict[str, list[float]] = {name: [] for name in ONLINE_METHODS}
     for _ in range(rounds):
         for name in times:  # interleaved: machine-load drift hits every method alike
-            loss_fn = offline_loss_fn(name, resolve_preference_loss(name, {})[1])
-            times[name].append(timed_loop(copy.deepcopy(model), pairs, loss_fn, collate, cfg, warmup)["step_s"])
+            stats: dict = {}
+            loss_fn = online_loss_fn(name, resolve_preference_loss(name, {"K": K})[1], ref, rm, sampling=sampling,
+                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0, stats=stats)
+            times[name].append(timed_loop(copy.deepcopy(model), prompts, loss_fn, collate, cfg, warmup)["step_s"])
+            lengths[name].append(float(np.mean(stats["length"][warmup:])))
     step_s = {k: median(v) for k, v in times.items()}
-    ratios = {k: step_s[k] / step_s["dpo_pref"] for k in PAIR_METHODS if k != "dpo_pref"}
-    return {"impl": "pairs", "pairs_per_step": batch_size, "steps": steps, "rounds": rounds, "step_s": step_s,
-            "ratio_over_dpo_pref": ratios, "target": "<= 1.2", "met": all(r <= 1.2 for r in ratios.values()),
-            "runs": times}
+    ratios = {k: step_s[k] / step_s["rloo"] for k in ONLINE_METHODS if k != "rloo"}
+    return {"impl": "online", "K": K, "prompts_per_step": batch_size, "rollouts_per_step": K * batch_size,
+            "max_new_tokens": MAX_COMPLETION, "steps": steps, "rounds": rounds, "step_s": step_s,
+            "ratio_over_rloo": ratios, "target": "<= 1.1", "met": all(r <= 1.1 for r in ratios.values()),
+            "mean_completion_tokens": {k: float(np.mean(v)) for k, v in lengths.items()}, "runs": times}
 
 
 def machine_extras() -> dict:
@@ -245,7 +302,8 @@ def _measure(impl: str, steps: int, warmup: int, batch_size: int, extra: Sequenc
 
 
 def align_bench(steps: int = 20, warmup: int = 5, batch_size: int = 32, rounds: int = 3,
-                rw_steps: int = 8, rw_batch: int = 32, K: int = 4) -> dict:
+                rw_steps: int = 8, rw_batch: int = 32, K: int = 4, online_steps: int = 10,
+                online_batch: int = 16) -> dict:
     """The whole bench (fresh processes); the dict written to reports/bench/align.json."""
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
     t0, load_before = time.perf_counter(), os.getloadavg()
@@ -256,6 +314,7 @@ def align_bench(steps: int = 20, warmup: int = 5, batch_size: int = 32, rounds: 
     rw = _measure("rw", rw_steps, 2, rw_batch, ["--K", str(K), "--rounds", str(rounds)])
     rw_ratio = rw["step_s"]["exo_rw"] / rw["step_s"]["dpo_rw"]
     pair_losses = _measure("pairs", rw_steps, 2, batch_size, ["--rounds", str(rounds)])
+    online = _measure("online", online_steps, 3, online_batch, ["--K", str(K), "--rounds", str(rounds)])
     return {
         "dpo_vs_trl": {
             "conditions": {
@@ -278,8 +337,10 @@ def align_bench(steps: int = 20, warmup: int = 5, batch_size: int = 32, rounds: 
             "ratio_per_round": [a["step_s"] / b["step_s"] for a, b in zip(runs["ours"], runs["trl"])],
             "target": "<= 1.0", "met": ours / theirs <= 1.0, "runs": runs,
         },
-        "exo_rw_vs_dpo_rw": {**rw, "ratio_exo_over_dpo": rw_ratio, "target": "<= 1.2", "met": rw_ratio <= 1.2},
+        "exo_rw_vs_dpo_rw": {**rw, "ratio_exo_over_dpo": rw_ratio, "target": "<= 1.2",
+                             "met": all(r <= 1.2 for r in rw["ratio_over_dpo_rw"].values())},
         "pair_losses_vs_dpo": pair_losses,
+        "online_vs_rloo": online,
         "bench_wall_s": time.perf_counter() - t0,
         "load_average": {"before": load_before, "after": os.getloadavg()},  # other jobs on the same cores
     }
@@ -287,7 +348,7 @@ def align_bench(steps: int = 20, warmup: int = 5, batch_size: int = 32, rounds: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impl", choices=("ours", "trl", "rw", "pairs"))
+    p.add_argument("--impl", choices=("ours", "trl", "rw", "pairs", "online"))
     p.add_argument("--steps", type=int, default=20, help="timed steps of one DPO run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     p.add_argument("--batch-size", type=int, default=32)
@@ -309,6 +370,8 @@ def main() -> None:
         result = run_rw(args.steps, args.warmup, args.batch_size, args.K, args.rounds)
     elif args.impl == "pairs":
         result = run_pairs(args.steps, args.warmup, args.batch_size, args.rounds)
+    elif args.impl == "online":
+        result = run_online(args.steps, args.warmup, args.batch_size, args.K, args.rounds)
     else:
         result = (run_ours if args.impl == "ours" else run_trl)(args.steps, args.warmup, args.batch_size)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,8 +1,9 @@
 """Stage ``align@<method>``: one policy per seed from the SFT model, evaluated along the way.
 
 Methods: the rows of the preference-loss table (``beyondlm/objectives/preference.py``): dpo_pref,
-exo_pref, ipo, simpo (preference pairs), dpo_rw, exo_rw (K samples per prompt scored by the reward
-model), rloo (on-policy, reward model + KL to π_sft). Each seed trains with resumable
+exo_pref, ipo, simpo (preference pairs), kto (the pairs unpaired into desirable/undesirable
+completions), dpo_rw, exo_rw, bond (K samples per prompt scored by the reward model), rloo, grpo,
+dr_grpo (on-policy, reward model + KL to π_sft). Each seed trains with resumable
 checkpoints; at step 0 and every ``align.eval_every`` steps the policy is evaluated on held-out
 prompts: oracle and reward-model reward, KL(π_θ‖π_sft), win rates (``beyondlm.align.evaluate``).
 

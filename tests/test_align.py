@@ -1,5 +1,7 @@
-"""Alignment: stored reference log-probs, pairs, RLOO by hand, real preference files, the runs."""
+"""Alignment: stored reference log-probs, pairs, unpaired (KTO) examples, RLOO by hand, real preference files,
+the runs."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from beyondlm.align.data import (
     read_preference_file,
     split_hh,
     tokenize_pairs,
+    unpair,
+    unpaired_examples,
 )
 from beyondlm.align.evaluate import best_of_n_kl, win_rate
 from beyondlm.align.config import (
@@ -27,6 +31,7 @@ from beyondlm.align.config import (
     SampleConfig,
 )
 from beyondlm.align.experiment import (
+    online_objective,
     run_align,
     run_best_of_n,
     run_preferences,
@@ -34,13 +39,16 @@ from beyondlm.align.experiment import (
     run_sample,
 )
 from beyondlm.align.store import load_pairs
-from beyondlm.align.train import completion_tokens, group_collate, offline_loss_fn, pair_collate
+from beyondlm.align.train import completion_tokens, group_collate, offline_loss_fn, pair_collate, unpaired_collate
+from beyondlm.align.train import online_loss_fn, prompt_collate
 from beyondlm.objectives.preference import rloo_advantages, rloo_loss, simpo_loss
+from beyondlm.objectives.preference import grpo_loss, resolve_preference_loss
 from beyondlm.config import ConfigError, ModelConfig, TrainConfig, load_section
 from beyondlm.data import tokenization
 from beyondlm.logprobs import sequence_logps
 from beyondlm.models import build_model, save_model
-from beyondlm.sampling import SamplingConfig
+from beyondlm.reward import build_reward_model, score
+from beyondlm.sampling import SamplingConfig, sample_scored
 from tests.helpers import tiny_setup
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "preferences" / "hh_harmless_base_test.jsonl.gz"
@@ -82,6 +90,43 @@ def test_rloo_by_hand():
     np.testing.assert_allclose(logp.grad.numpy(), -adv.numpy()[None] / 3, rtol=1e-6)
     with pytest.raises(ValueError, match="K >= 2"):
         rloo_advantages(torch.zeros(2, 1))
+
+
+def test_unpair_labels_by_net_wins_and_drops_ties():
+    """Three samples ranked a > b > c give pairs (a,b), (a,c), (b,c): a desirable (2 wins), c
+    undesirable (2 losses), b dropped (1–1). A lone file pair: chosen good, rejected bad."""
+    P = [0, 5]
+    a, b, c = [1], [2], [3]
+    pairs = [PrefPair(P, a, b, -1.0, -2.0), PrefPair(P, a, c, -1.0, -3.0), PrefPair(P, b, c, -2.0, -3.0),
+             PrefPair([0, 6], [4], [7], -4.0, -7.0)]
+    got = {(tuple(pr), tuple(comp), ref, good) for pr, comp, ref, good in unpair(pairs)}
+    assert got == {((0, 5), (1,), -1.0, True), ((0, 5), (3,), -3.0, False),
+                   ((0, 6), (4,), -4.0, True), ((0, 6), (7,), -7.0, False)}
+
+
+def test_kto_through_the_model_at_the_reference_is_half_the_weights():
+    """Policy = reference and mismatched log-ratios 0 (z_0 = 0): ℓ = λ_y/2 per example; the
+    mismatched rows are scored without gradient."""
+    language, tok, model = tiny_setup()
+    prompts = [[tok.bos_token_id, *s[:3]] for s in language.sample(4, np.random.default_rng(3))]
+    groups, ref = draw_groups(model, prompts, 2, SamplingConfig(max_new_tokens=10), eos_id=tok.eos_token_id,
+                              pad_id=tok.pad_token_id, seed=2)
+    pairs = [PrefPair(p, g[0], g[1], float(r[0]), float(r[1])) for p, g, r in zip(prompts, groups, ref)]
+    examples = unpaired_examples(pairs, model, tok.pad_token_id, seed=0)
+    assert len(examples) == 8 and sum(e.desirable for e in examples) == 4
+    assert all(e.kl_prompt_ids != e.prompt_ids for e in examples)
+    loss, n = offline_loss_fn("kto", {"beta": 0.1, "lambda_d": 1.0, "lambda_u": 3.0})(
+        model, unpaired_collate(tok.pad_token_id)(examples))
+    assert n == 8 and loss.item() == pytest.approx(4 * 0.5 + 4 * 1.5, rel=1e-5)
+
+
+def test_online_objective_weighs_the_kl_as_each_loss_does():
+    """Held-out objective of the online rows: RLOO's β·KL per sequence, GRPO's per token of the
+    sample (KL/|o|), Dr. GRPO's per token of the budget (KL/max_tokens)."""
+    e = {"rm_reward": 2.0, "kl": 8.0, "length": 16.0}
+    assert online_objective("rloo", {"beta": 0.05}, e, 64) == pytest.approx(-(2.0 - 0.05 * 8.0))
+    assert online_objective("grpo", {"beta": 0.04, "unbiased": 0.0}, e, 64) == pytest.approx(-(2.0 - 0.04 * 0.5))
+    assert online_objective("dr_grpo", {"beta": 0.04, "unbiased": 1.0}, e, 64) == pytest.approx(-(2.0 - 0.04 * 0.125))
 
 
 def test_win_rate_and_best_of_n_kl():
@@ -128,6 +173,59 @@ def test_simpo_through_the_model_uses_completion_lengths():
     loss, n = offline_loss_fn("simpo", hyper)(model, batch)
     want = simpo_loss(*fresh.chunk(2), chosen_tokens=counted[:4], rejected_tokens=counted[4:], **hyper)
     assert n == 4 and loss.item() == pytest.approx(want.sum().item(), rel=1e-5)
+
+
+def _token_logps_one_by_one(model, prompts, completions) -> torch.Tensor:
+    """log π(y_t | x, y_<t) of each completion token, one unpadded forward pass per sequence:
+    (N, longest completion), 0 after each completion's end."""
+    out = torch.zeros(len(completions), max(len(c) for c in completions))
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids = torch.tensor([p + c])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)  # (len − 1, V)
+        out[i, : len(c)] = logp[len(p) - 1 :].gather(-1, ids[0, len(p) :, None])[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+def test_online_losses_through_the_model_equal_the_losses_of_fresh_logps(name):
+    """online_loss_fn = the row's loss of the same draws (same seed) scored afresh, one sequence at
+    a time: for GRPO token log-probs of the policy and the reference, the completions' own lengths
+    as masks, the policy's detached values as π_old, max_tokens = max_new_tokens; for RLOO their
+    sums. Value, gradients and the rollout stats."""
+    language, tok, ref_model = tiny_setup()
+    policy = copy.deepcopy(ref_model)
+    torch.manual_seed(1)
+    with torch.no_grad():  # π_θ ≠ π_ref, so the k3 term counts
+        for w in policy.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    rm = build_reward_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32), tok)
+    pad, eos, K = tok.pad_token_id, tok.eos_token_id, 3
+    prompts = [[tok.bos_token_id, *s[:3]] for s in language.sample(3, np.random.default_rng(4))]
+    sampling = SamplingConfig(max_new_tokens=10)
+    hyper = resolve_preference_loss(name, {"K": K, "beta": 0.5})[1]
+    stats: dict = {}
+    loss_fn = online_loss_fn(name, hyper, ref_model, rm, sampling=sampling, eos_id=eos, pad_id=pad, seed=7,
+                             stats=stats)
+    loss, n = loss_fn(policy, prompt_collate(pad)(prompts))
+    got = torch.autograd.grad(loss, list(policy.parameters()))
+    repeated = [p for p in prompts for _ in range(K)]
+    conts, _ = sample_scored(policy, repeated, sampling, eos_id=eos, pad_id=pad, seed=7 * 1_000_003)  # call 0
+    assert len({len(c) for c in conts}) > 1  # unequal lengths: the normalisers differ
+    logps = _token_logps_one_by_one(policy, repeated, conts).view(3, K, -1)
+    with torch.no_grad():
+        ref = _token_logps_one_by_one(ref_model, repeated, conts).view(3, K, -1)
+    mask = (torch.arange(logps.shape[-1]) < torch.tensor([len(c) for c in conts])[:, None]).view(3, K, -1)
+    r = torch.as_tensor(score(rm, [p + c for p, c in zip(repeated, conts)], pad_id=pad)).view(3, K)
+    if name == "rloo":
+        want = rloo_loss(logps.sum(-1), ref.sum(-1), r, **hyper).sum()
+    else:
+        want = grpo_loss(logps, logps.detach(), ref, mask, r, max_tokens=10, **hyper).sum()
+    assert n == 3 and loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    for g, w in zip(got, torch.autograd.grad(want, list(policy.parameters()))):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)  # padded batch vs one by one: float32 noise
+    assert stats["reward"] == [pytest.approx(r.mean().item())]
+    assert stats["kl"] == [pytest.approx((logps - ref).sum(-1).mean().item(), rel=1e-5)]
+    assert stats["length"] == [pytest.approx(np.mean([len(c) for c in conts]))]
 
 
 def test_config_errors_name_the_key():
@@ -197,7 +295,8 @@ def test_the_chain_on_the_tiny_language(tmp_path):
     cfg = AlignConfig(seeds=[0, 1], eval_every=2, eval=EvalConfig(n_prompts=8),
                       train=TrainConfig(lr=1e-3, batch_size=4, max_steps=4, warmup_steps=1, ckpt_every=2,
                                         group_by_length=False),
-                      hyperparams={"rloo": {"K": 2, "train": {"batch_size": 4, "max_steps": 4}}})
+                      hyperparams={m: {"K": 2, "train": {"batch_size": 4, "max_steps": 4}}
+                                   for m in ("rloo", "grpo", "dr_grpo")})  # the online rows: small groups
     kw = dict(sft_dir=tmp_path / "sft", reward_model=rm, tokenizer=tok, language=language,
               samples=tmp_path / "samples.parquet", pairs=tmp_path / "pairs.parquet", test_prompts=test_prompts,
               max_new_tokens=16)

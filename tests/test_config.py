@@ -117,3 +117,19 @@ def test_a_partial_train_mapping_keeps_the_sections_other_defaults():
         load_section(AlignConfig, {"hyperparams": {"rloo": {"train": {"max_stepz": 2}}}}, "align")
     with pytest.raises(ConfigError, match=r"align.hyperparams.rloo.K'=1"):
         load_section(AlignConfig, {"hyperparams": {"rloo": {"K": 1}}}, "align")
+
+
+def test_grpo_and_dr_grpo_are_online_align_methods():
+    """The two GRPO rows of the loss table load as align methods: online (prompts batched, never grouped
+    by length), their hyperparameters checked against the table's ranges."""
+    from beyondlm.align.config import AlignConfig
+
+    align = load_section(AlignConfig, {"methods": ["rloo", "grpo", "dr_grpo"], "train": {"group_by_length": True},
+                                       "hyperparams": {"dr_grpo": {"clip": 0.1, "K": 2}}}, "align")
+    assert all(align.kind(m) == "online" and not align.train_config(m, seed=0).group_by_length for m in align.methods)
+    assert align.loss("grpo") == {"K": 4.0, "beta": 0.04, "clip": 0.2, "unbiased": 0.0}
+    assert align.loss("dr_grpo") == {"K": 2.0, "beta": 0.04, "clip": 0.1, "unbiased": 1.0}
+    with pytest.raises(ConfigError, match=r"align.hyperparams.grpo.unbiased'=0.5"):
+        load_section(AlignConfig, {"hyperparams": {"grpo": {"unbiased": 0.5}}}, "align")
+    with pytest.raises(ConfigError, match=r"align.hyperparams.dr_grpo.clip'=1.5"):
+        load_section(AlignConfig, {"hyperparams": {"dr_grpo": {"clip": 1.5}}}, "align")

@@ -1,4 +1,5 @@
-"""Numeric tests of the DPO/EXO/IPO/SimPO preference losses: hand-computed values, limit cases, TRL parity."""
+"""Numeric tests of the preference losses (DPO, EXO, IPO, SimPO, KTO, BOND): hand-computed values, limit cases,
+TRL parity, and BOND's best-of-N target against enumeration."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from beyondlm.objectives.preference import (
     resolve_preference_loss,
     simpo_loss,
 )
+from beyondlm.objectives.preference import best_of_n_log_probs, bond_loss, kto_loss
+from beyondlm.objectives.preference import grpo_advantages, grpo_loss
 
 
 def _t(*xs) -> torch.Tensor:
@@ -297,6 +300,143 @@ def test_half_precision_inputs_are_computed_in_float32():
     assert loss.dtype == torch.float32
 
 
+# ---- GRPO and Dr. GRPO (online, token-level) ------------------------------------------------------
+LN2 = math.log(2.0)
+
+
+def _grpo_group():
+    """One prompt, K = 3 samples, T = 2: sample 0 has two tokens, samples 1 and 2 one each (the
+    second position is padding). Rewards [0, 1, 2]: mean 1, unbiased std 1, Â = [−1, 0, 1]/(1 + 1e-4).
+    d = log π_ref − log π_θ per token: [0, ln 2], [−ln 2], [0] → k3 = e^d − d − 1 = 0, 1 − ln 2, ln 2 − ½, 0."""
+    policy = _t(-1.0, -2.0, -0.5, 0.0, -1.5, 0.0).view(1, 3, 2).requires_grad_()
+    mask = torch.tensor([[[1, 1], [1, 0], [1, 0]]], dtype=torch.bool)
+    d = _t(0.0, LN2, -LN2, 0.0, 0.0, 0.0).view(1, 3, 2)
+    return policy, policy.detach() + d, mask, _t(0.0, 1.0, 2.0).view(1, 3)
+
+
+def test_grpo_hand_value_and_gradient():
+    policy, ref, mask, r = _grpo_group()
+    a, beta = 1 / (1 + 1e-4), 0.5
+    torch.testing.assert_close(grpo_advantages(r), _t(-a, 0.0, a).view(1, 3))
+    loss = grpo_loss(policy, policy.detach(), ref, mask, r, max_tokens=4, beta=beta, clip=0.2, unbiased=0.0)
+    # ρ = 1: J = 1/3 [(Â_0 − β·0 + Â_0 − β(1 − ln 2))/2 + (Â_1 − β(ln 2 − ½)) + Â_2] = −β ln 2 / 6 (Σ Â = 0)
+    torch.testing.assert_close(loss, _t(beta * LN2 / 6))
+    (grad,) = torch.autograd.grad(loss.sum(), policy)
+    # ∂loss/∂log π_{i,t} = −[Â_i + β(e^d − 1)] / (K |o_i|)   (∂k3/∂log π = 1 − e^d); 0 on padding
+    torch.testing.assert_close(grad, _t(a / 6, (a - beta) / 6, beta / 6, 0.0, -a / 3, 0.0).view(1, 3, 2))
+
+
+def test_dr_grpo_hand_value_and_gradient():
+    """The same group under Dr. GRPO (max_tokens = 4): Â = r − mean r = [−1, 0, 1], every sample's
+    token sum divided by 4: J = [2Â_0 − β(1 − ln 2) + Â_1 − β(ln 2 − ½) + Â_2]/(3·4) = −(1 + β/2)/12."""
+    policy, ref, mask, r = _grpo_group()
+    beta = 0.5
+    loss = grpo_loss(policy, policy.detach(), ref, mask, r, max_tokens=4, beta=beta, clip=0.2, unbiased=1.0)
+    torch.testing.assert_close(loss, _t((1 + beta / 2) / 12))
+    (grad,) = torch.autograd.grad(loss.sum(), policy)  # −[Â_i + β(e^d − 1)] / (K · max_tokens)
+    torch.testing.assert_close(grad, _t(1.0, 1 - beta, beta / 2, 0.0, -1.0, 0.0).view(1, 3, 2) / 12)
+    with pytest.raises(ValueError, match="max_tokens=1"):  # a sample longer than the constant normaliser
+        grpo_loss(policy, policy.detach(), ref, mask, r, max_tokens=1, beta=beta, clip=0.2, unbiased=1.0)
+
+
+def test_grpo_length_bias_and_dr_grpo_constant_normaliser():
+    """One prompt, K = 2: the better sample (r = 1) in 1 token, the worse (r = 0) in 4. GRPO divides
+    each sample by its own length, so the short sample's token moves 4× as much as each token of the
+    long one (the long answer's penalty is diluted by its length). Dr. GRPO divides both by
+    max_tokens: one weight per token, and per token Dr/GRPO = |o_i| (std + 1e-4) / max_tokens."""
+    policy = torch.full((1, 2, 4), -1.0, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[[1, 0, 0, 0], [1, 1, 1, 1]]], dtype=torch.bool)
+    r, max_tokens = _t(1.0, 0.0).view(1, 2), 8
+    s = math.sqrt(0.5) + 1e-4  # unbiased std of [1, 0], plus TRL's 1e-4
+    a = 0.5 / s  # GRPO's |Â|; Dr. GRPO's is 0.5
+    out = {u: grpo_loss(policy, policy.detach(), policy.detach(), mask, r, max_tokens=max_tokens, beta=0.0,
+                        clip=0.2, unbiased=u) for u in (0.0, 1.0)}
+    grpo, dr = (torch.autograd.grad(out[u].sum(), policy)[0] for u in (0.0, 1.0))
+    torch.testing.assert_close(grpo, _t(-a / 2, 0, 0, 0, a / 8, a / 8, a / 8, a / 8).view(1, 2, 4))
+    torch.testing.assert_close(dr, _t(-1, 0, 0, 0, 1, 1, 1, 1).view(1, 2, 4) * 0.5 / (2 * max_tokens))
+    lengths = mask.sum(-1, keepdim=True).double()  # (1, 2, 1)
+    torch.testing.assert_close(dr[mask], (grpo * lengths * s / max_tokens)[mask])
+    # values at ρ = 1, β = 0: GRPO −mean_i Â_i = 0; Dr. GRPO −Σ_i Â_i |o_i| / (K max_tokens) = −(0.5 − 2)/16
+    torch.testing.assert_close(out[0.0], _t(0.0))
+    torch.testing.assert_close(out[1.0], _t(1.5 / 16))
+
+
+def test_grpo_clips_the_ratio_where_the_advantage_says():
+    """Old ≠ policy, β = 0, K = 2 (Â = ±a): ρ = [1.5, 0.5] for both samples. Â > 0: ρ = 1.5 is
+    clipped to 1.2 (no gradient), ρ = 0.5 is not (min picks 0.5a). Â < 0: ρ = 1.5 is not clipped
+    (min picks −1.5a), ρ = 0.5 is (−0.8a, no gradient). J = [(1.2a + 0.5a)/2 + (−1.5a − 0.8a)/2]/2."""
+    old = torch.full((1, 2, 2), -1.0, dtype=torch.float64)
+    policy = (old + torch.log(_t(1.5, 0.5, 1.5, 0.5)).view(1, 2, 2)).requires_grad_()
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    loss = grpo_loss(policy, old, policy.detach(), torch.ones(1, 2, 2, dtype=torch.bool), _t(1.0, 0.0).view(1, 2),
+                     max_tokens=2, beta=0.0, clip=0.2, unbiased=0.0)
+    torch.testing.assert_close(loss, _t(0.15 * a))
+    (grad,) = torch.autograd.grad(loss.sum(), policy)  # unclipped tokens: −ρ Â / (K |o_i|)
+    torch.testing.assert_close(grad, _t(0.0, -0.5 * a / 4, 1.5 * a / 4, 0.0).view(1, 2, 2))
+
+
+def test_grpo_without_kl_at_ratio_one_is_the_length_normalised_policy_gradient():
+    """β = 0, π_old = π_θ: ∇loss = ∇[−mean_i Â_i · mean_t log π_θ(o_{i,t})] (the clip is inert)."""
+    g = torch.Generator().manual_seed(3)
+    policy = (torch.randn(3, 4, 6, generator=g, dtype=torch.float64) - 2.0).requires_grad_()
+    mask = torch.arange(6) < torch.randint(1, 7, (3, 4, 1), generator=g)  # (3, 4, 6), ≥ 1 token each
+    r = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    loss = grpo_loss(policy, policy.detach(), torch.randn(3, 4, 6, generator=g, dtype=torch.float64), mask, r,
+                     max_tokens=6, beta=0.0, clip=0.2, unbiased=0.0)
+    mean_logp = (policy * mask).sum(-1) / mask.sum(-1)  # (3, 4)
+    reinforce = -(grpo_advantages(r) * mean_logp).mean(-1)
+    for got, want in zip(torch.autograd.grad(loss.sum(), policy), torch.autograd.grad(reinforce.sum(), policy)):
+        torch.testing.assert_close(got, want)
+
+
+def trl_grpo(per_token_logps, old_per_token_logps, ref_per_token_logps, mask, rewards, *, beta, epsilon,
+             loss_type, max_completion_length, scale_rewards):
+    """TRL 1.16's GRPOTrainer on (B·K, T) rows, K = num_generations consecutive rows per prompt: the
+    advantages of trl/trainer/grpo_trainer.py lines 2764-2787 (one reward function; nanstd is the
+    Bessel-corrected std) and the loss of lines 3085-3164 (importance_sampling_level="token", no
+    vLLM, no entropy or off-policy masks), copied with only the unused branches dropped."""
+    num_generations = rewards.shape[-1]
+    rewards = rewards.reshape(-1)
+    mean_grouped_rewards = rewards.view(-1, num_generations).mean(dim=1).repeat_interleave(num_generations, dim=0)
+    std_rewards = rewards.view(-1, num_generations).std(dim=1).repeat_interleave(num_generations, dim=0)
+    advantages = rewards - mean_grouped_rewards
+    if scale_rewards != "none":
+        advantages = advantages / (std_rewards + 1e-4)
+    advantages = advantages.unsqueeze(1)
+    per_token_logps, old_per_token_logps, ref_per_token_logps, mask = (
+        x.reshape(-1, x.shape[-1]) for x in (per_token_logps, old_per_token_logps, ref_per_token_logps, mask))
+    mask = mask.double()
+    coef_1 = torch.exp(per_token_logps - old_per_token_logps)
+    per_token_kl = torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon)
+    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)  # dr_grpo
+
+
+def test_grpo_rows_share_the_function_and_the_paper_defaults():
+    grpo, dr = PREFERENCE_LOSSES["grpo"], PREFERENCE_LOSSES["dr_grpo"]
+    assert grpo.fn is dr.fn is grpo_loss and grpo.kind == dr.kind == "online" and grpo.tokens and dr.tokens
+    assert resolve_preference_loss("grpo", {})[1] == {"K": 4, "beta": 0.04, "clip": 0.2, "unbiased": 0.0}
+    assert resolve_preference_loss("dr_grpo", {"K": 2})[1] == {"K": 2, "beta": 0.04, "clip": 0.2, "unbiased": 1.0}
+
+
+@pytest.mark.parametrize("unbiased, loss_type, scale", [(0.0, "grpo", "group"), (1.0, "dr_grpo", "none")])
+def test_grpo_matches_trl(unbiased, loss_type, scale):
+    g = torch.Generator().manual_seed(4)
+    shape = (3, 4, 7)
+    policy, old, ref = (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3 - 2.0 for _ in range(3))
+    mask = torch.arange(7) < torch.randint(1, 8, (3, 4, 1), generator=g)
+    policy, old, ref = (torch.where(mask, x, 0.0) for x in (policy, old, ref))  # TRL's padding values don't matter
+    r = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    ours = grpo_loss(policy, old, ref, mask, r, max_tokens=7, beta=0.04, clip=0.2, unbiased=unbiased).mean()
+    theirs = trl_grpo(policy, old, ref, mask, r, beta=0.04, epsilon=0.2, loss_type=loss_type,
+                      max_completion_length=7, scale_rewards=scale)
+    torch.testing.assert_close(ours, theirs)
+
+
 # ---- metrics and the table -----------------------------------------------------------------------
 def test_preference_metrics_trl_keys_and_values():
     pc, pr, rc, rr = _t(-1.0, -5.0), _t(-3.0, -4.0), _t(-2.0, -2.0), _t(-2.0, -2.0)
@@ -329,9 +469,20 @@ def test_table_rows_run_with_defaults(name):
     elif row.kind == "online":  # groups of the K samples the loop draws itself
         K = int(params["K"])
         g = torch.Generator().manual_seed(0)
-        loss = row.fn(*(torch.randn(4, K, generator=g, dtype=torch.float64) for _ in range(3)), **params)
+
+        def group(k: int):  # the inputs of k samples per prompt: (B, k) sums, or (B, k, T) token log-probs
+            if not row.tokens:
+                return tuple(torch.randn(4, k, generator=g, dtype=torch.float64) for _ in range(3))
+            logps = [torch.randn(4, k, 5, generator=g, dtype=torch.float64) - 2.0 for _ in range(3)]
+            mask = torch.arange(5) < torch.randint(1, 6, (4, k, 1), generator=g)  # ≥ 1 token per sample
+            return (*logps, mask, torch.randn(4, k, generator=g, dtype=torch.float64))
+
+        extra = {"max_tokens": 5} if row.tokens else {}
+        loss = row.fn(*group(K), **extra, **params)
         with pytest.raises(ValueError, match=f"K={K}"):
-            row.fn(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), torch.zeros(4, 2), **params)
+            row.fn(*group(2), **extra, **params)
+    elif row.kind == "unpaired":  # examples labelled desirable or not, with mismatched (x, y') pairs
+        loss = row.fn(pc, rc, torch.tensor([True, False, True, False]), pr, rr, **params)
     else:
         loss = row.fn(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), torch.randn(4, 2, dtype=torch.float64),
                       **params)
@@ -361,8 +512,107 @@ def test_resolve_overrides_defaults():
         ("exo_rw", {"beta_r": -1.0}, "'beta_r'=-1.0 is outside"),
         ("dpo_rw", {"beta_pi": "big"}, "'beta_pi' must be a finite number"),
         ("dpo_pref", {"beta": float("nan")}, "'beta' must be a finite number"),
+        ("grpo", {"clip": 1.0}, "'clip'=1.0 is outside"),
+        ("dr_grpo", {"unbiased": 0.5}, "'unbiased'=0.5 is outside"),
+        ("kto", {"lambda_u": 0.0}, "'lambda_u'=0.0 is outside"),
+        ("bond", {"N": 2.5}, "'N'=2.5 is outside"),
+        ("bond", {"jeffreys": 1.5}, "'jeffreys'=1.5 is outside"),
     ],
 )
 def test_resolve_errors_name_the_key(name, hp, match):
     with pytest.raises(ValueError, match=match):
         resolve_preference_loss(name, hp)
+
+
+# ----------------------------------------------------------------------------- KTO
+def test_kto_hand_value():
+    """β = 0.5, λ_D = 2, λ_U = 1; r = [1, −2] (desirable, undesirable); mismatched log-ratios
+    [0.4, 0.2] → z_0 = 0.3. ℓ_D = 2 − 2σ(0.5·0.7), ℓ_U = 1 − σ(0.5·2.3)."""
+    loss = kto_loss(_t(-3.0, -6.0), _t(-4.0, -4.0), torch.tensor([True, False]), _t(-1.6, -2.8), _t(-2.0, -3.0),
+                    beta=0.5, lambda_d=2.0, lambda_u=1.0)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    torch.testing.assert_close(loss, _t(2 - 2 * sig(0.35), 1 - sig(1.15)))
+
+
+def test_kto_reference_point_is_clamped_detached_and_halves_at_the_reference():
+    policy = _t(-3.0, -5.0, -2.0).requires_grad_()
+    ref = policy.detach().clone()
+    good = torch.tensor([True, False, True])
+    kl_policy = _t(-9.0, -9.0).requires_grad_()  # mean log-ratio −1 < 0: z_0 clamps to 0
+    loss = kto_loss(policy, ref, good, kl_policy, _t(-8.0, -8.0), beta=0.1, lambda_d=1.0, lambda_u=3.0)
+    torch.testing.assert_close(loss, _t(0.5, 1.5, 0.5))  # λ_y − λ_y σ(0)
+    loss.sum().backward()
+    assert kl_policy.grad is None  # z_0 is a constant of the gradient
+    # d/dr [λ − λσ(±βr)] at r = 0: ∓λβ/4
+    torch.testing.assert_close(policy.grad, _t(-0.025, 0.075, -0.025))
+
+
+def test_kto_positive_reference_point_shifts_the_margin():
+    loss = kto_loss(_t(0.0), _t(0.0), torch.tensor([True]), _t(2.0), _t(0.0), beta=1.0, lambda_d=1.0, lambda_u=1.0)
+    torch.testing.assert_close(loss, _t(1 - 1 / (1 + math.exp(2.0))))  # σ(0 − z_0), z_0 = 2
+
+
+# ----------------------------------------------------------------------------- BOND
+def _brute_force_best_of_n(p: list[float], r: list[float], N: int) -> list[float]:
+    """π_BoN by enumerating every N-tuple of draws; ties among the maxima split uniformly."""
+    import itertools
+
+    out = [0.0] * len(p)
+    for draws in itertools.product(range(len(p)), repeat=N):
+        prob = math.prod(p[i] for i in draws)
+        best = max(r[i] for i in draws)
+        winners = [i for i in draws if r[i] == best]  # each draw of the top level equally likely
+        for i in winners:
+            out[i] += prob / len(winners)
+    return out
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 4])
+def test_best_of_n_equals_enumeration_on_a_toy_policy(N):
+    """Five outputs, two sharing a reward level (ties): the analytic π_BoN equals the enumeration."""
+    p = [0.1, 0.25, 0.3, 0.15, 0.2]
+    r = [0.0, 1.0, 1.0, 2.0, -1.0]
+    got = best_of_n_log_probs(torch.tensor(p).log(), torch.tensor(r), N).exp()
+    torch.testing.assert_close(got, torch.tensor(_brute_force_best_of_n(p, r, N), dtype=torch.float64))
+    assert got.sum().item() == pytest.approx(1.0)
+    if N == 1:
+        torch.testing.assert_close(got, torch.tensor(p, dtype=torch.float64))
+
+
+def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n_for_distinct_rewards():
+    """With many outputs at distinct levels, KL(π_BoN ‖ π) → log N − (N−1)/N (BOND's bound)."""
+    S, N = 4000, 4
+    p = torch.full((S,), 1.0 / S, dtype=torch.float64)
+    log_bon = best_of_n_log_probs(p.log(), torch.randn(S, dtype=torch.float64), N)
+    kl = (log_bon.exp() * (log_bon - p.log())).sum().item()
+    assert kl == pytest.approx(math.log(N) - (N - 1) / N, abs=2e-3)
+
+
+def test_bond_limits_are_the_group_cross_entropy_and_exo_rw():
+    """Over a group, the target t = best-of-N of the uniform sample distribution. β_J = 0: forward
+    KL(t ‖ p_θ) = DPO-rw with p_r = t (β_π = β_r = 1) minus H(t); β_J = 1: EXO-rw's KL(p_θ ‖ t)."""
+    g = torch.Generator().manual_seed(3)
+    policy, ref = (torch.randn(5, 4, generator=g, dtype=torch.float64) - 10 for _ in range(2))
+    rewards = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    log_t = best_of_n_log_probs(torch.full((5, 4), -math.log(4), dtype=torch.float64), rewards, 4)
+    entropy = -(log_t.exp() * log_t).sum(-1)
+    torch.testing.assert_close(bond_loss(policy, ref, rewards, N=4, jeffreys=0.0),
+                               dpo_rw_loss(policy, ref, log_t, beta_pi=1.0, beta_r=1.0) - entropy)
+    torch.testing.assert_close(bond_loss(policy, ref, rewards, N=4, jeffreys=1.0),
+                               exo_rw_loss(policy, ref, log_t, beta_pi=1.0, beta_r=1.0))
+    mixed = bond_loss(policy, ref, rewards, N=4, jeffreys=0.25)
+    torch.testing.assert_close(mixed, 0.75 * bond_loss(policy, ref, rewards, N=4, jeffreys=0.0)
+                               + 0.25 * bond_loss(policy, ref, rewards, N=4, jeffreys=1.0))
+
+
+def test_bond_is_zero_at_the_best_of_n_policy_and_n1_keeps_the_reference():
+    """Δ = log t + const makes p_θ = t: loss 0, gradient 0. N = 1: the target is the reference."""
+    rewards = _t(0.3, -1.0, 2.0).unsqueeze(0)
+    ref = _t(-5.0, -6.0, -7.0).unsqueeze(0)
+    log_t = best_of_n_log_probs(torch.full((1, 3), -math.log(3), dtype=torch.float64), rewards, 3)
+    policy = (ref + log_t + 1.7).requires_grad_()
+    loss = bond_loss(policy, ref, rewards, N=3, jeffreys=0.5)
+    loss.sum().backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    torch.testing.assert_close(policy.grad, torch.zeros_like(policy))
+    assert bond_loss(ref + 0.4, ref, rewards, N=1, jeffreys=0.5).item() == pytest.approx(0.0, abs=1e-12)

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from beyondlm.inputs import InputError, read_jsonl, read_parquet, reading, require, require_columns
+from beyondlm.logprobs import sequence_logps
 from beyondlm.sampling import SamplingConfig, sample_scored
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -48,6 +49,56 @@ class PrefPair:
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen), len(self.rejected))
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """A completion labelled desirable or undesirable (KTO), with log π_ref(y | x) and a mismatched
+    pair for KTO's reference point: the same completion under another example's prompt."""
+
+    prompt_ids: list[int]
+    completion: list[int]
+    ref_logp: float
+    desirable: bool
+    kl_prompt_ids: list[int]
+    kl_ref_logp: float
+
+    def __len__(self) -> int:
+        return max(len(self.prompt_ids), len(self.kl_prompt_ids)) + len(self.completion)
+
+
+def unpair(pairs: Sequence[PrefPair]) -> list[tuple[list[int], list[int], float, bool]]:
+    """(prompt, completion, ref log-prob, desirable) from preference pairs: each distinct
+    completion of a prompt is desirable when it is chosen in more of its pairs than rejected,
+    undesirable when rejected more often, and dropped on a tie. With one pair per completion (a
+    preference file) chosen is desirable and rejected undesirable, TRL's unpairing; with every pair
+    of a prompt's K samples (``pairs_from_groups``) this is the oracle's above/below-median split."""
+    wins: dict[tuple, list] = {}
+    for p in pairs:
+        for comp, ref, won in ((p.chosen, p.ref_chosen, 1), (p.rejected, p.ref_rejected, -1)):
+            entry = wins.setdefault((tuple(p.prompt_ids), tuple(comp)), [ref, 0])
+            entry[1] += won
+    return [(list(prompt), list(comp), ref, net > 0) for (prompt, comp), (ref, net) in wins.items() if net != 0]
+
+
+def mismatched_prompts(prompts: Sequence[Sequence[int]], seed: int) -> list[list[int]]:
+    """For each example's prompt, another prompt to pair its completion with (KTO's mismatched
+    pair): the distinct prompts in a seeded random cycle, each example taking the next one (TRL
+    shifts by one within a batch, which can meet the same prompt; this cannot, given two prompts)."""
+    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    nxt = {distinct[i]: list(distinct[j]) for i, j in zip(order, np.roll(order, -1))}
+    return [nxt[tuple(p)] for p in prompts]
+
+
+def unpaired_examples(pairs: list[PrefPair], sft, pad_id: int, seed: int) -> list[Unpaired]:
+    """KTO's examples from preference pairs (``unpair``), each with a mismatched prompt and
+    log π_sft of its completion under it (the reference never runs during training)."""
+    rows = unpair(pairs)
+    kl_prompts = mismatched_prompts([r[0] for r in rows], seed)
+    kl_ref, _ = sequence_logps(sft, [p + c for p, (_, c, _, _) in zip(kl_prompts, rows)], pad_id=pad_id,
+                               starts=[len(p) for p in kl_prompts])
+    return [Unpaired(p, c, ref, good, kp, float(kr)) for (p, c, ref, good), kp, kr in zip(rows, kl_prompts, kl_ref)]
 
 
 def draw_groups(model, prompts: Sequence[Sequence[int]], K: int, cfg: SamplingConfig, *, eos_id: int,

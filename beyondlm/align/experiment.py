@@ -23,14 +23,23 @@ from beyondlm.align.config import (
     RewardConfig,
     SampleConfig,
 )
-from beyondlm.align.data import Group, PrefPair, draw_groups, pairs_from_groups, read_preference_file, tokenize_pairs
+from beyondlm.align.data import (
+    Group,
+    PrefPair,
+    draw_groups,
+    pairs_from_groups,
+    read_preference_file,
+    tokenize_pairs,
+    unpaired_examples,
+)
 from beyondlm.align.evaluate import Judges, ReferenceSet, best_of_n_kl, evaluate_policy, mean_se
 from beyondlm.align.store import load_pairs, load_table, save_groups, save_pairs
-from beyondlm.align.train import group_collate, offline_loss_fn, pair_collate, prompt_collate, rloo_loss_fn
+from beyondlm.align.train import OFFLINE_COLLATE, offline_loss_fn, online_loss_fn, prompt_collate
 from beyondlm.config import ConfigError
 from beyondlm.inputs import read_json
 from beyondlm.io import write_json
 from beyondlm.logprobs import sequence_logps
+from beyondlm.objectives.preference import PREFERENCE_LOSSES
 from beyondlm.reward import Pair, build_reward_model, pair_accuracy, reward_loss_fn, score
 from beyondlm.reward import pair_collate as rm_pair_collate
 from beyondlm.sampling import SamplingConfig
@@ -142,13 +151,17 @@ def judges_for(sft, reward_model, tokenizer, language, batch_size: int) -> Judge
                   tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size)
 
 
-def _training_data(kind: str, samples: Path, pairs: Path, reward_model, tokenizer) -> tuple[list, list]:
+def _training_data(kind: str, samples: Path, pairs: Path, reward_model, tokenizer, sft) -> tuple[list, list]:
     """(train, valid) examples of a method of ``kind``: prompts (online; no held-out loss), pairs
-    split as the preferences stage split them, or scored groups split by the same held-out prompts."""
+    split as the preferences stage split them, the same pairs unpaired into labelled completions,
+    or scored groups split by the same held-out prompts."""
     if kind == "online":
         return [list(p) for p in load_table(samples)["prompt_ids"]], []
     if kind == "pair":
         return load_pairs(pairs, "train"), load_pairs(pairs, "valid")
+    if kind == "unpaired":
+        return tuple(unpaired_examples(load_pairs(pairs, split), sft, tokenizer.pad_token_id, seed=i)
+                     for i, split in enumerate(("train", "valid")))
     t = load_table(samples)
     K = len(t["completions"][0])
     seqs = [list(p) + c for p, g in zip(t["prompt_ids"], t["completions"]) for c in g]
@@ -188,7 +201,7 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
     judges = judges_for(sft, reward_model, tokenizer, language, cfg.eval.batch_size)
     pure = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size)
     ref_set = ReferenceSet.draw(judges, test_prompts[: cfg.eval.n_prompts], pure, seed=cfg.eval.seed + 7919)
-    data, valid = _training_data(cfg.kind(method), samples, pairs, reward_model, tokenizer)
+    data, valid = _training_data(cfg.kind(method), samples, pairs, reward_model, tokenizer, sft)
     base = evaluate_policy(sft, judges, ref_set, pure, seed=cfg.eval.seed)
     hyper = cfg.loss(method)
     per_seed = {}
@@ -198,19 +211,18 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
         policy = load_model(sft_dir)
         stats: dict = {}
         if cfg.kind(method) == "online":
-            K = int(hyper["K"])
-            rollout = replace(pure, batch_size=train_cfg.batch_size * K)
-            loss_fn = rloo_loss_fn(sft, reward_model, K=K, beta=hyper["beta"], sampling=rollout,
-                                   eos_id=tokenizer.eos_token_id, pad_id=pad, seed=seed, stats=stats)
+            rollout = replace(pure, batch_size=train_cfg.batch_size * int(hyper["K"]))
+            loss_fn = online_loss_fn(method, hyper, sft, reward_model, sampling=rollout,
+                                     eos_id=tokenizer.eos_token_id, pad_id=pad, seed=seed, stats=stats)
             collate = prompt_collate(pad)
         else:
             loss_fn = offline_loss_fn(method, hyper)
-            collate = (pair_collate if cfg.kind(method) == "pair" else group_collate)(pad)
+            collate = OFFLINE_COLLATE[cfg.kind(method)](pad)
         seed_ckpt = ckpt_dir / f"s{seed}"
         fingerprint = {"method": method, "hyper": hyper, "train": asdict(train_cfg),
                        "eval_every": cfg.eval_every, "n": len(data)}
         evals = [{"step": 0, **base}] + _resumed_evals(seed_ckpt, fingerprint)
-        validate = _validation(cfg, hyper, loss_fn, valid, collate, evals, judges, ref_set, pure,
+        validate = _validation(method, cfg, hyper, loss_fn, valid, collate, evals, judges, ref_set, pure,
                                seed_ckpt, fingerprint)
         policy, result = train_loop(policy, data, loss_fn, train_cfg, collate=collate, validate=validate,
                                     ckpt_dir=seed_ckpt, fingerprint=fingerprint, desc=f"align {method} s{seed}")
@@ -230,11 +242,20 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
             "final": summary, "runs": per_seed}
 
 
-def _validation(cfg: AlignConfig, hyper, loss_fn, valid, collate, evals, judges, ref_set, pure, ckpt, fingerprint):
+def online_objective(method: str, hyper: dict, e: dict, max_tokens: int) -> float:
+    """−(RM reward − β·KL) of an online method's held-out samples (evaluation ``e``), the sequence
+    KL weighted as the method's loss weighs it: per sequence (RLOO's reward), per token of each
+    sample (GRPO: KL/|o|), per token of the generation budget (Dr. GRPO: KL/max_tokens)."""
+    per = (max_tokens if hyper.get("unbiased") else max(e["length"], 1.0)) if PREFERENCE_LOSSES[method].tokens else 1.0
+    return -(e["rm_reward"] - hyper["beta"] * e["kl"] / per)
+
+
+def _validation(method: str, cfg: AlignConfig, hyper, loss_fn, valid, collate, evals, judges, ref_set, pure, ckpt,
+                fingerprint):
     """``validate(policy, step)`` for the loop: evaluates the policy on the held-out prompts
     (appended to ``evals`` and saved for resuming) and returns the held-out objective: the
     method's loss on held-out pairs or groups, or for an online method (no offline data)
-    −(RM reward − β·KL) of its own samples."""
+    ``online_objective`` of its own samples."""
     heldout = heldout_loss(loss_fn, valid, collate) if valid else None
 
     def validate(policy, step: int):
@@ -243,7 +264,7 @@ def _validation(cfg: AlignConfig, hyper, loss_fn, valid, collate, evals, judges,
             e = {"step": step, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)}
             evals.append(e)
             write_json(ckpt / EVALS, {"fingerprint": fingerprint, "evals": evals[1:]})
-        return heldout(policy, step) if heldout is not None else -(e["rm_reward"] - hyper["beta"] * e["kl"])
+        return heldout(policy, step) if heldout is not None else online_objective(method, hyper, e, pure.max_new_tokens)
 
     return validate
 

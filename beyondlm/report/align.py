@@ -1,5 +1,6 @@
 """Report section of alignment: reward model, the reward–KL frontier, final metrics, equal-KL
-comparisons, and the claims (EXO vs DPO, RLOO and best-of-N against both).
+comparisons, and the claims (EXO vs DPO, RLOO and best-of-N against both; IPO, SimPO, KTO,
+GRPO, Dr. GRPO and BOND against their baselines when ``align.methods`` holds them).
 
 A seed whose KL ran away (``beyondlm.align.analysis.diverged_seeds``) is drawn apart, listed, and
 left out of every mean and comparison. Comparisons involving a run that did not converge (a
@@ -23,7 +24,7 @@ ALIGN_COLUMNS = [("KL(π‖π_sft)", "kl", ".2f"), ("oracle r*", "oracle_reward"
                  ("win vs SFT (oracle)", "win_vs_sft/oracle", ".3f"), ("win vs chosen (oracle)", "win_vs_chosen/oracle", ".3f"),
                  ("win vs SFT (RM)", "win_vs_sft/rm", ".3f"), ("win vs chosen (RM)", "win_vs_chosen/rm", ".3f"),
                  ("length", "length", ".1f")]
-USES_REWARD_MODEL = ("dpo_rw", "exo_rw", "rloo", "best_of_n")
+USES_REWARD_MODEL = ("dpo_rw", "exo_rw", "rloo", "grpo", "dr_grpo", "bond", "best_of_n")
 # (method, baseline, the claim): effect = mean oracle reward over the KL range both reach
 ALIGN_CLAIMS = [
     ("exo_pref", "dpo_pref", "EXO-pref reaches higher oracle reward than DPO-pref at equal KL"),
@@ -32,6 +33,13 @@ ALIGN_CLAIMS = [
     ("rloo", "exo_rw", "On-policy RLOO beats offline EXO-rw at equal KL"),
     ("best_of_n", "dpo_rw", "Best-of-N's reward–KL frontier lies above DPO-rw's"),
     ("best_of_n", "exo_rw", "Best-of-N's reward–KL frontier lies above EXO-rw's"),
+    # the rest of the family, when align.methods holds them (README: "More alignment methods")
+    ("ipo", "dpo_pref", "IPO's bounded margin reaches higher oracle reward than DPO-pref at equal KL"),
+    ("simpo", "dpo_pref", "Reference-free SimPO reaches higher oracle reward than DPO-pref at equal KL"),
+    ("kto", "dpo_pref", "KTO from unpaired labels reaches higher oracle reward than DPO-pref at equal KL"),
+    ("grpo", "rloo", "GRPO's group-normalised advantages beat RLOO at equal KL"),
+    ("dr_grpo", "grpo", "Dr. GRPO's unbiased normalisation beats GRPO at equal KL"),
+    ("bond", "best_of_n", "BOND's single sample reaches best-of-N's reward at equal KL"),
 ]
 
 
@@ -111,19 +119,19 @@ def _final_table(results, kept, diverged, bon) -> list[str]:
     return out + [""]
 
 
-def _equal_kl(exo: str, dpo: str, kept: dict, verdicts: Verdicts) -> list[str]:
-    rows = compare_at_equal_kl(kept[exo], kept[dpo])
+def _equal_kl(a: str, b: str, kept: dict, verdicts: Verdicts) -> list[str]:
+    rows = compare_at_equal_kl(kept[a], kept[b])
     if not rows:
-        return [f"{exo} vs {dpo}: their KL ranges do not overlap; no equal-KL comparison.", ""]
-    failing = list(dict.fromkeys(involved(exo, kept[exo]["runs"], verdicts) + involved(dpo, kept[dpo]["runs"], verdicts)))
+        return [f"{a} vs {b}: their KL ranges do not overlap; no equal-KL comparison.", ""]
+    failing = list(dict.fromkeys(involved(a, kept[a]["runs"], verdicts) + involved(b, kept[b]["runs"], verdicts)))
     if failing:
         summary = f"{NOT_CONVERGED} ({', '.join(failing)})"
     else:
         wins = sum(r["diff"] > 2 * r["diff_se"] for r in rows)
         losses = sum(r["diff"] < -2 * r["diff_se"] for r in rows)
-        summary = f"{exo} higher by more than 2 SE at {wins} of {len(rows)} KL values, lower at {losses}"
-    return [f"**{exo} vs {dpo} at equal KL** (each seed's frontier interpolated; difference of seed means ± SE): "
-            f"{summary}.", "", "| KL | " + exo + " | " + dpo + " | difference |", "|---|---|---|---|",
+        summary = f"{a} higher by more than 2 SE at {wins} of {len(rows)} KL values, lower at {losses}"
+    return [f"**{a} vs {b} at equal KL** (each seed's frontier interpolated; difference of seed means ± SE): "
+            f"{summary}.", "", "| KL | " + a + " | " + b + " | difference |", "|---|---|---|---|",
             *(f"| {r['kl']:.2f} | {r['a']:.2f} | {r['b']:.2f} | {r['diff']:+.2f} ± {r['diff_se']:.2f} |" for r in rows),
             ""]
 
@@ -134,7 +142,7 @@ def align_section(metrics: Path, reports: Path, verdicts: Verdicts | None = None
         return []
     verdicts = verdicts or Verdicts(collect(metrics))
     kept, diverged = split(results)
-    out = ["## Alignment: DPO, EXO, RLOO and best-of-N (oracle reward vs KL)", ""]
+    out = [f"## Alignment: {', '.join(results)} and best-of-N (oracle reward vs KL)", ""]
     if (rm := read_json(metrics / "align" / "reward.json")) and "valid_accuracy" in rm:
         corr = (f"; Pearson {rm['oracle_pearson']:.3f}, Spearman {rm['oracle_spearman']:.3f} with the oracle r* over "
                 "all SFT samples" if "oracle_pearson" in rm else "")
@@ -148,9 +156,9 @@ def align_section(metrics: Path, reports: Path, verdicts: Verdicts | None = None
     out += image("reward vs KL", plot_frontier(results, bon, reports / "plots" / "report" / "align_frontier.png"),
                  reports)
     out += _final_table(results, kept, diverged, bon)
-    for exo, dpo in (("exo_pref", "dpo_pref"), ("exo_rw", "dpo_rw")):
-        if exo in kept and dpo in kept:
-            out += _equal_kl(exo, dpo, kept, verdicts)
+    for a, b, _ in ALIGN_CLAIMS:  # the trained pairs of the claims (best-of-N is in the claims table)
+        if a in kept and b in kept:
+            out += _equal_kl(a, b, kept, verdicts)
     return out
 
 
