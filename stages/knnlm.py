@@ -1,9 +1,14 @@
-"""Stage ``knnlm``: faiss index over the datastore, then kNN-LM perplexity per split × k × λ.
+"""Stage ``knnlm``: faiss index over the datastore, then kNN-LM perplexity per split × k × λ,
+and (``knnlm.gate``) a learned λ(x) and adaptive retrieval, fitted on valid and scored on test
+at the k chosen on valid, from the same retrievals (beyondlm.lookup.gate).
 
-params: prepare.out_dir, datastore.model, knnlm.*
+params: prepare.out_dir, datastore.model, knnlm.* (knnlm.gate.*: enabled, hidden, steps, lr, seed,
+        thresholds, ppl_tolerance)
 deps:   the model dir (datastore.model), --datastore, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --index (faiss file)
-metrics: --metrics ({split: {lm_ppl, k: {λ: ppl}, best}, index: {recall@k, ...}})
+metrics: --metrics ({split: {lm_ppl, k: {λ: ppl}, best}, index: {recall@k, ...},
+         gate: {test_ppl: {lm, fixed, learned, adaptive}, adaptive: {τ: {queries_saved, ppl, ...}},
+         best_saving, mean_lambda: {gate: {all, <group>...}}, groups_by}})
 plots:  --plot (TSV: split, k, lambda, ppl)
 """
 
@@ -19,6 +24,7 @@ from beyondlm.data.config import prepared_data
 from beyondlm.data.prepare import load_split
 from beyondlm.io import write_metrics, write_text
 from beyondlm.lookup.datastore import DatastoreConfig, forward_keys, load_datastore
+from beyondlm.lookup.gate import TokenScores, evaluate_gates, target_groups
 from beyondlm.lookup.knnlm import KnnlmConfig, build_index, evaluate_knnlm, recall_at_k, save_index
 from beyondlm.models import load_model
 
@@ -54,7 +60,8 @@ def main() -> None:
     params = read_params()
     cfg, store_cfg = configure(args, params)
     model_dir = store_cfg.model
-    data_dir = prepared_data(params).data_dir
+    data = prepared_data(params)
+    data_dir = data.data_dir
     store, model = load_datastore(args.datastore), load_model(model_dir)
     start = time.perf_counter()
     icfg = cfg.index
@@ -64,6 +71,7 @@ def main() -> None:
     save_index(index, args.index)
     metrics = {"index": {"build_seconds": time.perf_counter() - start}}
     rows = ["split\tk\tlambda\tppl"]
+    scores: dict[str, dict[int, TokenScores]] = {}  # split → k → per-position scores (gate only)
     for split in cfg.splits:
         ds = load_split(data_dir, split)
         n = cfg.max_eval or len(ds)
@@ -71,23 +79,30 @@ def main() -> None:
         logp_data = ds["logp_data"][:n] if "logp_data" in ds.column_names else None  # synthetic: exact
         if split == cfg.splits[0]:
             metrics["index"].update(index_metrics(cfg, index, store.keys, model, seqs))
-        metrics[split] = split_metrics(cfg, model, index, store, seqs, rows, split, logp_data)
+        metrics[split], scores[split] = split_metrics(cfg, model, index, store, seqs, rows, split, logp_data)
+    if cfg.gate.enabled:
+        groups = target_groups(data.language(), store.values, model.config.vocab_size)
+        metrics["gate"] = gate_metrics(cfg, metrics["valid"]["best"], scores, groups)
     write_metrics(args.metrics, metrics)
     write_text(args.plot, "\n".join(rows) + "\n")
 
 
 def split_metrics(cfg: KnnlmConfig, model, index, store, seqs, rows: list[str], split: str,
-                  logp_data=None) -> dict:
+                  logp_data=None) -> tuple[dict, dict[int, TokenScores]]:
     """Perplexity per k and λ on one split; ``best`` is the lowest (tune λ, k on valid only).
+    Also the per-position scores per k when the gate is on (else {}).
 
     With the exact log p_d of the texts (synthetic language; they are draws from p_d), also the
     forward KL(p_d‖p) = mean_x [log p_d(x) − log p(x)] in nats per sequence, every token after
     BOS scored (EOS included), as in ``evaluate``."""
     out: dict = {"k": {}}
+    scores: dict[int, TokenScores] = {}
     for k in cfg.k:
         res = evaluate_knnlm(model, index, store.values, seqs, lambdas=cfg.lambdas, k=k,
                              temperature=cfg.temperature, batch_size=cfg.batch_size,
-                             exact_keys=store.keys if cfg.exact_distances else None)
+                             exact_keys=store.keys if cfg.exact_distances else None, scores=cfg.gate.enabled)
+        if cfg.gate.enabled:
+            scores[k] = res["scores"]
         out["k"][str(k)] = {"ppl": {str(lam): v for lam, v in res["perplexity"].items()},
                             "knn_hit_rate": res["knn_hit_rate"]}
         if logp_data is not None:
@@ -104,7 +119,14 @@ def split_metrics(cfg: KnnlmConfig, model, index, store, seqs, rows: list[str], 
         out["lm_ppl"] = out["k"][str(cfg.k[0])]["ppl"]["0.0"]
         if logp_data is not None:
             out["lm_forward_kl"] = out["k"][str(cfg.k[0])]["forward_kl"]["0.0"]
-    return out
+    return out, scores
+
+
+def gate_metrics(cfg: KnnlmConfig, best: dict, scores: dict, groups: tuple[str, dict]) -> dict:
+    """Learned λ and adaptive retrieval at valid's best (k, λ): fitted on valid, scored on test."""
+    k, (by, masks) = best["k"], groups
+    out = evaluate_gates(cfg.gate, scores["valid"][k], scores["test"][k], fixed_lambda=best["lambda"], groups=masks)
+    return {"k": k, "groups_by": by, **out}
 
 
 if __name__ == "__main__":

@@ -203,6 +203,24 @@ def test_evaluate_lambda_zero_is_the_lm_perplexity(tiny, store):
     assert not np.isnan(res["token_logps"][0.25]).any()
 
 
+def test_evaluate_scores_are_the_same_retrieval(tiny, store):
+    """scores=True: per-position log p_LM(y), log p_kNN(y) equal the λ grid's, features finite."""
+    from beyondlm.lookup.gate import GATES, constant_logit, mixture_logps
+
+    _, model, _, held_out = tiny
+    index = build_index(store.keys, kind="flat")
+    res = evaluate_knnlm(model, index, store.values, held_out, lambdas=[0.0, 0.25], k=8, batch_size=16, scores=True)
+    sc = res["scores"]
+    assert len(sc.labels) == res["n_tokens"] and sc.labels.dtype == np.int64
+    np.testing.assert_allclose(sc.lm_logp, res["token_logps"][0.0], rtol=1e-6)
+    np.testing.assert_array_equal(sc.knn_logp, res["knn_token_logps"])
+    lm, knn = sc.logps()
+    mixed = mixture_logps(lm, knn, constant_logit(0.25, len(lm))).numpy()
+    np.testing.assert_allclose(mixed, res["token_logps"][0.25], rtol=1e-5, atol=1e-6)  # fp32 (n, V) vs fp64 (n,)
+    assert set(sc.features) == set(GATES["learned"]) and all(np.isfinite(v).all() for v in sc.features.values())
+    assert ((sc.features["knn_top_frac"] > 0) & (sc.features["knn_top_frac"] <= 1)).all()
+
+
 # ----------------------------------------------------------------------------- index recall
 def test_recall_on_real_keys(tiny, store, tmp_path, capsys):
     _, model, _, held_out = tiny
@@ -258,3 +276,8 @@ def test_stages_write_exactly_their_outputs(tiny, tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "m/knn.json").read_text())
     assert metrics["valid"]["lm_ppl"] == metrics["valid"]["k"]["8"]["ppl"]["0.0"] > 1
     assert 0 < metrics["index"]["recall@8"] <= 1
+    gate = metrics["gate"]  # on by default: fitted on valid, scored on test, at valid's best k
+    assert gate["k"] == metrics["valid"]["best"]["k"] and gate["groups_by"] == "train_frequency"
+    assert gate["test_ppl"]["lm"] == pytest.approx(metrics["test"]["lm_ppl"], rel=1e-6)
+    assert gate["adaptive"]["0.0"]["queries_saved"] == 0 and gate["adaptive"]["0.0"]["ppl"] == gate["test_ppl"]["adaptive"]
+    assert all(0 <= m[g] <= 1 for m in gate["mean_lambda"].values() for g in ("all", "frequent", "rare") if m[g] is not None)

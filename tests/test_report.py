@@ -254,3 +254,27 @@ def test_vq_and_knnlm_sections(tmp_path):
     text = "\n".join(knnlm_section(tmp_path / "metrics", tmp_path))
     assert "recall@256 against exact search 0.950" in text and "| valid | 40.000 | 33.500 | 256 | 0.25 | – | – |" in text
     assert (tmp_path / "plots" / "report" / "knnlm.png").exists()
+
+
+def test_knnlm_gate_rows_and_target_sentence():
+    from beyondlm.report.knnlm import gate_rows
+
+    row = lambda saved, ppl, vs_full, vs_fixed: {"queries_saved": saved, "ppl": ppl, "vs_full": vs_full,  # noqa: E731
+                                                  "vs_fixed": vs_fixed, "ppl_learned_mix": ppl - 0.1}
+    gate = {"k": 256, "fixed_lambda": 0.1, "n_fit": 100, "n_test": 200, "groups_by": "word_class", "ppl_tolerance": 0.01,
+            "test_ppl": {"lm": 18.0, "fixed": 17.9, "learned": 17.5, "adaptive": 17.8},
+            "mean_lambda": {"learned": {"all": 0.2, "n_content": 80, "content": 0.3, "n_function": 120, "function": 0.1},
+                            "adaptive": {"all": 0.15, "n_content": 80, "content": 0.2, "n_function": 120, "function": 0.1}},
+            "adaptive": {"0.0": row(0.0, 17.8, 1.0, 0.9944), "0.1": row(0.42, 17.95, 1.0084, 1.0028),
+                         "0.2": row(0.8, 18.0, 1.0112, 1.0056)}}
+    gate["best_saving"] = {"full": {"tau": 0.1, **gate["adaptive"]["0.1"]}, "fixed": {"tau": 0.2, **gate["adaptive"]["0.2"]}}
+    text = "\n".join(gate_rows(gate))
+    assert "| learned λ (LM + retrieval features) | 17.500 | 0.200 | 0.300 | 0.100 |" in text
+    assert "| 0.1 | 42.0% | 17.950 | +0.84% | +0.28% | – | 17.850 |" in text
+    assert "against every query with the same gate: met, 42.0% saved at τ=0.1 (+0.84%)" in text
+    gate["test_ppl"]["lm"] = 17.95  # the LM alone within +1% of full retrieval (17.8): any saving is "within budget"
+    text = "\n".join(gate_rows(gate))
+    assert "against every query with the same gate: met only vacuously, 42.0% saved at τ=0.1 (+0.84%)" in text
+    gate["best_saving"]["fixed"] = None
+    assert "against the fixed-λ kNN-LM: not met, no threshold stays within it" in "\n".join(gate_rows(gate))
+    assert gate_rows(None) == []

@@ -1,7 +1,8 @@
 """Look-up language models: the kNN-LM (Khandelwal et al., ICLR 2020).
 
 ``datastore``: keys (last block's pre-FFN layer-norm output) and values (next tokens) on disk,
-built resumably; ``knnlm``: faiss indexes, p_kNN, log-space interpolation with the LM, evaluation.
+built resumably; ``knnlm``: faiss indexes, p_kNN, log-space interpolation with the LM, evaluation;
+``gate``: a learned, context-dependent λ(x) and adaptive retrieval that skips queries.
 """
 
 from beyondlm.lookup.datastore import (

@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from beyondlm.config import ConfigError, check_choice, check_range
+from beyondlm.config import ConfigError, check_choice, check_param, check_range
 from beyondlm.inputs import read_faiss_index, restore_fix
 from beyondlm.io import atomic_path
 from beyondlm.lookup.datastore import forward_keys
+from beyondlm.lookup.gate import GateConfig, TokenScores, token_scores
 
 INDEX_KINDS = ("flat", "ivfpq")
 
@@ -190,18 +191,21 @@ def retrieve(index: faiss.Index, values: np.ndarray, queries: Tensor, k: int,
 
 def evaluate_knnlm(model, index: faiss.Index, values: np.ndarray, seqs: Sequence[Sequence[int]], *,
                    lambdas: Sequence[float], k: int, temperature: float = 1.0, batch_size: int = 32,
-                   exact_keys: np.ndarray | None = None) -> dict:
+                   exact_keys: np.ndarray | None = None, scores: bool = False) -> dict:
     """Per-token log-probs and perplexity of the LM and of kNN-LM for each λ on ``seqs``.
 
     ``seqs`` are ``[BOS] x_1..x_n``; targets are x_1..x_n. Memory: a batch holds n·V log-probs
     (n = scored tokens in the batch). Returns ``{"n_tokens", "k", "temperature",
     "perplexity": {λ: ppl}, "nll": {λ: mean −log p}, "token_logps": {λ: (n_tokens,) float64},
     "knn_token_logps": (n_tokens,), "knn_hit_rate": fraction of targets among the neighbours}``;
-    λ = 0 is the LM itself.
+    λ = 0 is the LM itself. ``scores``: also ``"scores"``, the per-position
+    :class:`~beyondlm.lookup.gate.TokenScores` (targets, log p_LM(y), log p_kNN(y), gate features)
+    from the same retrieval, for fitting a learned λ without querying again.
     """
     lams = [float(x) for x in lambdas]
     parts: dict[float, list[Tensor]] = {lam: [] for lam in lams}
     knn_parts: list[Tensor] = []
+    score_parts: list[TokenScores] = []
     hits = 0
     for lo in range(0, len(seqs), batch_size):
         logits, queries, labels, _ = forward_keys(model, seqs[lo : lo + batch_size])
@@ -209,6 +213,8 @@ def evaluate_knnlm(model, index: faiss.Index, values: np.ndarray, seqs: Sequence
         dist, toks = retrieve(index, values, queries, k, exact_keys)  # (n, k) each
         knn_logp = knn_logprobs(dist, toks, lm_logp.shape[-1], temperature)  # (n, V)
         labels, lm_logp = labels.cpu().unsqueeze(1), lm_logp.cpu()  # (n, 1), (n, V)
+        if scores:
+            score_parts.append(token_scores(lm_logp, knn_logp, dist, toks, labels[:, 0]))
         hits += int((toks == labels).any(1).sum())
         knn_parts.append(knn_logp.gather(1, labels).squeeze(1).double())
         for lam in lams:
@@ -216,12 +222,15 @@ def evaluate_knnlm(model, index: faiss.Index, values: np.ndarray, seqs: Sequence
     token_logps = {lam: torch.cat(p).numpy() for lam, p in parts.items()}
     n_tokens = len(next(iter(token_logps.values()))) if lams else 0
     nll = {lam: float(-lp.mean()) for lam, lp in token_logps.items()}
-    return {
+    out = {
         "n_tokens": n_tokens, "k": k, "temperature": temperature,
         "perplexity": {lam: math.exp(v) for lam, v in nll.items()}, "nll": nll,
         "token_logps": token_logps, "knn_token_logps": torch.cat(knn_parts).numpy(),
         "knn_hit_rate": hits / max(n_tokens, 1),
     }
+    if scores:
+        out["scores"] = TokenScores.concat(score_parts)
+    return out
 
 
 # ----------------------------------------------------------------------------- config
@@ -260,6 +269,7 @@ class KnnlmConfig:
     batch_size: int = 32
     max_eval: int = 0  # sequences per split, 0 = all
     recall_queries: int = 1000  # held-out queries for recall@k vs a flat index (0 = skip)
+    gate: GateConfig = field(default_factory=GateConfig)  # learned λ, adaptive retrieval
 
     def __post_init__(self) -> None:
         for name in self.splits:
@@ -270,3 +280,6 @@ class KnnlmConfig:
             check_range("knnlm.lambdas", lam, 0.0, 1.0)
         check_range("knnlm.temperature", self.temperature, 1e-6, 1e6)
         check_range("knnlm.batch_size", self.batch_size, 1, 10**6)
+        check_param("knnlm.gate.enabled", not self.gate.enabled or {"valid", "test"} <= set(self.splits),
+                     self.gate.enabled, f"the gate is fitted on valid and scored on test: knnlm.splits={self.splits} "
+                     "must hold both (or set knnlm.gate.enabled: false)")
