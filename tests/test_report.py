@@ -278,3 +278,22 @@ def test_knnlm_gate_rows_and_target_sentence():
     gate["best_saving"]["fixed"] = None
     assert "against the fixed-λ kNN-LM: not met, no threshold stays within it" in "\n".join(gate_rows(gate))
     assert gate_rows(None) == []
+
+
+def test_bond_claim_has_best_of_n_as_its_baseline(tmp_path):
+    """BOND is compared with the best-of-N it imitates: best-of-N on the baseline side brings its
+    SE over prompts as var_b; the section's title and claims list every method present."""
+    from beyondlm.report import align_section
+
+    m = tmp_path / "metrics"
+    _align(tmp_path)
+    _write(m / "align" / "method" / "bond.json", {"runs": {f"s{j}": _align_run(4.0 + 0.2 * j) for j in range(3)},
+                                                  "sft": {}})
+    _write(m / "align/reward.json", {"convergence": _conv()})
+    found = {c.comparison: c for c in all_claims(m, Verdicts(collect(m)), None)}
+    bond = found["bond − best_of_n: mean oracle r* over the common KL range"]
+    # bond's seeds 4.0, 4.2, 4.4 per unit KL/2 (reward = scale·KL/2 along its frontier) vs best-of-N's 3·KL
+    assert bond.effect.n == 3 and bond.effect.se > 0.1 and "best-of-N's SE over prompts + 3 seeds" in bond.effect.basis
+    assert not bond.failing
+    text = "\n".join(align_section(m, tmp_path))
+    assert text.startswith("## Alignment: ") and "bond" in text.splitlines()[0]

@@ -176,17 +176,20 @@ def _bon_var(bon: dict, grid: np.ndarray) -> float:
 
 
 def _claim(a: str, b: str, claim: str, kept: dict, diverged: dict, bon: dict | None, verdicts: Verdicts) -> Claim:
-    res_a = _as_result(bon) if a == "best_of_n" else kept[a]
-    means = seed_means_at_equal_kl(res_a, kept[b])
+    """One claim row: a − b in mean oracle reward over the KL range both reach; either side may be
+    best-of-N (one run with an SE over prompts instead of seeds)."""
+    res = {m: _as_result(bon) if m == "best_of_n" else kept[m] for m in (a, b)}
+    means = seed_means_at_equal_kl(res[a], res[b])
     note = "".join(f"; {m} {', '.join(diverged[m])} diverged, excluded" for m in (a, b) if m in diverged)
     if means is None:
         effect = Effect(None, None, 0, "KL ranges do not overlap" + note)
-    elif a == "best_of_n":
-        effect = welch(means[0], means[1], var_a=_bon_var(bon, means[2]),
-                       basis=f"best-of-N's SE over prompts + {len(means[1])} seeds" + note)
+    elif "best_of_n" in (a, b):
+        own = {f"var_{side}": _bon_var(bon, means[2]) for side, m in (("a", a), ("b", b)) if m == "best_of_n"}
+        seeds = len(means[1] if a == "best_of_n" else means[0])
+        effect = welch(means[0], means[1], **own, basis=f"best-of-N's SE over prompts + {seeds} seeds" + note)
     else:
         effect = welch(means[0], means[1], basis=f"Welch over {len(means[0])} + {len(means[1])} seeds" + note)
-    failing = dict.fromkeys(involved(a, res_a["runs"], verdicts) + involved(b, kept[b]["runs"], verdicts))
+    failing = dict.fromkeys(involved(a, res[a]["runs"], verdicts) + involved(b, res[b]["runs"], verdicts))
     return Claim(claim, f"{a} − {b}: mean oracle r* over the common KL range", effect, +1, tuple(failing))
 
 
