@@ -68,6 +68,9 @@ class TrainConfig:
     # attends only to earlier, real tokens anyway, so the loss is unchanged; the kernel skips the
     # 4-D mask). Checked on the first batch against the masked forward; off for anything else.
     skip_pad_mask: bool = True
+    # Processes sharing each optimizer step's batch (DDP; beyondlm/distributed.py): the stage
+    # relaunches itself under torchrun. The global batch stays batch_size · grad_accum sequences.
+    processes: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +81,9 @@ class TrainConfig:
         check_range("converge_tol", self.converge_tol, 0.0, 1.0)
         check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
         check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_param("processes", isinstance(self.processes, int) and 1 <= self.processes <= self.batch_size,
+                    self.processes, f"an integer from 1 to batch_size={self.batch_size} (each process takes "
+                    f"its share of every micro-batch: at least one sequence)")
 
     @property
     def eval_interval(self) -> int:
@@ -102,6 +108,14 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class ReportConfig:
     n_examples: int = 5  # sample texts shown per variant
+
+
+def record(obj: Any) -> dict:
+    """``dataclasses.asdict`` for what outs record (checkpoint fingerprints, metrics): a
+    ``processes`` of 1 (TrainConfig) is left out, so a one-process run writes the same bytes as
+    before the key existed; with more processes it is recorded (a checkpoint of N processes
+    resumes only under N: it holds one RNG state per process)."""
+    return dataclasses.asdict(obj, dict_factory=lambda kv: {k: v for k, v in kv if not (k == "processes" and v == 1)})
 
 
 # ----------------------------------------------------------------------------- loading

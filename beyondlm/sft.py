@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from beyondlm.config import TRAIN_KEYS, ConfigError, ModelConfig, TrainConfig, load_section, train_config
+from beyondlm import distributed
+from beyondlm.config import TRAIN_KEYS, ConfigError, ModelConfig, TrainConfig, load_section, record, train_config
 from beyondlm.data.prepare import load_split, load_tokenizer
 from beyondlm.logprobs import lm_targets, pad_batch, sequence_logps
 from beyondlm.metrics import perplexity
@@ -123,8 +124,10 @@ def make_loss_fn(cfg: SFTConfig):
     return loss_fn
 
 
-def run_sft(cfg: SFTConfig, data_dir: Path, *, out_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict:
-    """Train, save the model to ``out_dir`` (safetensors), return metrics for the JSON."""
+def run_sft(cfg: SFTConfig, data_dir: Path, *, out_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict | None:
+    """Train, save the model to ``out_dir`` (safetensors), return metrics for the JSON. Under
+    torchrun (``train.processes`` > 1) every rank trains; only rank 0 saves and evaluates, the
+    others return None."""
     tokenizer = load_tokenizer(data_dir)
     train = load_split(data_dir, "train")["input_ids"]
     valid = load_split(data_dir, "valid")["input_ids"]
@@ -136,7 +139,7 @@ def run_sft(cfg: SFTConfig, data_dir: Path, *, out_dir: Path, ckpt_dir: Path, li
         )
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, tokenizer)
-    fingerprint = {"cfg": asdict(cfg), "train": file_digest(data_dir / "train.parquet")}
+    fingerprint = {"cfg": record(cfg), "train": file_digest(data_dir / "train.parquet")}
     pad_id = tokenizer.pad_token_id
 
     def collate(rows):
@@ -149,6 +152,8 @@ def run_sft(cfg: SFTConfig, data_dir: Path, *, out_dir: Path, ckpt_dir: Path, li
         validate=heldout_loss(loss_fn, valid, collate), ckpt_dir=ckpt_dir, live_dir=live_dir,
         fingerprint=fingerprint, desc=f"sft {cfg.variant} s{cfg.train.seed}",
     )
+    if not distributed.is_main():
+        return None
     save_model(model, tokenizer, out_dir)
     model.eval()
     logp, n_tok = sequence_logps(model, valid, pad_id=pad_id)

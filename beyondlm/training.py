@@ -21,10 +21,22 @@ What the loop owns: AdamW (no decay on biases/norms), linear warmup + cosine dec
 accumulation, devices and mixed precision (``accelerate``), seeded deterministic data order,
 resumable checkpoints (``Accelerator.save_state``: safetensors weights, optimizer, scheduler and
 RNG states, all re-loaded with ``weights_only=True``), per-step curves (dvclive) and a progress bar.
+
+Several processes (``cfg.processes`` > 1, under torchrun: :mod:`beyondlm.distributed`): every
+rank walks the same :class:`BatchOrder` and takes every N-th sequence of each step's global batch
+(N = processes; the batch stays ``batch_size · grad_accum`` sequences, so the run is the same
+optimisation as with one process). Each rank sums its shard's losses; DDP (``accelerator.prepare``)
+all-reduces the gradients as a *mean* over ranks, so the step multiplies them by N / normaliser:
+(1/N) Σ_r Σ_{i ∈ shard r} ∇ℓ_i · N / U = Σ_i ∇ℓ_i / U, the one-process gradient of the same batch
+under the same fixed normaliser U. Validation runs on rank 0 with the plain model and its value is
+broadcast, so every rank keeps the same best weights and verdict; rank 0 picks the checkpoint to
+resume, writes the curves and the checkpoint files (each rank adds its RNG state to the same
+directory before rank 0 renames it into place). One process runs exactly the code path of before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import logging
@@ -43,7 +55,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from beyondlm import convergence
+from beyondlm import convergence, distributed
 from beyondlm.convergence import HeldOutValue
 from beyondlm.config import TrainConfig
 from beyondlm.inputs import InputError, check_safetensors, check_torch_file, read_json, require
@@ -158,6 +170,21 @@ class CausalNoPadMask:
         return getattr(self.model, name)
 
 
+class SyncedForward:
+    """What ``loss_fn`` calls under DDP: calls go through the DDP wrapper (its gradient hooks),
+    every attribute (``config``, ``get_output_embeddings``, ``generate``, ``train`` ...) is the
+    plain model's, as with one process."""
+
+    def __init__(self, ddp: torch.nn.Module, module: torch.nn.Module):
+        self.ddp, self.module = ddp, module
+
+    def __call__(self, *args, **kwargs):
+        return self.ddp(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+
 def _skip_pad_mask_ok(model: torch.nn.Module, loss_fn: LossFn, batch: Mapping[str, Tensor]) -> bool:
     """Whether :class:`CausalNoPadMask` is exact for this model and loss: a decoder-only HF model,
     and on ``batch`` the loss (sum and units) with and without the mask agree. Checked in eval
@@ -202,6 +229,12 @@ class Checkpoints:
         self.root, self.fingerprint = root, json.loads(json.dumps(fingerprint, default=str))
 
     def latest(self) -> Path | None:
+        """The newest readable state of this fingerprint; rank 0 decides (and moves bad ones
+        aside), every rank gets its answer."""
+        path = self._latest() if distributed.is_main() else None
+        return None if (path := distributed.broadcast(None if path is None else str(path))) is None else Path(path)
+
+    def _latest(self) -> Path | None:
         if self.root is None or not self.root.exists():
             return None
         for path in sorted(self.root.glob("step-*"), reverse=True):
@@ -237,21 +270,29 @@ class Checkpoints:
         return meta
 
     def save(self, accelerator: Accelerator, step: int, tokens: int, tracker: "HeldOut") -> None:
+        """Every rank calls it: rank 0 makes the temporary directory, each rank saves its part
+        (rank 0 the weights, optimizer and scheduler; each its RNG state), rank 0 renames it."""
         if self.root is None:
             return
-        with atomic_path(self.root / f"step-{step:08d}", is_dir=True) as tmp:
+        main = accelerator.is_main_process
+        with atomic_path(self.root / f"step-{step:08d}", is_dir=True) if main else contextlib.nullcontext() as tmp:
+            tmp = Path(distributed.broadcast(str(tmp) if main else None))
             accelerator.save_state(str(tmp), safe_serialization=True)
-            tracker.save(tmp)
-            write_json(tmp / "loop.json", {"step": step, "tokens": tokens, "fingerprint": self.fingerprint,
-                                           "valid_curve": tracker.curve,
-                                           "valid_chunks": {s: [c.sums, c.units] for s, c in tracker.chunks.items()}})
+            if main:
+                tracker.save(tmp)
+                write_json(tmp / "loop.json", {"step": step, "tokens": tokens, "fingerprint": self.fingerprint,
+                                               "valid_curve": tracker.curve,
+                                               "valid_chunks": {s: [c.sums, c.units] for s, c in tracker.chunks.items()}})
+            distributed.barrier()  # every rank's files are in before the rename
+        if not main:
+            return
         for old in self.root.glob("step-*"):
             if old.name != f"step-{step:08d}":
                 shutil.rmtree(old, ignore_errors=True)
 
     def finish(self, result: LoopResult) -> None:
         """Drop the resumable states (the final model is saved by the caller) and mark done."""
-        if self.root is None:
+        if self.root is None or not distributed.is_main():
             return
         for old in self.root.glob("step-*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -273,10 +314,15 @@ class HeldOut:
             and all(s != step for s, _ in self.curve)
 
     def evaluate(self, model: torch.nn.Module, step: int) -> float:
-        model.eval()
-        with torch.no_grad():
-            result = self.validate(model, step)
-        model.train()
+        """``model``: the plain model (not DDP's wrapper, whose forward is a collective). Rank 0
+        validates and every rank gets its value, so all keep the same best weights."""
+        result = None
+        if distributed.is_main():
+            model.eval()
+            with torch.no_grad():
+                result = self.validate(model, step)
+            model.train()
+        result = distributed.broadcast(result)
         if isinstance(result, HeldOutValue):
             self.chunks[step] = result
         value = float(result.value if isinstance(result, HeldOutValue) else result)
@@ -379,13 +425,18 @@ def train_loop(
     ``units``: each example's unit count (e.g. :func:`target_tokens`); the loss is then divided by
     the constant expected units per step, an unbiased estimate of the corpus mean whatever the
     batching. ``validate(model, step) -> held-out loss``: tracked along training; the best weights are
-    returned (``result.convergence`` has the verdict).
+    returned (``result.convergence`` has the verdict). Under torchrun every rank calls it with
+    the same arguments (module docstring: several processes).
     """
     set_seed(cfg.seed)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, **_multi_process_options(cfg.processes))
     optimizer = make_optimizer(model, cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    if accelerator.num_processes != cfg.processes:
+        raise RuntimeError(f"train.processes={cfg.processes} but {accelerator.num_processes} processes run: "
+                           f"start the stage plainly (beyondlm.distributed.relaunch starts its workers)")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    module = accelerator.unwrap_model(model)  # `model` itself with one process; DDP's wrapped module otherwise
     ckpts = Checkpoints(ckpt_dir, fingerprint or {})
     examples = as_list(examples)
     lengths = [len(x) for x in examples] if cfg.group_by_length else None
@@ -403,16 +454,16 @@ def train_loop(
         step, tokens, resumed = meta["step"], meta["tokens"], meta["step"]
         held_out.load(state, meta)
         log.info("resumed from %s (step %d)", state, step)
-    live = _open_live(live_dir, resumed)
+    live = _open_live(live_dir if accelerator.is_main_process else None, resumed)
     model.train()
     if held_out.due(step):
-        _log_valid(live, step, held_out.evaluate(model, step))
+        _log_valid(live, step, held_out.evaluate(module, step))
 
-    forward = model
-    if cfg.skip_pad_mask and step < cfg.max_steps and accelerator.num_processes == 1:
+    forward = model if accelerator.num_processes == 1 else SyncedForward(model, module)
+    if cfg.skip_pad_mask and step < cfg.max_steps:
         first = collate([examples[i] for i in order.indices(step)[: cfg.batch_size]])
-        if _skip_pad_mask_ok(model, loss_fn, {k: v.to(accelerator.device) for k, v in first.items()}):
-            forward = CausalNoPadMask(model)
+        if _skip_pad_mask_ok(module, loss_fn, {k: v.to(accelerator.device) for k, v in first.items()}):
+            forward = CausalNoPadMask(forward)
 
     t0, tokens0, losses = time.perf_counter(), tokens, []
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, mininterval=2.0,
@@ -428,7 +479,7 @@ def train_loop(
             _log_step(live, step, float(np.mean(losses[-cfg.log_every:])), scheduler, grad_norm)
             bar.set_postfix(loss=f"{np.mean(losses[-cfg.log_every:]):.4f}", refresh=False)
         if held_out.due(step):
-            _log_valid(live, step, held_out.evaluate(model, step))
+            _log_valid(live, step, held_out.evaluate(module, step))
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
             ckpts.save(accelerator, step, tokens, held_out)
         if on_step is not None:
@@ -436,9 +487,8 @@ def train_loop(
     bar.close()
 
     wall = time.perf_counter() - t0
-    unwrapped = accelerator.unwrap_model(model)
     verdict = held_out.verdict()
-    best_step = held_out.restore_best(unwrapped)
+    best_step = held_out.restore_best(module)
     if verdict is not None and best_step != step:
         log.info("%s: keeping the best held-out checkpoint (step %d of %d)", desc, best_step, step)
     result = LoopResult(
@@ -455,35 +505,58 @@ def train_loop(
     if live is not None:
         live.end()
     ckpts.finish(result)
-    return unwrapped, result
+    return module, result
+
+
+def _multi_process_options(processes: int) -> dict:
+    """``Accelerator`` options for several processes (none for one: its defaults, as before).
+    ``cpu``: accelerate runs several CPU processes (gloo) only when told so. ``split_batches``:
+    each step's batch is the global one split over the processes, so the prepared scheduler
+    steps once per optimizer step (by default accelerate steps it once per process)."""
+    if processes == 1:
+        return {}
+    from accelerate import DataLoaderConfiguration
+
+    return {"cpu": not torch.cuda.is_available(), "dataloader_config": DataLoaderConfiguration(split_batches=True)}
 
 
 def _optimizer_step(model, forward, examples, idx, loss_fn, collate, accelerator, optimizer, scheduler, cfg,
                     normaliser: float | None, units: Sequence[float] | None) -> tuple[float, int, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns (loss, tokens, grad norm).
 
-    ``forward`` is what ``loss_fn`` calls: ``model`` itself or a :class:`CausalNoPadMask` of it.
-    The loss is kept as a tensor until the step ends (one host read per step, not per micro-batch).
+    ``forward`` is what ``loss_fn`` calls: ``model`` itself, a :class:`SyncedForward` of DDP's
+    wrapper, or a :class:`CausalNoPadMask` of either. The loss is kept as a tensor until the step
+    ends (one host read per step, not per micro-batch). With N processes this rank takes every
+    N-th sequence of the step (length-sorted steps: every rank gets long and short ones) in
+    ``grad_accum`` micro-batches of about batch_size / N; gradients are all-reduced once, at its
+    last micro-batch (``no_sync`` before). With one process the slices are exactly batch_size.
     """
-    mine = idx[accelerator.process_index :: accelerator.num_processes]
+    n_proc = accelerator.num_processes
+    mine = idx[accelerator.process_index :: n_proc]
+    size = -(-len(mine) // cfg.grad_accum)  # = cfg.batch_size with one process
+    micro = [mine[lo : lo + size] for lo in range(0, len(mine), size)]
     loss_sum, n_units, n_tok = torch.zeros((), device=accelerator.device), 0.0, 0
-    for k in range(cfg.grad_accum):
-        batch = collate([examples[i] for i in mine[k * cfg.batch_size : (k + 1) * cfg.batch_size]])
+    for k, rows in enumerate(micro):
+        batch = collate([examples[i] for i in rows])
         batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-        with accelerator.autocast():
-            micro_loss, micro_units = loss_fn(forward, batch)
-        accelerator.backward(micro_loss)  # summed; divided by the step's normaliser below
+        # DDP decides in forward whether the backward all-reduces: both sit inside no_sync
+        with accelerator.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext():
+            with accelerator.autocast():
+                micro_loss, micro_units = loss_fn(forward, batch)
+            accelerator.backward(micro_loss)  # summed; divided by the step's normaliser below
         loss_sum += micro_loss.detach()
         n_units += float(micro_units)
         n_tok += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-    total = n_units
-    if accelerator.num_processes > 1:
-        total = accelerator.reduce(torch.tensor(n_units, device=accelerator.device), "sum").item()
+    total, step_loss = n_units, None
+    if n_proc > 1:  # the step's loss, units and tokens over all ranks (one all-reduce)
+        parts = torch.tensor([float(loss_sum), n_units, float(n_tok)], dtype=torch.float64, device=accelerator.device)
+        step_loss, total, n_tok = accelerator.reduce(parts, "sum").tolist()
+        step_loss, n_tok = step_loss / max(total, 1.0), int(n_tok)
     if units is not None and abs(total - sum(units[i] for i in idx)) > 0.5:
         raise RuntimeError(f"loss_fn counted {total:g} units in a step whose examples have "
                            f"{sum(units[i] for i in idx):g}: the units passed to train_loop are wrong")
-    # DDP already averaged gradients over processes, hence the world-size factor.
-    scale = accelerator.num_processes / (normaliser if normaliser is not None else max(total, 1.0))
+    # DDP averaged the ranks' summed gradients: × N makes them the sum over the global batch.
+    scale = n_proc / (normaliser if normaliser is not None else max(total, 1.0))
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if grads:
         torch._foreach_mul_(grads, scale)  # one kernel for all parameters
@@ -491,7 +564,9 @@ def _optimizer_step(model, forward, examples, idx, loss_fn, collate, accelerator
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss_sum) / max(n_units, 1.0), n_tok, float(grad_norm)
+    if step_loss is None:
+        step_loss = float(loss_sum) / max(n_units, 1.0)
+    return step_loss, n_tok, float(grad_norm)
 
 
 def _open_live(live_dir: Path | None, resumed: int | None) -> Live | None:

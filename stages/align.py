@@ -14,9 +14,10 @@ metrics: --metrics; plots: --plot (tsv: seed, step, kl, oracle_reward, rm_reward
 """
 
 import argparse
+import sys
 from pathlib import Path
 
-from beyondlm import cli
+from beyondlm import cli, distributed
 from beyondlm.align.config import AlignConfig
 from beyondlm.align.experiment import frontier_rows, run_align
 from beyondlm.config import ConfigError, load_section, read_params, section
@@ -48,14 +49,18 @@ def main() -> None:
     args = parser().parse_args()
     params = read_params()
     cfg = configure(args, params)
+    processes = cfg.train_config(args.method, cfg.seeds[0]).processes
+    if (status := distributed.relaunch(processes, f"align.hyperparams.{args.method}.train.processes")) is not None:
+        sys.exit(status)  # the workers ran this stage; rank 0 wrote its outs
     prep = prepared_data(params)
     tokenizer = load_tokenizer(args.sft)
     result = run_align(args.method, cfg, sft_dir=args.sft, reward_model=load_model(args.reward, kind="reward"),
                        tokenizer=tokenizer, language=prep.language(), samples=args.samples, pairs=args.pairs,
                        test_prompts=load_split(prep.data_dir, "prompts_test")["prompt_ids"],
                        max_new_tokens=prep.max_len - prep.prompt_len, out_dir=args.out, ckpt_dir=args.ckpt)
-    write_tsv(args.plot, frontier_rows(result))
-    write_metrics(args.metrics, result)
+    if result is not None:  # rank 0 (or one process)
+        write_tsv(args.plot, frontier_rows(result))
+        write_metrics(args.metrics, result)
 
 
 if __name__ == "__main__":

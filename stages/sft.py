@@ -7,9 +7,10 @@ metrics: --metrics
 """
 
 import argparse
+import sys
 from pathlib import Path
 
-from beyondlm import cli
+from beyondlm import cli, distributed
 from beyondlm.config import read_params, section
 from beyondlm.sft import SFTConfig, sft_config
 from beyondlm.data.config import prepared_data
@@ -39,9 +40,12 @@ def main() -> None:
     args = parser().parse_args()
     params = read_params()
     cfg = configure(args, params)
+    if (status := distributed.relaunch(cfg.train.processes, "sft.train.processes")) is not None:
+        sys.exit(status)  # the workers ran this stage; rank 0 wrote its outs
     data_dir = prepared_data(params).data_dir
     metrics = run_sft(cfg, data_dir, out_dir=args.out, ckpt_dir=args.ckpt, live_dir=args.live)
-    write_metrics(args.metrics, metrics)
+    if distributed.is_main():
+        write_metrics(args.metrics, metrics)
 
 
 if __name__ == "__main__":

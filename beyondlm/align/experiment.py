@@ -35,7 +35,8 @@ from beyondlm.align.data import (
 from beyondlm.align.evaluate import Judges, ReferenceSet, best_of_n_kl, evaluate_policy, mean_se
 from beyondlm.align.store import load_pairs, load_table, save_groups, save_pairs
 from beyondlm.align.train import OFFLINE_COLLATE, offline_loss_fn, online_loss_fn, prompt_collate
-from beyondlm.config import ConfigError
+from beyondlm import distributed
+from beyondlm.config import ConfigError, record
 from beyondlm.inputs import read_json
 from beyondlm.io import write_json
 from beyondlm.logprobs import sequence_logps
@@ -191,9 +192,12 @@ def _resumed_evals(ckpt: Path, fingerprint: dict) -> list[dict]:
 
 def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tokenizer, language,
               samples: Path, pairs: Path, test_prompts, max_new_tokens: int, out_dir: Path,
-              ckpt_dir: Path) -> dict:
+              ckpt_dir: Path) -> dict | None:
     """Train one policy per seed from the SFT model; evaluate at step 0 and every ``eval_every``
-    steps on held-out prompts; save each final policy to ``out_dir/s<seed>``."""
+    steps on held-out prompts; save each final policy to ``out_dir/s<seed>``. Under torchrun
+    (``train.processes`` > 1) every rank trains; rank 0 evaluates, saves and returns the metrics,
+    the others return None. Online methods sample each rank's share of the prompts with the same
+    seeds, so their rollouts (not the loss normalisation) differ from one process's."""
     from beyondlm.models import load_model, save_model
 
     pad = tokenizer.pad_token_id
@@ -219,18 +223,23 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
             loss_fn = offline_loss_fn(method, hyper)
             collate = OFFLINE_COLLATE[cfg.kind(method)](pad)
         seed_ckpt = ckpt_dir / f"s{seed}"
-        fingerprint = {"method": method, "hyper": hyper, "train": asdict(train_cfg),
+        fingerprint = {"method": method, "hyper": hyper, "train": record(train_cfg),
                        "eval_every": cfg.eval_every, "n": len(data)}
-        evals = [{"step": 0, **base}] + _resumed_evals(seed_ckpt, fingerprint)
+        # rank 0 validates (training.HeldOut) and keeps the evaluations; other ranks only train
+        evals = [{"step": 0, **base}] + (_resumed_evals(seed_ckpt, fingerprint) if distributed.is_main() else [])
         validate = _validation(method, cfg, hyper, loss_fn, valid, collate, evals, judges, ref_set, pure,
                                seed_ckpt, fingerprint)
         policy, result = train_loop(policy, data, loss_fn, train_cfg, collate=collate, validate=validate,
                                     ckpt_dir=seed_ckpt, fingerprint=fingerprint, desc=f"align {method} s{seed}")
+        if not distributed.is_main():
+            continue
         (seed_ckpt / EVALS).unlink(missing_ok=True)  # finished: nothing left to resume
         save_model(policy.eval(), tokenizer, out_dir / f"s{seed}")
         per_seed[f"s{seed}"] = {"converged": result.convergence["converged"], "convergence": result.convergence,
                                 "train": asdict(result), "evals": sorted(evals, key=lambda e: e["step"]),
                                 **({"rollout": {k: float(np.mean(v[-5:])) for k, v in stats.items()}} if stats else {})}
+    if not distributed.is_main():
+        return None
     # the saved policy of each seed is its best held-out checkpoint: summarise the evaluation there
     finals = [next(e for e in run["evals"] if e["step"] == run["convergence"]["best_step"])
               for run in per_seed.values()]
