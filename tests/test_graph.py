@@ -173,6 +173,15 @@ def test_mined_edges_are_all_producible_and_random_pairs_are_not():
     assert not set(g.names) & {"the", "a", ".", "<|endoftext|>"}  # function words are not nodes
 
 
+def test_the_frequency_rule_drops_specials_short_tokens_and_the_most_frequent():
+    from beyondlm.graph import frequency_content
+
+    names = ["<eos>", "the", "a", "movie", "great", "is", "film!", "plot"]
+    seqs = [[1, 3, 5, 4, 0], [1, 1, 7, 2, 6, 0]]  # "the" is the most frequent (3), then <eos> (2)
+    got = frequency_content(seqs, names, special=[0], stop_top=1, min_chars=3)
+    assert [n for n, ok in zip(names, got) if ok] == ["movie", "great", "plot"]  # film! is not alphabetic
+
+
 def test_content_slots_match_the_gate():
     from beyondlm.lookup.gate import CONTENT_SLOTS as GATE_SLOTS
 
