@@ -11,15 +11,14 @@ def test_stage_order_params_and_outputs_come_from_dvc_yaml(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # names must not depend on the caller's directory
     stages = pipeline_stages(ROOT)
     names = [s.name for s in stages]
-    assert names[0] == "prepare"
-    # report is downstream of every stage but graph, whose metrics no report table reads yet (issue #14)
-    upstream = {s.name: s.upstream for s in stages}
+    assert names[0] == "prepare" and names[-1] == "report"
+    upstream = {s.name: s.upstream for s in stages}  # the report reads every stage's results
     above, todo = set(), ["report"]
     while todo:
         fresh = set(upstream[todo.pop()]) - above
         above |= fresh
         todo += fresh
-    assert set(names) - above == {"report", "graph"}
+    assert set(names) - above == {"report"}
     assert names.index("sft@mle-0") < names.index("evaluate@mle-0")
     sft = stages[names.index("sft@mle-0")]
     assert "sft.train" in sft.params and "sft.seeds" not in sft.params  # only declared keys

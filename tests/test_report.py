@@ -297,3 +297,16 @@ def test_bond_claim_has_best_of_n_as_its_baseline(tmp_path):
     assert not bond.failing
     text = "\n".join(align_section(m, tmp_path))
     assert text.startswith("## Alignment: ") and "bond" in text.splitlines()[0]
+
+
+def test_graph_section_from_the_graph_stage_metrics(tmp_path):
+    from beyondlm.report.knnlm import graph_section
+
+    assert graph_section(tmp_path) == []
+    check = {"co_occurs": {"edges": 6, "producible": 1.0, "random_pairs_producible": 0.8, "recall": 0.25}}
+    _write(tmp_path / "graph.json", {"source": "mined", "n_nodes": 4, "n_edges": 6, "n_edges_per_relation": {"co_occurs": 6},
+                                     "degree": {"mean": 3.0, "max": 3}, "components": 1, "largest_component_fraction": 1.0,
+                                     "language_check": check})
+    text = "\n".join(graph_section(tmp_path))
+    assert "4 nodes, 6 edges (6 co_occurs); mean degree 3.0 (max 3); 1 component(s), the largest holding 100%" in text
+    assert "| co_occurs | 6 | 1.000 | 0.800 | 0.250 |" in text

@@ -35,7 +35,7 @@ def build_report(reports: Path, n_examples: int, *, knnlm_base: str | None = Non
            *claims.section(found), *convergence.section(rows), *lm.evaluation_section(runs, verdicts, reports),
            *lm.training_section(metrics), *lm.bigram_section(metrics, verdicts), *ebm.ebm_section(metrics, reports),
            *align.align_section(metrics, reports, verdicts), *vq.vq_section(metrics),
-           *knnlm.knnlm_section(metrics, reports)]
+           *knnlm.knnlm_section(metrics, reports), *knnlm.graph_section(metrics)]
     for title, path in (("Training curves", lm.plot_losses(reports / "live" / "sft", plots / "loss.png")),
                         ("Coverage vs quality", lm.plot_kl(runs, plots / "kl.png"))):
         if path is not None:

@@ -1,4 +1,5 @@
-"""Report section of the look-up model (kNN-LM vs its LM), and its claims."""
+"""Report sections of the look-up models (kNN-LM vs its LM; the concept graph for graph look-up),
+and their claims."""
 
 from __future__ import annotations
 
@@ -118,4 +119,25 @@ def claims(metrics: Path, verdicts: Verdicts, base: str | None) -> list[Claim]:
         x, y = ((test.get("k") or {}).get(kk) or {}).get(key, {}).get(lam), test.get(lm_key)  # λ keys hold dots
         effect = Effect(None if None in (x, y) else x - y, None, 1, basis)
         out.append(Claim(claim, f"kNN-LM − LM: test {key}", effect, -1, failing))
+    return out
+
+
+def graph_section(metrics: Path) -> list[str]:
+    """The concept graph of the ``graph`` stage: size, degrees, connectivity and, on the synthetic
+    language, the fraction of its edges the language can produce against random word pairs."""
+    if (g := read_json(metrics / "graph.json")) is None:
+        return []
+    rels = ", ".join(f"{n} {r}" for r, n in g["n_edges_per_relation"].items())
+    out = ["## Concept graph (for graph look-up)", "",
+           f"Source `{g['source']}`: {g['n_nodes']} nodes, {g['n_edges']} edges ({rels}); mean degree "
+           f"{g['degree']['mean']:.1f} (max {g['degree']['max']}); {g['components']} component(s), the largest "
+           f"holding {g['largest_component_fraction']:.0%} of the nodes. The GRF model that reads it is not built "
+           "yet.", ""]
+    if check := g.get("language_check"):
+        out += ["| relation | edges | producible by the language | random pairs producible | recall of producible pairs |",
+                "|---|---|---|---|---|",
+                *(f"| {r} | {c['edges']} | {c['producible']:.3f} | {c['random_pairs_producible']:.3f} | {c['recall']:.3f} |"
+                  for r, c in check.items()), "",
+                "Every mined edge is producible by construction (each text proves its pairs): the column checks the "
+                "miner; the random-pair rate is the baseline a graph must beat to carry the language's structure.", ""]
     return out
