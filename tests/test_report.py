@@ -310,3 +310,13 @@ def test_graph_section_from_the_graph_stage_metrics(tmp_path):
     text = "\n".join(graph_section(tmp_path))
     assert "4 nodes, 6 edges (6 co_occurs); mean degree 3.0 (max 3); 1 component(s), the largest holding 100%" in text
     assert "| co_occurs | 6 | 1.000 | 0.800 | 0.250 |" in text
+
+
+def test_the_report_knows_which_methods_use_the_reward_model():
+    """USES_REWARD_MODEL (a reward model that did not converge makes their comparisons
+    inconclusive) is every group and online row of the loss table, plus best-of-N."""
+    from beyondlm.objectives.preference import PREFERENCE_LOSSES
+    from beyondlm.report.align import USES_REWARD_MODEL
+
+    rows = {name for name, row in PREFERENCE_LOSSES.items() if row.kind in ("group", "online")}
+    assert set(USES_REWARD_MODEL) == rows | {"best_of_n"}

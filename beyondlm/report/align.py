@@ -24,6 +24,8 @@ ALIGN_COLUMNS = [("KL(π‖π_sft)", "kl", ".2f"), ("oracle r*", "oracle_reward"
                  ("win vs SFT (oracle)", "win_vs_sft/oracle", ".3f"), ("win vs chosen (oracle)", "win_vs_chosen/oracle", ".3f"),
                  ("win vs SFT (RM)", "win_vs_sft/rm", ".3f"), ("win vs chosen (RM)", "win_vs_chosen/rm", ".3f"),
                  ("length", "length", ".1f")]
+# the methods trained on reward-model scores: group and online rows of the loss table (a test keeps them in
+# step; the report does not import the table, which would pull torch into its stage) and best-of-N
 USES_REWARD_MODEL = ("dpo_rw", "exo_rw", "rloo", "grpo", "dr_grpo", "bond", "best_of_n")
 # (method, baseline, the claim): effect = mean oracle reward over the KL range both reach
 ALIGN_CLAIMS = [
@@ -33,7 +35,7 @@ ALIGN_CLAIMS = [
     ("rloo", "exo_rw", "On-policy RLOO beats offline EXO-rw at equal KL"),
     ("best_of_n", "dpo_rw", "Best-of-N's reward–KL frontier lies above DPO-rw's"),
     ("best_of_n", "exo_rw", "Best-of-N's reward–KL frontier lies above EXO-rw's"),
-    # the rest of the family, when align.methods holds them (README: "More alignment methods")
+    # the rest of the family, when align.methods holds them (README, `align`: "The whole family on the default")
     ("ipo", "dpo_pref", "IPO's bounded margin reaches higher oracle reward than DPO-pref at equal KL"),
     ("simpo", "dpo_pref", "Reference-free SimPO reaches higher oracle reward than DPO-pref at equal KL"),
     ("kto", "dpo_pref", "KTO from unpaired labels reaches higher oracle reward than DPO-pref at equal KL"),
