@@ -95,14 +95,11 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
+def harness(prefect_harness):
     with pytest.MonkeyPatch.context() as mp:
         for var in ("MLFLOW_TRACKING_URI", "MLFLOW_ARTIFACT_ROOT"):
             mp.delenv(var, raising=False)
-        with prefect_test_harness(server_startup_timeout=180):
-            yield
+        yield
 
 
 @pytest.fixture(scope="module")
