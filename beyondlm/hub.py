@@ -117,14 +117,13 @@ def check_hub_id(key: str, value: str | None, kind: str = "model", fix: str = ""
     if not _is_repo_id(value):
         raise ConfigError(f"params.yaml: '{key}'={value!r} does not exist (not a local path) and is not a hub "
                           f"id; set it to an existing {what} directory{' ' + fix if fix else ''}")
-    cached = in_cache(value, kind)
     if hub_reachable():
         return
+    why = "HF_HUB_OFFLINE is set" if offline_env() else "the hub is unreachable"
     go_offline()
-    if not cached:
+    if not in_cache(value, kind):
         from huggingface_hub import constants
 
-        why = "HF_HUB_OFFLINE is set" if offline_env() else "the hub is unreachable"
         raise ConfigError(
             f"params.yaml: '{key}'={value!r} is not a local directory and not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}), and {why}; set it to a local {what} directory (under inputs/), "
