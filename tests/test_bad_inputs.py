@@ -315,6 +315,25 @@ def test_tokenizer_without_its_config_is_refused(base, tmp_path):
         load_tokenizer(model)
 
 
+def test_a_pretrained_model_needs_the_prepared_vocabulary(base, tmp_path):
+    """Its own tokenizer's ids must mean the same tokens in the prepared data (extra tokens after
+    them are fine); a model without a tokenizer cannot be checked and is refused."""
+    from beyondlm.config import ConfigError
+    from beyondlm.models import check_vocabulary
+
+    data_tok = load_tokenizer(base / "data/prepared/tokenizer")
+    check_vocabulary(data_tok, str(base / MODEL), "sft.model.name_or_path")  # saved with the prepared tokenizer
+    data_tok.add_special_tokens({"pad_token": "<extra-pad>"})
+    check_vocabulary(data_tok, str(base / MODEL), "sft.model.name_or_path")
+    model = tmp_path / "m"
+    shutil.copytree(base / MODEL, model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    with pytest.raises(ConfigError, match=r"'reward.model.name_or_path'=.* has no tokenizer to check the prepared "
+                                          r"token ids against; save the model's tokenizer with it"):
+        check_vocabulary(data_tok, str(model), "reward.model.name_or_path")
+
+
 # ----------------------------------------------------------------------------- bad resume checkpoints
 def _crashed_run(ckpt: Path, cfg, keep_step3: bool) -> None:
     """Train until a crash at step 7 (states at steps 3 and 6; ``keep_step3``: both kept)."""
