@@ -178,3 +178,26 @@ def test_a_reachable_hub_leaves_the_id_to_the_download(monkeypatch, offline_hub)
     monkeypatch.setattr(hub, "probe", lambda url, timeout=hub.PROBE_TIMEOUT_S: True)
     hub.check_hub_id("sft.model.name_or_path", "gpt2-nonexistent")  # the hub answers 404 itself, at once
     assert not constants.HF_HUB_OFFLINE
+
+
+def test_a_cached_model_loads_at_once_when_the_hub_is_unreachable(monkeypatch, offline_hub):
+    """The check switches the process offline: transformers reads the cache without retrying the hub."""
+    from transformers import AutoModelForCausalLM
+
+    from beyondlm.config import ModelConfig
+    from beyondlm.data.tokenization import train_bpe
+    from beyondlm.models import build_model, check_vocabulary, save_model
+
+    tok = train_bpe([f"some words {i}" for i in range(30)], 300)
+    repo = offline_hub / "models--org--tiny"
+    save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32), tok), tok,
+               repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    _online(monkeypatch)
+    monkeypatch.setattr(hub, "probe", lambda url, timeout=hub.PROBE_TIMEOUT_S: False)
+    t0 = time.perf_counter()
+    hub.check_hub_id("sft.model.name_or_path", "org/tiny")
+    check_vocabulary(tok, "org/tiny", "sft.model.name_or_path")
+    model = AutoModelForCausalLM.from_pretrained("org/tiny", use_safetensors=True)
+    assert time.perf_counter() - t0 < 5 and model.config.vocab_size == len(tok)  # retries took ~27 s here
