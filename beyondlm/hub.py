@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 from beyondlm.config import ConfigError
 
 PROBE_TIMEOUT_S = 1.0  # a TCP connect to the hub takes ~0.1 s where it is reachable
-KINDS = ("model", "dataset")  # repo types: tokenizers live in model repos
 
 
 def offline_env() -> bool:
@@ -109,7 +108,8 @@ def _is_repo_id(value: str) -> bool:
 def check_hub_id(key: str, value: str | None, kind: str = "model", fix: str = "") -> None:
     """ConfigError unless ``value`` (params key ``key``) can be loaded without a failing download:
     unset, an existing local path, a hub id in the cache, or a hub id while the hub is reachable.
-    ``fix``: the section's own way out (e.g. "or set prepare.source: local"). An unreachable hub
+    ``kind``: the repo type, model (tokenizers too) or dataset. ``fix``: the section's own way out
+    (e.g. "or set prepare.source: local"). An unreachable hub
     switches the process offline (:func:`go_offline`)."""
     if not value or Path(value).expanduser().exists():
         return
