@@ -90,6 +90,22 @@ def test_hub_loader_reads_splits_through_load_dataset(tmp_path, monkeypatch):
         sources.load_hub(HubSourceConfig(name="org/reviews", train_split="nope"), seed=0)
 
 
+def test_a_data_set_the_hub_does_not_have_is_one_line(monkeypatch):
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    from beyondlm.inputs import InputError
+
+    def missing(name, *args, **kwargs):
+        raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(InputError, match=r"^org/nope: not a readable hub data set \(Dataset 'org/nope' doesn't exist "
+                                         r"on the Hub .*\); check prepare.hub.name, .config and .revision, or set "
+                                         r"prepare.source: local"):
+        sources.load_hub(HubSourceConfig(name="org/nope"), seed=0)
+
+
 @pytest.mark.skipif(not (SHARED / "sentiment").exists(), reason="../shared/data not present")
 def test_prepare_on_real_sst2_with_trained_bpe(tmp_path):
     cfg = load_section(PrepareConfig, {
