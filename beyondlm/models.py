@@ -51,10 +51,8 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerBase, name_or_path: str, key:
     own: dict = {}
     # without tokenizer_config.json transformers builds a GPT-2 tokenizer of one token from config.json
     if not Path(name_or_path).is_dir() or (Path(name_or_path) / "tokenizer_config.json").is_file():
-        try:
+        with reading(name_or_path, "tokenizer", f"set {key} to a model directory or hub id with its tokenizer"):
             own = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).get_vocab()
-        except Exception:  # no tokenizer files in the model's repo
-            pass
     if not own:
         raise ConfigError(f"params.yaml: '{key}'={name_or_path!r} has no tokenizer to check the prepared "
                           f"token ids against; save the model's tokenizer with it, or {fix}")

@@ -334,6 +334,24 @@ def test_a_pretrained_model_needs_the_prepared_vocabulary(base, tmp_path):
         check_vocabulary(data_tok, str(model), "reward.model.name_or_path")
 
 
+def test_a_model_id_the_hub_does_not_have_is_one_line(base, monkeypatch):
+    """Online (the hub check let the id through): the hub's own answer, as one line with the fix."""
+    import transformers
+
+    from beyondlm.models import check_vocabulary
+
+    def missing(name, **kwargs):
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier listed on "
+                      f"'https://huggingface.co/models'")
+
+    data_tok = load_tokenizer(base / MODEL)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", missing)
+    with pytest.raises(InputError, match=r"^gpt2-nonexistent: not a readable tokenizer \(gpt2-nonexistent is not a "
+                                         r"local folder and is not a valid model identifier .*\); set "
+                                         r"sft.model.name_or_path to a model directory or hub id with its tokenizer$"):
+        check_vocabulary(data_tok, "gpt2-nonexistent", "sft.model.name_or_path")
+
+
 # ----------------------------------------------------------------------------- bad resume checkpoints
 def _crashed_run(ckpt: Path, cfg, keep_step3: bool) -> None:
     """Train until a crash at step 7 (states at steps 3 and 6; ``keep_step3``: both kept)."""
