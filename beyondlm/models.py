@@ -63,7 +63,7 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerBase, name_or_path: str, key:
         raise ConfigError(
             f"params.yaml: '{key}'={name_or_path!r} was pretrained with another vocabulary than the prepared "
             f"data's tokenizer: {len(moved)} of its {len(own)} tokens have other ids (e.g. {token!r} is {i} in the "
-            f"model, {data.get(token)} in the data); {fix}")
+            f"model, {data.get(token, 'absent')} in the data); {fix}")
 
 
 def tiny_gpt2_config(cfg, tokenizer: PreTrainedTokenizerBase, **overrides) -> GPT2Config:
