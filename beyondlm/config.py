@@ -81,6 +81,7 @@ class TrainConfig:
         check_range("converge_tol", self.converge_tol, 0.0, 1.0)
         check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
         check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_mixed_precision(self.mixed_precision)
         check_param("processes", isinstance(self.processes, int) and 1 <= self.processes <= self.batch_size,
                     self.processes, f"an integer from 1 to batch_size={self.batch_size} (each process takes "
                     f"its share of every micro-batch: at least one sequence)")
@@ -225,6 +226,41 @@ def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(
         f"params.yaml: '{key}' must be {tp.__name__}, got {value!r} ({type(value).__name__})"
     )
+
+
+def training_device() -> str:
+    """The device type ``accelerate.Accelerator()`` trains on here: cuda, mps or cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def check_mixed_precision(value: str, device: str | None = None) -> None:
+    """Refuse a ``mixed_precision`` the training device cannot run (ConfigError, one line).
+
+    Refuse rather than fall back: accelerate accepts ``fp16`` on a CPU and silently trains in
+    float32, so the run would differ from what params.yaml (and DVC's record of it) says, and an
+    "fp16" result would be an fp32 one under another name. A refusal costs one edit of params;
+    a silent fallback costs a wrong comparison later. ``bf16`` on a CPU is real (torch's CPU
+    autocast), only slow where the CPU lacks bf16 instructions, so it is allowed; on a GPU
+    without bf16 (before Ampere) accelerate raises deep in the loop, so it is refused here.
+    The precision that ran is recorded in every training stage's metrics (``train.mixed_precision``).
+    """
+    if value == "no":
+        return
+    device = device or training_device()
+    if value == "fp16" and device == "cpu":
+        raise ConfigError("params.yaml: 'mixed_precision'='fp16' cannot run on this machine's device (cpu: "
+                          "accelerate would silently train in float32); set mixed_precision: \"no\" (or bf16)")
+    if value == "bf16" and device == "cuda":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"params.yaml: 'mixed_precision'='bf16' cannot run on this GPU "
+                              f"({torch.cuda.get_device_name()} has no bf16); set mixed_precision: fp16 or \"no\"")
 
 
 def check_param(key: str, ok: bool, value: Any, allowed: str) -> None:

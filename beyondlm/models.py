@@ -17,14 +17,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from beyondlm.config import ModelConfig
+from beyondlm.config import ConfigError, ModelConfig
 from beyondlm.inputs import check_model_dir, reading, require, restore_fix
 from beyondlm.io import atomic_path
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A fresh tiny GPT-2 sized by ``cfg``, or ``cfg.name_or_path`` loaded from hub/local dir."""
+    """A fresh tiny GPT-2 sized by ``cfg``, or ``cfg.name_or_path`` loaded from hub/local dir
+    (its vocabulary checked against ``tokenizer``'s first)."""
     if cfg.name_or_path:
+        check_vocabulary(tokenizer, cfg.name_or_path, "sft.model.name_or_path", cfg.trust_remote_code)
         model = from_pretrained(AutoModelForCausalLM, cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
                                 fix="set sft.model.name_or_path to a model directory or hub id")
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -32,6 +34,36 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
         return model
     config = tiny_gpt2_config(cfg, tokenizer)
     return GPT2LMHeadModel(config)
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, name_or_path: str, key: str,
+                     trust_remote_code: bool = False) -> None:
+    """ConfigError unless every token of the pretrained model's own tokenizer has the same id in
+    ``tokenizer`` (the prepared data's), which may only add tokens after them (a pad, an EOS).
+
+    A pretrained model trained on prepared ids of another tokenizer (a BPE trained by ``prepare``)
+    reads every id as a different token: it runs, and learns nothing it was pretrained for. Checked
+    before the weights are loaded; a model without a tokenizer cannot be checked and is refused."""
+    from transformers import AutoTokenizer
+
+    fix = (f"prepare with the model's own tokenizer (prepare.tokenizer.name_or_path: {name_or_path!r}) "
+           f"and rerun prepare, or set {key}: null to train the tiny GPT-2 from scratch")
+    own: dict = {}
+    # without tokenizer_config.json transformers builds a GPT-2 tokenizer of one token from config.json
+    if not Path(name_or_path).is_dir() or (Path(name_or_path) / "tokenizer_config.json").is_file():
+        with reading(name_or_path, "tokenizer", f"set {key} to a model directory or hub id with its tokenizer"):
+            own = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).get_vocab()
+    if not own:
+        raise ConfigError(f"params.yaml: '{key}'={name_or_path!r} has no tokenizer to check the prepared "
+                          f"token ids against; save the model's tokenizer with it, or {fix}")
+    data = tokenizer.get_vocab()
+    moved = {t: i for t, i in own.items() if data.get(t) != i}
+    if moved:
+        token, i = next(iter(sorted(moved.items(), key=lambda kv: kv[1])))
+        raise ConfigError(
+            f"params.yaml: '{key}'={name_or_path!r} was pretrained with another vocabulary than the prepared "
+            f"data's tokenizer: {len(moved)} of its {len(own)} tokens have other ids (e.g. {token!r} is {i} in the "
+            f"model, {data.get(token, 'absent')} in the data); {fix}")
 
 
 def tiny_gpt2_config(cfg, tokenizer: PreTrainedTokenizerBase, **overrides) -> GPT2Config:

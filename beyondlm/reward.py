@@ -36,12 +36,13 @@ from transformers import (
 
 from beyondlm.config import ModelConfig
 from beyondlm.logprobs import pad_batch
-from beyondlm.models import from_pretrained, tiny_gpt2_config
+from beyondlm.models import check_vocabulary, from_pretrained, tiny_gpt2_config
 
 
 def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """GPT-2 (or ``cfg.name_or_path``) with a scalar head (num_labels = 1) and a dedicated pad id."""
     if cfg.name_or_path:
+        check_vocabulary(tokenizer, cfg.name_or_path, "reward.model.name_or_path", cfg.trust_remote_code)
         model = from_pretrained(AutoModelForSequenceClassification, cfg.name_or_path, num_labels=1,
                                 trust_remote_code=cfg.trust_remote_code, fix="set reward.model.name_or_path to a model directory or hub id")
         n_rows = max(model.get_input_embeddings().num_embeddings, len(tokenizer))

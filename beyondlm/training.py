@@ -80,6 +80,8 @@ class LoopResult:
     normaliser: float | None = None  # units per step the summed loss was divided by (None: its own count)
     valid_curve: list | None = None  # [(step, held-out loss)], with ``validate``
     convergence: dict | None = None  # beyondlm.convergence.Verdict as a dict, with ``validate``
+    device: str = "cpu"  # the device type that trained (accelerate's choice: cuda if there is one)
+    mixed_precision: str = "no"  # the precision that ran: no | fp16 | bf16 (autocast on)
 
 
 class BatchOrder:
@@ -501,6 +503,8 @@ def train_loop(
         normaliser=normaliser,
         valid_curve=[list(p) for p in held_out.curve] if validate is not None else None,
         convergence=verdict,
+        device=accelerator.device.type,
+        mixed_precision=accelerator.mixed_precision if accelerator.native_amp else "no",
     )
     if live is not None:
         live.end()

@@ -13,6 +13,7 @@ from beyondlm.config import load_section, read_params, section
 from beyondlm.data.config import PrepareConfig
 from beyondlm.data.prepare import prepare, write_prepared
 from beyondlm.dvcgraph import check_declared_inputs
+from beyondlm.hub import check_hub_id
 from beyondlm.io import write_metrics
 
 
@@ -26,6 +27,12 @@ def configure(args: argparse.Namespace, params: dict) -> PrepareConfig:
     cfg = load_section(PrepareConfig, section(params, "prepare"), "prepare")
     local = {f"prepare.local.{k}": getattr(cfg.local, k) for k in ("train", "valid", "test")} if cfg.source == "local" else {}
     check_declared_inputs("prepare", {**local, "prepare.tokenizer.name_or_path": cfg.tokenizer.name_or_path})
+    if cfg.source == "hub":  # before any download: offline, the fix is a local source or a filled cache
+        check_hub_id("prepare.hub.name", cfg.hub.name, "dataset",
+                     "or set prepare.source: local with the files under inputs/prepare/")
+    if cfg.tokenizer.kind in ("auto", "pretrained"):
+        check_hub_id("prepare.tokenizer.name_or_path", cfg.tokenizer.name_or_path,
+                     fix="or set prepare.tokenizer.kind: bpe")
     return cfg
 
 

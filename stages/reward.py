@@ -4,7 +4,8 @@ Reports held-out pair accuracy and, on the synthetic language, the Pearson and S
 correlation of its scores with the oracle reward over every sample of ``align_sample``.
 
 params: reward
-deps:   data/align/{preferences,samples}.parquet, ${prepare.out_dir} (tokenizer); code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
+deps:   data/align/{preferences,samples}.parquet, ${prepare.out_dir} (tokenizer), inputs/reward/ (a local
+        reward.model.name_or_path); code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (HF dir, safetensors), --live (dvclive curves)
 metrics: --metrics
 """
@@ -16,6 +17,8 @@ from beyondlm import cli
 from beyondlm.align.config import RewardConfig
 from beyondlm.align.experiment import run_reward
 from beyondlm.config import load_section, read_params, section
+from beyondlm.dvcgraph import check_declared_inputs
+from beyondlm.hub import check_hub_id
 from beyondlm.inputs import load_tokenizer
 from beyondlm.io import write_metrics
 
@@ -30,7 +33,10 @@ def parser() -> argparse.ArgumentParser:
 
 def configure(args: argparse.Namespace, params: dict) -> RewardConfig:
     """Every params check of this stage, before any input is read (also run up front by the flow)."""
-    return load_section(RewardConfig, section(params, "reward"), "reward")
+    cfg = load_section(RewardConfig, section(params, "reward"), "reward")
+    check_declared_inputs("reward", {"reward.model.name_or_path": cfg.model.name_or_path})
+    check_hub_id("reward.model.name_or_path", cfg.model.name_or_path, fix="or null to train the tiny GPT-2 of reward.model")
+    return cfg
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from beyondlm.config import read_params, section
 from beyondlm.sft import SFTConfig, sft_config
 from beyondlm.data.config import prepared_data
 from beyondlm.dvcgraph import check_declared_inputs
+from beyondlm.hub import check_hub_id
 from beyondlm.io import write_metrics
 from beyondlm.sft import run_sft
 
@@ -33,6 +34,7 @@ def configure(args: argparse.Namespace, params: dict) -> SFTConfig:
     """Every params check of this stage, before any input is read (also run up front by the flow)."""
     cfg = sft_config(section(params, "sft"), args.variant, args.seed)
     check_declared_inputs("sft", {"sft.model.name_or_path": cfg.model.name_or_path})
+    check_hub_id("sft.model.name_or_path", cfg.model.name_or_path, fix="or null to train the tiny GPT-2 of sft.model")
     return cfg
 
 

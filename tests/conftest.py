@@ -74,3 +74,26 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path_factory):
+    """No hub: ``HF_HUB_OFFLINE=1`` and empty Hugging Face caches in a temp dir, for this process
+    (the constants transformers and datasets read at call time) and its subprocesses (``HF_HOME``).
+    Restores everything ``beyondlm.hub.go_offline`` changes; yields the hub cache directory."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from beyondlm import hub
+
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setattr(datasets.config, name, True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
+    hub.hub_reachable.cache_clear()
+    yield home / "hub"
+    hub.hub_reachable.cache_clear()

@@ -18,6 +18,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO = {"n_train": 60, "n_valid": 20, "n_test": 20, "max_len": 24, "prompt_len": 3, "n_prompts": 6,
          "synthetic": {"n_topics": 2, "words_per_class": 4, "mean_sentences": 1.5, "max_len": 24}}
 PARAMS = {"prepare": {**MICRO, "out_dir": "data/prepared"},
-          "sft": {"variants": ["mle"], "seeds": [0], "objectives": {"mle": {}}, "train": {"max_steps": 2}},
+          "sft": {"variants": ["mle"], "seeds": [0], "objectives": {"mle": {}}, "train": {"max_steps": 2, "warmup_steps": 0}},
           "evaluate": {"n_samples": 4, "batch_size": 4}}
 MODEL = "models/sft/m"
 PREVIOUS = {"reports/metrics/prepare.json": '{"previous": true}\n',
@@ -152,6 +153,18 @@ REPRO_PREPARE = "dvc repro prepare"
 RESTORE_MODEL = f"dvc checkout --force {MODEL}"
 
 
+def _other_vocab_model(root: Path) -> None:
+    """sft.model.name_or_path: a pretrained model under inputs/sft/ whose own tokenizer is a BPE of other texts."""
+    from beyondlm.config import ModelConfig
+    from beyondlm.data.tokenization import train_bpe
+    from beyondlm.models import build_model, save_model
+
+    tok = train_bpe([f"other words, number {i}" for i in range(40)], 300)
+    save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32), tok), tok,
+               root / "inputs/sft/other")
+    _set(root, "sft.model", {"name_or_path": "inputs/sft/other"})
+
+
 def _pref_file(rows: str) -> Callable[[Path], None]:
     def breaks(root: Path) -> None:
         _set(root, "preferences", {"source": "file", "file": {"path": "inputs/preferences/pairs.jsonl"}})
@@ -207,7 +220,32 @@ CASES = [
          "variant name 'tailr-g0.1' contains '.'", "e.g. 'tailr-g0_1'", subprocess=True),
     Case("unknown-objective", *SFT, lambda r: _set(r, "sft.objectives", {"mle": {"objective": "mle2"}}),
          "sft.objectives.mle: unknown objective 'mle2'", "allowed: ["),
+    # fail fast (issue 13): hub ids offline, missing models, vocabulary mismatch, precision the device cannot run
+    Case("hub-dataset-offline", *PREPARE, lambda r: (_set(r, "prepare.source", "hub"),
+                                                     _set(r, "prepare.hub", {"name": "org/reviews"})),
+         "'prepare.hub.name'='org/reviews' is not a local directory and not in the Hugging Face cache",
+         "or set prepare.source: local"),
+    Case("hub-tokenizer-offline", *PREPARE, lambda r: _set(r, "prepare.tokenizer", {"name_or_path": "gpt2-nonexistent"}),
+         "'prepare.tokenizer.name_or_path'='gpt2-nonexistent' is not a local directory",
+         "or set prepare.tokenizer.kind: bpe"),
+    Case("missing-model-name", *SFT, lambda r: _set(r, "sft.model", {"name_or_path": "gpt2-nonexistent"}),
+         "'sft.model.name_or_path'='gpt2-nonexistent' is not a local directory and not in the Hugging Face cache",
+         "or null to train the tiny GPT-2"),
+    Case("missing-model-path", *SFT, lambda r: _set(r, "sft.model", {"name_or_path": "inputs/sft/gone/model"}),
+         "'sft.model.name_or_path'='inputs/sft/gone/model' does not exist (not a local path)",
+         "set it to an existing model directory"),
+    Case("pretrained-model-other-vocabulary", *SFT, _other_vocab_model,
+         "'sft.model.name_or_path'='inputs/sft/other' was pretrained with another vocabulary",
+         "prepare.tokenizer.name_or_path: 'inputs/sft/other'"),
+    Case("fp16-on-cpu", *SFT, lambda r: _set(r, "sft.train.mixed_precision", "fp16"),
+         "'mixed_precision'='fp16' cannot run on this machine's device (cpu", "in params section 'sft.train'"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _no_hub_and_a_cpu(offline_hub, monkeypatch):
+    """Hub ids are decided offline against an empty cache; precision is judged for a CPU."""
+    monkeypatch.setattr("beyondlm.config.training_device", lambda: "cpu")
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -244,6 +282,19 @@ def test_bad_input_is_one_line_and_writes_nothing(case: Case, base, tmp_path, ca
     assert _tree(root) == before  # previous outputs intact, nothing new, no temp files
 
 
+def test_a_missing_model_name_fails_in_well_under_a_second(base, tmp_path, capsys, monkeypatch):
+    """Not 30 s of hub retries: the id is judged before any download (the stage's imports aside)."""
+    case = next(c for c in CASES if c.id == "missing-model-name")
+    root = tmp_path / "project"
+    shutil.copytree(base, root)
+    monkeypatch.chdir(root)
+    case.breaks(root)
+    importlib.import_module(f"stages.{case.stage}")
+    t0 = time.perf_counter()
+    code, stderr = _run_stage(case, root, capsys, monkeypatch)
+    assert code == 2 and time.perf_counter() - t0 < 0.5, stderr
+
+
 # ----------------------------------------------------------------------------- library readers
 @pytest.mark.parametrize("data", [b"garbage", b"IxF2" + b"\0" * 10], ids=["garbage", "truncated"])
 def test_corrupt_faiss_index(tmp_path, data):
@@ -262,6 +313,43 @@ def test_tokenizer_without_its_config_is_refused(base, tmp_path):
     (model / "tokenizer_config.json").unlink()
     with pytest.raises(InputError, match=r"tokenizer_config.json: tokenizer file does not exist; rerun"):
         load_tokenizer(model)
+
+
+def test_a_pretrained_model_needs_the_prepared_vocabulary(base, tmp_path):
+    """Its own tokenizer's ids must mean the same tokens in the prepared data (extra tokens after
+    them are fine); a model without a tokenizer cannot be checked and is refused."""
+    from beyondlm.config import ConfigError
+    from beyondlm.models import check_vocabulary
+
+    data_tok = load_tokenizer(base / "data/prepared/tokenizer")
+    check_vocabulary(data_tok, str(base / MODEL), "sft.model.name_or_path")  # saved with the prepared tokenizer
+    data_tok.add_special_tokens({"pad_token": "<extra-pad>"})
+    check_vocabulary(data_tok, str(base / MODEL), "sft.model.name_or_path")
+    model = tmp_path / "m"
+    shutil.copytree(base / MODEL, model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    with pytest.raises(ConfigError, match=r"'reward.model.name_or_path'=.* has no tokenizer to check the prepared "
+                                          r"token ids against; save the model's tokenizer with it"):
+        check_vocabulary(data_tok, str(model), "reward.model.name_or_path")
+
+
+def test_a_model_id_the_hub_does_not_have_is_one_line(base, monkeypatch):
+    """Online (the hub check let the id through): the hub's own answer, as one line with the fix."""
+    import transformers
+
+    from beyondlm.models import check_vocabulary
+
+    def missing(name, **kwargs):
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier listed on "
+                      f"'https://huggingface.co/models'")
+
+    data_tok = load_tokenizer(base / MODEL)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", missing)
+    with pytest.raises(InputError, match=r"^gpt2-nonexistent: not a readable tokenizer \(gpt2-nonexistent is not a "
+                                         r"local folder and is not a valid model identifier .*\); set "
+                                         r"sft.model.name_or_path to a model directory or hub id with its tokenizer$"):
+        check_vocabulary(data_tok, "gpt2-nonexistent", "sft.model.name_or_path")
 
 
 # ----------------------------------------------------------------------------- bad resume checkpoints

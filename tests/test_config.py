@@ -133,3 +133,25 @@ def test_grpo_and_dr_grpo_are_online_align_methods():
         load_section(AlignConfig, {"hyperparams": {"grpo": {"unbiased": 0.5}}}, "align")
     with pytest.raises(ConfigError, match=r"align.hyperparams.dr_grpo.clip'=1.5"):
         load_section(AlignConfig, {"hyperparams": {"dr_grpo": {"clip": 1.5}}}, "align")
+
+
+def test_a_precision_the_device_cannot_run_is_refused(monkeypatch):
+    """fp16 on a CPU (accelerate would train in float32 and call it fp16) and bf16 on a GPU
+    without it are one line naming the key and the fix; bf16 on a CPU runs (autocast)."""
+    import torch
+
+    from beyondlm import config
+    from beyondlm.config import check_mixed_precision, train_config
+
+    for value, device in (("no", "cpu"), ("bf16", "cpu"), ("fp16", "cuda"), ("fp16", "mps")):
+        check_mixed_precision(value, device)
+    with pytest.raises(ConfigError, match=r"'mixed_precision'='fp16' cannot run on this machine's device \(cpu.*"
+                                          r"set mixed_precision: \"no\" \(or bf16\)"):
+        check_mixed_precision("fp16", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(ConfigError, match=r"'bf16' cannot run on this GPU \(Tesla V100 has no bf16\)"):
+        check_mixed_precision("bf16", "cuda")
+    monkeypatch.setattr(config, "training_device", lambda: "cpu")  # every section's TrainConfig, at load
+    with pytest.raises(ConfigError, match=r"'fp16' cannot run .*in params section 'align.hyperparams.dpo.train'"):
+        train_config({"mixed_precision": "fp16"}, None, "align.hyperparams.dpo.train")

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from beyondlm.config import ConfigError
 from beyondlm.dvcgraph import check_declared_inputs, code_dep_mismatches, import_cycles, code_deps, import_closure, pipeline_stages, write_code_deps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +131,17 @@ def test_unset_paths_and_hub_ids_need_no_declaration(tmp_path):
     project = _stage_project(tmp_path)
     check_declared_inputs("prepare", {"prepare.local.train": None, "prepare.tokenizer.name_or_path": "gpt2"}, project)
     check_declared_inputs("sft@mle-0", {"sft.model.name_or_path": None}, project)
+
+
+def test_a_local_reward_model_must_lie_under_inputs_reward(tmp_path):
+    project = _stage_project(tmp_path / "p")
+    outside = tmp_path / "rm"
+    outside.mkdir()
+    with pytest.raises(ConfigError, match=r"reward.model.name_or_path = .* is not one of its deps .* inputs/reward/"):
+        check_declared_inputs("reward", {"reward.model.name_or_path": str(outside)}, project)
+    (project / "inputs/reward").mkdir()
+    (project / "inputs/reward/rm").symlink_to(outside)
+    check_declared_inputs("reward", {"reward.model.name_or_path": "inputs/reward/rm"}, project)
 
 
 def test_the_library_imports_only_downward():

@@ -134,6 +134,7 @@ def test_pretrained_path_gets_dedicated_pad(tok, tmp_path):
     config = GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=1, n_head=2,
                         num_labels=1, pad_token_id=tok.eos_token_id)
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)  # its own tokenizer: the prepared ids are checked against it
     model = build_reward_model(ModelConfig(name_or_path=str(tmp_path)), tok)
     assert model.config.num_labels == 1
     assert model.config.pad_token_id == len(tok) == model.get_input_embeddings().num_embeddings - 1

@@ -2,10 +2,14 @@
 
 import gzip
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
+from beyondlm import hub
 from beyondlm.config import ConfigError, load_section
 from beyondlm.data.config import HubSourceConfig, LocalSourceConfig, PrepareConfig
 from beyondlm.data import sources
@@ -86,6 +90,22 @@ def test_hub_loader_reads_splits_through_load_dataset(tmp_path, monkeypatch):
         sources.load_hub(HubSourceConfig(name="org/reviews", train_split="nope"), seed=0)
 
 
+def test_a_data_set_the_hub_does_not_have_is_one_line(monkeypatch):
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    from beyondlm.inputs import InputError
+
+    def missing(name, *args, **kwargs):
+        raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(InputError, match=r"^org/nope: not a readable hub data set \(Dataset 'org/nope' doesn't exist "
+                                         r"on the Hub .*\); check prepare.hub.name, .config and .revision, or set "
+                                         r"prepare.source: local"):
+        sources.load_hub(HubSourceConfig(name="org/nope"), seed=0)
+
+
 @pytest.mark.skipif(not (SHARED / "sentiment").exists(), reason="../shared/data not present")
 def test_prepare_on_real_sst2_with_trained_bpe(tmp_path):
     cfg = load_section(PrepareConfig, {
@@ -105,3 +125,95 @@ def test_prepare_on_real_sst2_with_trained_bpe(tmp_path):
     if ids[-1] == prepared.tokenizer.eos_token_id:  # complete texts round-trip through the BPE
         assert prepared.tokenizer.decode(ids[1:-1]) == text
     assert len(prepared.prompts["test"]) == 16
+
+
+# ----------------------------------------------------------------------------- hub ids, before any download
+def test_offline_hub_id_not_in_the_cache_is_one_line_at_once(offline_hub):
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        hub.check_hub_id("prepare.hub.name", "org/reviews", "dataset", "or set prepare.source: local")
+    assert time.perf_counter() - t0 < 0.5  # decided from local facts: no request, no retries
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    assert "'prepare.hub.name'='org/reviews' is not a local directory and not in the Hugging Face cache" in msg
+    assert "HF_HUB_OFFLINE is set" in msg and "or set prepare.source: local" in msg
+
+
+def test_offline_hub_id_in_the_cache_passes(offline_hub):
+    import datasets.config
+
+    (offline_hub / "models--org--tiny" / "snapshots" / "abc").mkdir(parents=True)
+    hub.check_hub_id("sft.model.name_or_path", "org/tiny")
+    (offline_hub / "datasets--org--reviews" / "snapshots" / "abc").mkdir(parents=True)
+    hub.check_hub_id("prepare.hub.name", "org/reviews", "dataset")
+    (Path(datasets.config.HF_DATASETS_CACHE) / "imdb" / "plain_text").mkdir(parents=True)  # load_dataset's own cache
+    hub.check_hub_id("prepare.hub.name", "imdb", "dataset")
+    with pytest.raises(ConfigError, match="'prepare.hub.name'='org/tiny' is not a local directory"):
+        hub.check_hub_id("prepare.hub.name", "org/tiny", "dataset")  # a model repo is no data set
+
+
+def test_a_missing_path_is_not_taken_for_a_hub_id(offline_hub, tmp_path):
+    with pytest.raises(ConfigError, match=r"'sft.model.name_or_path'='\./models/x' does not exist \(not a local "
+                                          r"path\) and is not a hub id; set it to an existing model directory"):
+        hub.check_hub_id("sft.model.name_or_path", "./models/x")
+    with pytest.raises(ConfigError, match="is not a hub id"):
+        hub.check_hub_id("sft.model.name_or_path", "inputs/sft/a/b")
+    hub.check_hub_id("sft.model.name_or_path", str(tmp_path))  # an existing directory: local, never the hub
+    hub.check_hub_id("sft.model.name_or_path", None)
+
+
+def _online(monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_an_unreachable_hub_is_found_by_a_bounded_probe(monkeypatch, offline_hub):
+    """No HF_HUB_OFFLINE, and a connection (name lookup included) that hangs: the probe gives up."""
+    from huggingface_hub import constants
+
+    _online(monkeypatch)
+
+    def hang(*args, **kwargs):
+        time.sleep(3)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="'sft.model.name_or_path'='gpt2-nonexistent' .* the hub is unreachable"):
+        hub.check_hub_id("sft.model.name_or_path", "gpt2-nonexistent")
+    assert time.perf_counter() - t0 < hub.PROBE_TIMEOUT_S + 0.5
+    assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"  # later loads: the cache, no retries
+
+
+def test_a_reachable_hub_leaves_the_id_to_the_download(monkeypatch, offline_hub):
+    from huggingface_hub import constants
+
+    _online(monkeypatch)
+    monkeypatch.setattr(hub, "probe", lambda url, timeout=hub.PROBE_TIMEOUT_S: True)
+    hub.check_hub_id("sft.model.name_or_path", "gpt2-nonexistent")  # the hub answers 404 itself, at once
+    assert not constants.HF_HUB_OFFLINE
+
+
+def test_a_cached_model_loads_at_once_when_the_hub_is_unreachable(monkeypatch, offline_hub):
+    """The check switches the process offline: transformers reads the cache without retrying the hub."""
+    from transformers import AutoModelForCausalLM
+
+    from beyondlm.config import ModelConfig
+    from beyondlm.data.tokenization import train_bpe
+    from beyondlm.models import build_model, check_vocabulary, save_model
+
+    tok = train_bpe([f"some words {i}" for i in range(30)], 300)
+    repo = offline_hub / "models--org--tiny"
+    save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32), tok), tok,
+               repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    _online(monkeypatch)
+    monkeypatch.setattr(hub, "probe", lambda url, timeout=hub.PROBE_TIMEOUT_S: False)
+    t0 = time.perf_counter()
+    hub.check_hub_id("sft.model.name_or_path", "org/tiny")
+    check_vocabulary(tok, "org/tiny", "sft.model.name_or_path")
+    model = AutoModelForCausalLM.from_pretrained("org/tiny", use_safetensors=True)
+    assert time.perf_counter() - t0 < 5 and model.config.vocab_size == len(tok)  # retries took ~27 s here

@@ -45,6 +45,23 @@ def test_every_trainable_parameter_moves():
     assert result.steps == 3 and np.isfinite(result.final_loss) and result.tokens > 0
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_the_device_and_precision_that_ran_are_recorded(precision):
+    """What every training stage's metrics carry (``train.device``, ``train.mixed_precision``)."""
+    from accelerate.state import AcceleratorState
+
+    from beyondlm.config import training_device
+
+    examples, tok, model = _data(n=16)
+    AcceleratorState._reset_state()  # accelerate keeps one precision per process otherwise
+    try:
+        cfg = TrainConfig(batch_size=8, max_steps=1, warmup_steps=0, ckpt_every=0, mixed_precision=precision)
+        _, result = _run(model, examples, tok, cfg)
+    finally:
+        AcceleratorState._reset_state()
+    assert (result.device, result.mixed_precision) == (training_device(), precision)
+
+
 def _grads_seen_by_optimizer(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Gradients at the first optimizer step (a global pre-step hook; post-clipping)."""
     examples, tok, model = _data()

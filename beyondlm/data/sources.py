@@ -95,7 +95,11 @@ def load_hub(cfg: HubSourceConfig, seed: int) -> dict[str, list[str]]:
     if not cfg.name:
         raise ConfigError("prepare.source=hub needs prepare.hub.name: a data set id on the hub")
     extra = {"trust_remote_code": True} if cfg.trust_remote_code else {}
-    dsd = datasets.load_dataset(cfg.name, cfg.config, revision=cfg.revision, **extra)
+    # an id the hub does not have, a wrong config or revision: one line (stages/prepare.py checked
+    # before, from local facts, that the id is cached or the hub reachable)
+    fix = "check prepare.hub.name, .config and .revision, or set prepare.source: local (files under inputs/prepare/)"
+    with reading(cfg.name, "hub data set", fix):
+        dsd = datasets.load_dataset(cfg.name, cfg.config, revision=cfg.revision, **extra)
 
     def read(split: str, key: str) -> list[str]:
         if split not in dsd:
