@@ -54,6 +54,9 @@ from torch import Tensor
 from beyondlm.graph import ConceptGraph, neighbours
 
 GROUNDED = ("exclude", "keep")  # hop-0 nodes in P_c: multigen's choice (exclude) or kept
+# The gate's initial bias: g ≈ σ(−2) = 0.12 at the start, so fine-tuning starts near the LM it
+# comes from (multigen starts at PyTorch's default, g ≈ 0.5 ± noise, from pretrained GPT-2).
+GATE_BIAS0 = -2.0
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -280,6 +283,7 @@ class GRF(torch.nn.Module):
             self.gnn = torch.nn.ModuleList(CompGCN(d) for _ in range(gnn_layers))
             self.triple = torch.nn.Linear(d, 3 * d, bias=False)  # s_t ↦ W s_t, split (q_u, q_r, q_v)
             self.gate = torch.nn.Linear(d, 1)
+            torch.nn.init.constant_(self.gate.bias, GATE_BIAS0)
         for name, arr in (("g_src", graph.src), ("g_dst", graph.dst), ("g_rel", graph.rel)):
             self.register_buffer(name, torch.from_numpy(np.asarray(arr, dtype=np.int64)), persistent=False)
 

@@ -51,6 +51,7 @@ class GRFConfig:
     gnn_layers: int = 2  # CompGCN layers
     grounded: str = "exclude"  # hop-0 nodes in P_c: exclude (multigen) | keep
     alpha: float = 1.0  # weight of the gate BCE (multigen: 1)
+    train_lm: bool = False  # fine-tune the LM too (multigen: yes); False: only the graph modules and gate learn
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, max_steps=100,
                                                                     warmup_steps=10, ckpt_every=50))
@@ -206,6 +207,7 @@ def run_grf(cfg: GRFConfig, seed: int, *, graph: ConceptGraph, lm, start_lm, spl
     test = [list(s) for s, k in zip(splits["test"], keep) if k][: cfg.max_test or None]
     torch.manual_seed(seed)
     model = build(cfg, lm, graph, seed)
+    model.lm.requires_grad_(cfg.train_lm)  # the optimizer takes only parameters that require grad
     tcfg = replace(cfg.train, seed=seed)
     fn = loss_fn(cfg.alpha, prompt_len)
     model, loop = train_loop(model, train, fn, tcfg, collate=collate, units=[len(s) - 1 - prompt_len for s in train],
