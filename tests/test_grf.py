@@ -175,3 +175,26 @@ def test_config_errors_name_the_key_the_value_and_the_fix(raw, key):
     cfg = load_section(GRFConfig, {}, "grf")
     with pytest.raises(ConfigError, match="grf.seeds"):
         cfg.check_seed(7)
+
+
+def test_report_lookup_section_and_claim(tmp_path):
+    from beyondlm.io import write_json
+    from beyondlm.report import convergence, lookup
+
+    metrics = tmp_path / "metrics"
+    conv = {"converged": True, "rel_improvement": 0.0, "tol": 0.01, "window": 0.25, "best_step": 10,
+            "best_valid_loss": 1.0, "final_valid_loss": 1.0, "n_evals": 3, "gain": 0.0, "noise": 0.0}
+    for seed, grf in ((0, 15.0), (1, 15.2), (2, 14.9)):
+        write_json(metrics / "grf" / f"s{seed}.json", {
+            "converged": True, "convergence": conv if seed else {**conv, "converged": False}, "prompt_len": 8,
+            "n_test": 10, "subgraph": {"grounded": 3, "nodes": 100, "edges": 900},
+            "test": {"lm": 16.0, "lm_finetuned": 16.0, "grf": grf, "n_tokens": 100},
+            "gate": {"mean": 0.1, "content": 0.2, "function": 0.05, "in_graph_frac": 0.3, "groups_by": "word_class"},
+            "samples": {"lm": {"impossible_frac_at_data_length": 0.5}, "grf": {"impossible_frac_at_data_length": 0.6}}})
+    text = "\n".join(lookup.lookup_section(metrics, tmp_path))
+    assert "| GRF | after the prompt | 15.03 ± 0.088 |" in text  # mean ± std/√3 of (15, 15.2, 14.9)
+    assert "GRF's fine-tuned LM" not in text  # the LM was frozen: no separate row
+    verdicts = convergence.Verdicts(convergence.collect(metrics))
+    (claim,) = lookup.claims(metrics, verdicts, None)
+    assert math.isclose(claim.effect.value, 15.0333 - 16.0, abs_tol=1e-3)
+    assert claim.verdict == "inconclusive: not converged" and claim.failing == ("grf/s0",)

@@ -22,7 +22,7 @@ graph grounded in the prompt x (shared/METHODS.md, "Look-up models"):
    and the node score is Σ_{h=1..H} s^h(v). A node not reached yet has s = 0, not −∞: an edge
    from it still passes its own R_t (multigen scatters into zeros, and R_t ≥ 0 so the 0 floor
    only matters for nodes without in-edges).
-5. P_c = softmax of the node scores over the nodes that can take mass: nodes with a token of the
+5. P_c = softmax of the node scores (optionally times a learned κ, ``learn_scale``) over the nodes that can take mass: nodes with a token of the
    LM's vocabulary, and, with ``grounded="exclude"`` (multigen adds −1e5 to hop-0 nodes), not the
    grounded ones. P_c is mapped to the vocabulary through node tokens (a token of no such node
    gets 0; multigen instead loses the mass of nodes without a token: here P_c sums to 1).
@@ -265,7 +265,7 @@ class GRF(torch.nn.Module):
     ``lm_head``); the graph's edges are buffers, node embeddings a copy of the LM's."""
 
     def __init__(self, lm, graph: ConceptGraph, *, gamma: float = 0.5, hops: int = 2, gnn_layers: int = 2,
-                 grounded: str = "exclude", seed: int = 0):
+                 grounded: str = "exclude", learn_scale: bool = False, seed: int = 0):
         super().__init__()
         if grounded not in GROUNDED:
             raise ValueError(f"GRF: grounded={grounded!r} is not one of {GROUNDED}")
@@ -283,6 +283,10 @@ class GRF(torch.nn.Module):
             self.gnn = torch.nn.ModuleList(CompGCN(d) for _ in range(gnn_layers))
             self.triple = torch.nn.Linear(d, 3 * d, bias=False)  # s_t ↦ W s_t, split (q_u, q_r, q_v)
             self.gate = torch.nn.Linear(d, 1)
+            # P_c = softmax(κ·score), κ = exp(log_scale) learned (off: κ = 1, the paper's). The
+            # scores are sums of H sigmoids (each ≤ 1 + γ·…, about 3 at H = 2), so with κ = 1 no node
+            # of ~200 can get more than ~e³/200 ≈ 10% of P_c: κ lets P_c be as sharp as it needs.
+            self.log_scale = torch.nn.Parameter(torch.zeros(())) if learn_scale else None
             torch.nn.init.constant_(self.gate.bias, GATE_BIAS0)
         for name, arr in (("g_src", graph.src), ("g_dst", graph.dst), ("g_rel", graph.rel)):
             self.register_buffer(name, torch.from_numpy(np.asarray(arr, dtype=np.int64)), persistent=False)
@@ -310,6 +314,8 @@ class GRF(torch.nn.Module):
         else:
             r = triple_scores(query, node_h, enc[1], gb.src, gb.rel, gb.dst)  # (B, T, E)
             scores = propagate(r, gb.src, gb.dst, s0, gamma=self.gamma, hops=self.hops)
+        if self.log_scale is not None:
+            scores = scores * self.log_scale.exp()
         can = self.can_take(gb)
         lm = logits.float().log_softmax(-1)
         concept = concept_logprobs(scores, can, gb.node_tok, lm.shape[-1])

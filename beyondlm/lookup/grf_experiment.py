@@ -51,6 +51,7 @@ class GRFConfig:
     gnn_layers: int = 2  # CompGCN layers
     grounded: str = "exclude"  # hop-0 nodes in P_c: exclude (multigen) | keep
     alpha: float = 1.0  # weight of the gate BCE (multigen: 1)
+    learn_scale: bool = False  # P_c = softmax(κ·score) with a learned κ (paper: κ = 1)
     train_lm: bool = False  # fine-tune the LM too (multigen: yes); False: only the graph modules and gate learn
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, max_steps=100,
@@ -189,7 +190,8 @@ def sample_stats(model: GRF, prompts: list[list[int]], collate, *, graph: bool, 
 
 # ----------------------------------------------------------------------------- the run
 def build(cfg: GRFConfig, lm, graph: ConceptGraph, seed: int) -> GRF:
-    return GRF(lm, graph, gamma=cfg.gamma, hops=cfg.hops, gnn_layers=cfg.gnn_layers, grounded=cfg.grounded, seed=seed)
+    return GRF(lm, graph, gamma=cfg.gamma, hops=cfg.hops, gnn_layers=cfg.gnn_layers, grounded=cfg.grounded,
+               learn_scale=cfg.learn_scale, seed=seed)
 
 
 def run_grf(cfg: GRFConfig, seed: int, *, graph: ConceptGraph, lm, start_lm, splits: dict, prompts: list[list[int]],
