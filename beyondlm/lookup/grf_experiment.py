@@ -50,16 +50,16 @@ class GRFConfig:
     max_per_hop: int = 100  # new nodes per hop (paper: 100)
     gnn_layers: int = 2  # CompGCN layers
     grounded: str = "exclude"  # hop-0 nodes in P_c: exclude (multigen) | keep
-    alpha: float = 1.0  # weight of the gate BCE (multigen: 1)
+    alpha: float = 0.1  # weight of the gate BCE (multigen: 1)
     learn_scale: bool = False  # P_c = softmax(κ·score) with a learned κ (paper: κ = 1)
     train_lm: bool = False  # fine-tune the LM too (multigen: yes); False: only the graph modules and gate learn
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=32, max_steps=100,
-                                                                    warmup_steps=10, ckpt_every=50))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-3, batch_size=32, max_steps=120,
+                                                                    warmup_steps=10, ckpt_every=40))
     max_train: int = 0  # training texts (0 = all)
-    max_valid: int = 256  # held-out texts for the convergence curve
-    max_test: int = 0  # test texts (0 = all)
-    n_samples: int = 256  # test prompts sampled from (one completion each, per model)
+    max_valid: int = 128  # held-out texts for the convergence curve
+    max_test: int = 1000  # test texts (0 = all)
+    n_samples: int = 128  # test prompts sampled from (one completion each, per model)
     batch_size: int = 64  # evaluation and sampling
 
     def __post_init__(self) -> None:
