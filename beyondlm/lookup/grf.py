@@ -303,24 +303,47 @@ class GRF(torch.nn.Module):
         ok = gb.node_mask & (gb.node_tok >= 0)
         return ok & (gb.node_hop > 0) if self.grounded == "exclude" else ok
 
-    def head(self, hidden: Tensor, logits: Tensor, gb: GraphBatch, enc: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-        """Per position: ``lm`` log P_LM (B, T, V), ``concept`` log P_c (B, T, V), ``gate`` logit z
-        (B, T) (−∞ where the row has no concept), ``mix`` log P (B, T, V). hidden (B, T, d)."""
-        node_h, query = enc[0][gb.node_ids], self.triple(hidden)  # (B, N, d), (B, T, 3d)
-        s0 = (gb.node_hop == 0).to(query.dtype)  # (B, N)
-        if torch.is_grad_enabled():  # training: gradients through the winning edges only
-            parts = node_logits(query, node_h, enc[1])
-            scores = propagate_by_winners(parts, gb.src, gb.rel, gb.dst, s0, gamma=self.gamma, hops=self.hops)
+    def train(self, mode: bool = True) -> "GRF":
+        if mode:
+            self._encoded = None  # the cached encoding is for fixed weights only
+        return super().train(mode)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._encoded = None
+        return super().load_state_dict(*args, **kwargs)
+
+    def context(self, gb: GraphBatch) -> dict:
+        """What every step of a batch shares (computed once per batch, not per step): the
+        encoded graph gathered to each row's nodes (B, N, d), relation states, s^0 (B, N), the
+        nodes P_c may put mass on (B, N) and whether a row has any (B,). In eval mode without
+        gradients the graph's encoding is computed once and kept until ``train()``."""
+        if self.training or torch.is_grad_enabled():
+            node_all, rel_h = self.encode()
         else:
-            r = triple_scores(query, node_h, enc[1], gb.src, gb.rel, gb.dst)  # (B, T, E)
-            scores = propagate(r, gb.src, gb.dst, s0, gamma=self.gamma, hops=self.hops)
+            if getattr(self, "_encoded", None) is None:
+                self._encoded = self.encode()
+            node_all, rel_h = self._encoded
+        can = self.can_take(gb)
+        return {"gb": gb, "node_h": node_all[gb.node_ids], "rel_h": rel_h, "s0": (gb.node_hop == 0).float(),
+                "can": can, "has": can.any(1)}
+
+    def head(self, hidden: Tensor, logits: Tensor, ctx: dict) -> dict[str, Tensor]:
+        """Per position: ``lm`` log P_LM (B, T, V), ``concept`` log P_c (B, T, V), ``gate`` logit z
+        (B, T) (−∞ where the row has no concept), ``mix`` log P (B, T, V). hidden (B, T, d);
+        ``ctx``: :meth:`context` of the batch."""
+        gb, query = ctx["gb"], self.triple(hidden)  # (B, T, 3d)
+        if torch.is_grad_enabled():  # training: gradients through the winning edges only
+            parts = node_logits(query, ctx["node_h"], ctx["rel_h"])
+            scores = propagate_by_winners(parts, gb.src, gb.rel, gb.dst, ctx["s0"], gamma=self.gamma, hops=self.hops)
+        else:
+            r = triple_scores(query, ctx["node_h"], ctx["rel_h"], gb.src, gb.rel, gb.dst)  # (B, T, E)
+            scores = propagate(r, gb.src, gb.dst, ctx["s0"], gamma=self.gamma, hops=self.hops)
         if self.log_scale is not None:
             scores = scores * self.log_scale.exp()
-        can = self.can_take(gb)
         lm = logits.float().log_softmax(-1)
-        concept = concept_logprobs(scores, can, gb.node_tok, lm.shape[-1])
+        concept = concept_logprobs(scores, ctx["can"], gb.node_tok, lm.shape[-1])
         z = self.gate(hidden).squeeze(-1).float()
-        z = torch.where(can.any(1)[:, None], z, -math.inf)
+        z = torch.where(ctx["has"][:, None], z, -math.inf)
         return {"lm": lm, "concept": concept, "gate": z, "mix": mixture_logprobs(lm, concept, z)}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, gb: GraphBatch, start: int) -> dict[str, Tensor]:
@@ -328,7 +351,7 @@ class GRF(torch.nn.Module):
         (B, L) (``start`` = the prompt's length after BOS), plus ``labels`` and ``mask`` (B, T)."""
         hidden = self.lm.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden[:, start:-1]  # (B, T = L − 1 − start, d): states that predict continuation tokens
-        out = self.head(hidden, self.lm.lm_head(hidden), gb, self.encode())
+        out = self.head(hidden, self.lm.lm_head(hidden), self.context(gb))
         out["labels"] = input_ids[:, start + 1 :]
         out["mask"] = attention_mask[:, start + 1 :].bool()
         return out
@@ -357,7 +380,7 @@ def generate(model: GRF, prompts: Tensor, gb: GraphBatch | None, *, max_new_toke
     training (``gb`` None: from the LM alone, the baseline of the same loop). ``prompts`` (B, P):
     equal-length rows, BOS first. Returns each row's new tokens up to and including EOS."""
     model.eval()
-    enc = model.encode() if gb is not None else None
+    ctx = model.context(gb) if gb is not None else None  # once per batch
     b = prompts.shape[0]
     out = model.lm.transformer(input_ids=prompts, use_cache=True)
     hidden, past = out.last_hidden_state[:, -1:], out.past_key_values  # (B, 1, d)
@@ -365,7 +388,7 @@ def generate(model: GRF, prompts: Tensor, gb: GraphBatch | None, *, max_new_toke
     done = torch.zeros(b, dtype=torch.bool)
     for _ in range(max_new_tokens):
         logits = model.lm.lm_head(hidden)  # (B, 1, V)
-        logp = model.head(hidden, logits, gb, enc)["mix"] if gb is not None else logits.float().log_softmax(-1)
+        logp = model.head(hidden, logits, ctx)["mix"] if ctx is not None else logits.float().log_softmax(-1)
         y = torch.multinomial(logp[:, 0].exp(), 1, generator=generator)[:, 0]  # (B,)
         y = torch.where(done, eos_id, y)
         rows = torch.cat([rows, y[:, None]], 1)
