@@ -32,7 +32,7 @@ import torch
 
 from beyondlm.config import ConfigError, TrainConfig, check_choice, check_param, check_range
 from beyondlm.graph import ConceptGraph
-from beyondlm.logprobs import pad_batch
+from beyondlm.logprobs import pad_batch, token_logps
 from beyondlm.lookup.gate import target_groups
 from beyondlm.lookup.grf import GROUNDED, GRF, Grounder, generate, graph_batch, grf_loss, position_scores
 from beyondlm.metrics import impossible_at_data_lengths, ratio_estimate
@@ -136,6 +136,22 @@ def score_texts(model: GRF, seqs: list[list[int]], collate, prompt_len: int, bat
     return {**out, **{k: np.concatenate(v) for k, v in flat.items()}}
 
 
+@torch.no_grad()
+def score_lm(lm, seqs: list[list[int]], prompt_len: int, pad_id: int, batch_size: int) -> dict[str, np.ndarray]:
+    """:func:`score_texts`' ``prompt``, ``lm`` (= ``mix``) and ``n`` for a plain LM (no graph)."""
+    lm.eval()
+    out = {k: np.zeros(len(seqs)) for k in ("prompt", "lm", "n")}
+    for lo in range(0, len(seqs), batch_size):
+        ids, attn = pad_batch(seqs[lo : lo + batch_size], pad_id)
+        lp = token_logps(lm(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])  # (B, L−1)
+        m = attn[:, 1:].bool()
+        idx = slice(lo, lo + len(ids))
+        out["prompt"][idx] = lp[:, :prompt_len].double().sum(1).numpy()
+        out["lm"][idx] = torch.where(m[:, prompt_len:], lp[:, prompt_len:], 0.0).double().sum(1).numpy()
+        out["n"][idx] = m[:, prompt_len:].sum(1).numpy()
+    return {**out, "mix": out["lm"]}
+
+
 def perplexities(start: dict, tuned: dict) -> dict:
     """Continuation perplexity of the start LM, the fine-tuned LM (gate 0) and GRF."""
     n = start["n"].sum()
@@ -218,8 +234,8 @@ def run_grf(cfg: GRFConfig, seed: int, *, graph: ConceptGraph, lm, start_lm, spl
                              fingerprint={"grf": asdict(cfg), "seed": seed, "n_train": len(train)})
     model.eval()
     t_train = time.perf_counter()
-    start = build(cfg, start_lm, graph, seed).eval()  # the start LM; its graph parts are unused
-    s_start = score_texts(start, test, collate, prompt_len, cfg.batch_size)
+    start = build(cfg, start_lm, graph, seed).eval()  # the start LM (its graph parts unused: it samples with gb=None)
+    s_start = score_lm(start_lm, test, prompt_len, pad, cfg.batch_size)
     s_tuned = score_texts(model, test, collate, prompt_len, cfg.batch_size)
     lengths = np.array([len(s) - 1 for s in test], dtype=np.float64)
     metrics: dict = {"seed": seed, "converged": bool(loop.convergence["converged"]), "convergence": loop.convergence,
