@@ -192,7 +192,7 @@ def test_report_lookup_section_and_claim(tmp_path):
             "gate": {"mean": 0.1, "content": 0.2, "function": 0.05, "in_graph_frac": 0.3, "groups_by": "word_class"},
             "samples": {"lm": {"impossible_frac_at_data_length": 0.5}, "grf": {"impossible_frac_at_data_length": 0.6}}})
     text = "\n".join(lookup.lookup_section(metrics, tmp_path))
-    assert "| GRF | after the prompt | 15.03 ± 0.088 |" in text  # mean ± std/√3 of (15, 15.2, 14.9)
+    assert "| GRF | after the prompt | 15.033 ± 0.088 |" in text  # mean ± std/√3 of (15, 15.2, 14.9)
     assert "GRF's fine-tuned LM" not in text  # the LM was frozen: no separate row
     verdicts = convergence.Verdicts(convergence.collect(metrics))
     (claim,) = lookup.claims(metrics, verdicts, None)

@@ -23,14 +23,14 @@ def grf_runs(metrics: Path) -> dict[int, dict]:
             if name.startswith("s") and name[1:].isdigit()}
 
 
-def mean_se(values: list) -> str:
+def mean_se(values: list, spec: str = ".3f") -> str:
     """``mean ± SE`` (SE = std/√n over seeds) of the non-None values; one value alone; – for none."""
     vals = np.array([v for v in values if v is not None], dtype=float)
     if vals.size == 0:
         return "–"
     if vals.size == 1:
-        return f"{vals[0]:.4g}"
-    return f"{vals.mean():.4g} ± {vals.std(ddof=1) / np.sqrt(vals.size):.2g}"
+        return f"{vals[0]:{spec}}"
+    return f"{vals.mean():{spec}} ± {vals.std(ddof=1) / np.sqrt(vals.size):.2g}"
 
 
 def knn_rows(k: dict | None, prep: dict | None) -> list[str]:
@@ -67,7 +67,7 @@ def grf_rows(runs: dict[int, dict]) -> list[str]:
     for label, ppl, kl, samples, gate in rows:
         imp = col(f"{samples}.impossible_frac_at_data_length") if samples else [None]
         g = [mean_se(col(f"gate.{x}")) for x in ("mean", "content", "function")] if gate else ["–"] * 3
-        out.append(f"| {label} | after the prompt | {mean_se(col(ppl))} | {mean_se(col(kl)) if kl else '–'} | "
+        out.append(f"| {label} | after the prompt | {mean_se(col(ppl))} | {mean_se(col(kl), '.4f') if kl else '–'} | "
                    f"{mean_se(imp)} | " + " | ".join(g) + " |")
     return out
 
