@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from beyondlm.graph import ConceptGraph, neighbours
+from beyondlm.graph.core import csr_rows
 
 GROUNDED = ("exclude", "keep")  # hop-0 nodes in P_c: multigen's choice (exclude) or kept
 # The gate's initial bias: g ≈ σ(−2) = 0.12 at the start, so fine-tuning starts near the LM it
@@ -205,7 +206,7 @@ class Grounder:
         hop = np.concatenate([np.full(len(h), i, dtype=np.int64) for i, h in enumerate(per_hop)])
         local = np.full(g.n_nodes, -1, dtype=np.int64)
         local[nodes] = np.arange(len(nodes))
-        rows = np.concatenate([np.arange(self.indptr[u], self.indptr[u + 1]) for u in nodes] or [np.zeros(0, np.int64)])
+        rows = csr_rows(self.indptr, nodes)
         rows = rows[local[g.dst[rows]] >= 0]
         s, d = local[g.src[rows]], local[g.dst[rows]]
         fwd = hop[s] < hop[d]
