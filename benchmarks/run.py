@@ -5,7 +5,9 @@ Writes ``reports/bench/objectives.json`` (per-step cost of each SFT objective re
 the same candidates, ``benchmarks/sir.py``), ``reports/bench/knnlm.json`` (kNN-LM datastore build
 rate, exact vs IVF-PQ query throughput, recall, bytes per key and perplexity,
 ``benchmarks/knnlm.py``), ``reports/bench/align.json`` (per-step time of our DPO vs TRL's
-``DPOTrainer``, and of EXO-rw vs DPO-rw, ``benchmarks/align.py``) and ``reports/bench/sft.json``:
+``DPOTrainer``, and of EXO-rw vs DPO-rw, ``benchmarks/align.py``), ``reports/bench/lookup.json``
+(GRF's per-token decoding cost vs the plain LM, interleaved fresh processes, ``benchmarks/lookup.py``)
+and ``reports/bench/sft.json``:
 - SFT training throughput of our loop vs a plain ``transformers.Trainer`` on the same tiny model,
   data, batch and schedule (median of ``--repeats`` interleaved runs, each in a fresh process with
   the same torch threads), their ratio, each pair's ratio, the real-token fraction of each side,
@@ -36,7 +38,7 @@ import torch
 from beyondlm.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES = ("sft", "objectives", "sir", "knnlm", "align")
+BENCHES = ("sft", "objectives", "sir", "knnlm", "align", "lookup")
 
 
 def _env() -> dict[str, str]:
@@ -163,6 +165,12 @@ def main() -> None:
         write_json(ROOT / "reports" / "bench" / "align.json", {"machine": {**machine, **machine_extras()}, **align})
         print(json.dumps({k: {m: v[m] for m in v if "ratio" in m or m == "met"} for k, v in align.items()
                           if isinstance(v, dict) and "met" in v}, indent=1))
+    if "lookup" in args.only:
+        from benchmarks.lookup import lookup_bench
+
+        lookup = lookup_bench(args.repeats, args.threads)
+        write_json(ROOT / "reports" / "bench" / "lookup.json", {"machine": machine, **lookup})
+        print(json.dumps({k: v for k, v in lookup.items() if k != "runs"}, indent=1))
     if summary is not None:
         print(json.dumps(summary, default=str, indent=1))
 

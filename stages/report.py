@@ -1,7 +1,7 @@
 """Stage ``report``: ``reports/report.md`` (tables, PNG figures, convergence verdicts, the claims
 table) and ``reports/claims.md`` (the claims block the README pastes), from every stage's outputs.
 
-params: report.*, datastore.model (which SFT run the kNN-LM interpolates: its convergence verdict)
+params: report.*, datastore.model, grf.model (the SFT runs kNN-LM interpolates and GRF starts from: their convergence verdicts)
 deps:   reports/metrics, reports/live/sft, reports/samples, reports/plots/ebm/quality_vs_m.png; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   reports/report.md, reports/claims.md, reports/plots/report/
 """
@@ -27,8 +27,9 @@ def configure(args: argparse.Namespace, params: dict) -> ReportConfig:
 def main() -> None:
     params = read_params()
     cfg = configure(parser().parse_args(), params)
-    lm_dir = section(params, "datastore").get("model")
-    build_report(Path("reports"), cfg.n_examples, knnlm_base=Path(lm_dir).name if lm_dir else None)
+    lm_dir, grf_dir = section(params, "datastore").get("model"), section(params, "grf").get("model")
+    build_report(Path("reports"), cfg.n_examples, knnlm_base=Path(lm_dir).name if lm_dir else None,
+                 grf_base=Path(grf_dir).name if grf_dir else None)
 
 
 if __name__ == "__main__":

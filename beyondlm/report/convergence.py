@@ -5,7 +5,8 @@ rel_improvement, tol, window, best_step, best_valid_loss, final_valid_loss, n_ev
 - ``sft/<variant>-s<seed>.json`` and ``bigram/<variant>-s<seed>.json``: top level;
 - ``align/reward.json`` (where dvc.yaml writes it; ``reward.json`` also read): top level;
 - ``align/method/<method>.json``: ``runs.s<seed>.convergence``;
-- ``vq.json``: ``convergence.posterior`` and ``convergence.prior``.
+- ``vq.json``: ``convergence.posterior`` and ``convergence.prior``;
+- ``grf/s<seed>.json``: top level.
 A missing dict (a file written before verdicts existed) counts as not converged.
 """
 
@@ -45,6 +46,8 @@ def collect(metrics: Path) -> list[RunVerdict]:
         res = read_json(path)
         out += [RunVerdict("align", f"{path.stem}-{seed}", run.get("convergence"))
                 for seed, run in res.get("runs", {}).items()]
+    for path in sorted((metrics / "grf").glob("s*.json")):  # grf/s<seed>.json: top level
+        out.append(RunVerdict("grf", path.stem, (read_json(path) or {}).get("convergence")))
     if (vq := read_json(metrics / "vq.json")) is not None:
         conv = vq.get("convergence") or {}
         out += [RunVerdict("vq", part, conv.get(part)) for part in ("posterior", "prior")]

@@ -131,8 +131,8 @@ def graph_section(metrics: Path) -> list[str]:
     out = ["## Concept graph (for graph look-up)", "",
            f"Source `{g['source']}`: {g['n_nodes']} nodes, {g['n_edges']} edges ({rels}); mean degree "
            f"{g['degree']['mean']:.1f} (max {g['degree']['max']}); {g['components']} component(s), the largest "
-           f"holding {g['largest_component_fraction']:.0%} of the nodes. The GRF model that reads it is not built "
-           "yet.", ""]
+           f"holding {g['largest_component_fraction']:.0%} of the nodes. GRF reads it (look-up section).",
+           ""]
     if check := g.get("language_check"):
         out += ["| relation | edges | producible by the language | random pairs producible | recall of producible pairs |",
                 "|---|---|---|---|---|",
