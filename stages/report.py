@@ -4,6 +4,9 @@ table) and ``reports/claims.md`` (the claims block the README pastes), from ever
 params: report.*, datastore.model, grf.model (the SFT runs kNN-LM interpolates and GRF starts from: their convergence verdicts)
 deps:   reports/metrics, reports/live/sft, reports/samples, reports/plots/ebm/quality_vs_m.png; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   reports/report.md, reports/claims.md, reports/plots/report/
+
+Only the outputs of the stages dvc.yaml defines now, with the bytes dvc.lock recorded, are read;
+each section names its data source, params hash and code commit (beyondlm/report/provenance.py).
 """
 
 import argparse
@@ -11,7 +14,9 @@ from pathlib import Path
 
 from beyondlm import cli
 from beyondlm.config import ReportConfig, load_section, read_params, section
+from beyondlm.dvcgraph import pipeline_stages
 from beyondlm.report.build import build_report
+from beyondlm.report.provenance import Provenance
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,8 +33,9 @@ def main() -> None:
     params = read_params()
     cfg = configure(parser().parse_args(), params)
     lm_dir, grf_dir = section(params, "datastore").get("model"), section(params, "grf").get("model")
+    current = Provenance.from_workspace(Path.cwd(), {s.name for s in pipeline_stages(Path.cwd())})
     build_report(Path("reports"), cfg.n_examples, knnlm_base=Path(lm_dir).name if lm_dir else None,
-                 grf_base=Path(grf_dir).name if grf_dir else None)
+                 grf_base=Path(grf_dir).name if grf_dir else None, provenance=current)
 
 
 if __name__ == "__main__":

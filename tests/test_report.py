@@ -320,3 +320,84 @@ def test_the_report_knows_which_methods_use_the_reward_model():
 
     rows = {name for name, row in PREFERENCE_LOSSES.items() if row.kind in ("group", "online")}
     assert set(USES_REWARD_MODEL) == rows | {"best_of_n"}
+
+
+def _lock_entry(outs, params, deps=()):
+    import hashlib
+
+    def md5(p):
+        return hashlib.md5(p.read_bytes()).hexdigest()
+
+    return {"cmd": "x", "params": {"params.yaml": params},
+            "deps": [{"path": d.name if hasattr(d, "name") else d, "hash": "md5", "md5": "0"} for d in deps],
+            "outs": [{"path": rel, "hash": "md5", "md5": md5(path)} for rel, path in outs]}
+
+
+def _eval_metrics(ppl, exact=True):
+    m = {"test": {"perplexity": ppl}, "samples": {"distinct_2": 0.5},
+         "reference": {"distinct_2": 0.6, "rep_2": 0.1, "mean_length": 20}}
+    return {**m, "exact": {"forward_kl": 1.0, "tvd": 0.5}} if exact else m
+
+
+def test_report_reads_only_the_current_lock_outputs_and_names_their_provenance(tmp_path):
+    """A metrics file from another params hash (bytes differ from dvc.lock's md5) and one of a
+    stage dvc.yaml no longer defines are left out and listed; each section names its data,
+    params hash and code commit."""
+    import yaml
+
+    from beyondlm.report.provenance import Provenance
+
+    root = tmp_path
+    rep = root / "reports"
+    current = rep / "metrics/evaluate/mle-s0.json"
+    _write(current, _eval_metrics(10.0))
+    _write(rep / "metrics/prepare.json", {"vocab_size": 9, "train": {"n_texts": 3, "n_tokens": 30, "mean_length": 10.0}})
+    stale = rep / "metrics/evaluate/emo-s0.json"  # lock has the md5 of its old content
+    _write(stale, _eval_metrics(99.0))
+    old_bytes = stale.read_bytes()
+    gone = rep / "metrics/evaluate/mixce-s0.json"  # its stage is no longer in dvc.yaml
+    _write(gone, _eval_metrics(77.0))
+    (root / "stages").mkdir()
+    (root / "stages/evaluate.py").write_text("print(1)\n")
+    lock = {"prepare": _lock_entry([("reports/metrics/prepare.json", rep / "metrics/prepare.json")],
+                                   {"prepare": {"source": "synthetic"}}),
+            "evaluate@mle-0": _lock_entry([("reports/metrics/evaluate/mle-s0.json", current)], {"evaluate": {"seed": 0}},
+                                          ["stages/evaluate.py"]),
+            "evaluate@emo-0": _lock_entry([("reports/metrics/evaluate/emo-s0.json", stale)], {"evaluate": {"seed": 0}}),
+            "evaluate@mixce-0": _lock_entry([("reports/metrics/evaluate/mixce-s0.json", gone)], {"evaluate": {"seed": 0}})}
+    _write(stale, _eval_metrics(55.0))  # rewritten by another experiment: not what dvc.lock recorded
+    assert stale.read_bytes() != old_bytes
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": lock}))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "stages"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "code"], cwd=root, check=True)
+    sha = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    prov = Provenance.from_workspace(root, {"prepare", "evaluate@mle-0", "evaluate@emo-0"})
+    text = build_report(rep, n_examples=1, provenance=prov)
+    assert "| mle | 1 |" in text and "10.000" in text
+    assert "emo" not in text.split("## Left out")[0] and "mixce" not in text.split("## Left out")[0]
+    assert "- `reports/metrics/evaluate/emo-s0.json`" in text and "- `reports/metrics/evaluate/mixce-s0.json`" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("_Provenance") and "evaluate" in ln)
+    assert "data synthetic (embedded language)" in line and f"code at commit `{sha}`" in line
+    assert f"params `{prov.params_hash(('sft', 'evaluate'))}`" in line
+    # another params value: another hash; edited code: said so
+    other = Provenance(root, {**prov.lock, "evaluate@mle-0": {**prov.lock["evaluate@mle-0"],
+                                                             "params": {"params.yaml": {"evaluate": {"seed": 1}}}}})
+    assert other.params_hash(("evaluate",)) != prov.params_hash(("evaluate",))
+    (root / "stages/evaluate.py").write_text("print(2)\n")
+    assert prov.commit(("evaluate",)) == f"{sha} + uncommitted changes"
+    # outside a DVC workspace (no provenance) every file is read, as before
+    assert "99.000" not in build_report(rep, n_examples=1) and "55.000" in build_report(rep, n_examples=1)
+
+
+def test_without_a_known_data_distribution_the_exact_metrics_are_na(tmp_path):
+    _write(tmp_path / "metrics/evaluate/mle-s0.json", _eval_metrics(10.0, exact=False))
+    text = build_report(tmp_path, n_examples=1)
+    assert "n/a: no known data distribution" in text
+    assert "exact-likelihood" not in text and "known data distribution." not in text
+    assert "| mle | 1 |" in text and "10.000" in text
+    _write(tmp_path / "metrics/evaluate/mle-s0.json", _eval_metrics(10.0))
+    text = build_report(tmp_path, n_examples=1)
+    assert "exact-likelihood Monte Carlo estimates" in text and "n/a" not in text

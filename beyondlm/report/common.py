@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import matplotlib
 
@@ -31,21 +33,41 @@ def get(d: dict | None, dotted: str) -> Any:
 METRICS_FIX = "rerun the stage that writes it: `dvc repro` (a changed metrics file makes its stage stale)"
 
 
+# Which files the report may read (beyondlm.report.provenance: outputs of the current dvc.lock);
+# None = every file (the report built outside a DVC workspace, e.g. in tests).
+_CURRENT: ContextVar[Callable[[Path], bool] | None] = ContextVar("current_outputs", default=None)
+
+
+@contextmanager
+def reading_only(is_current: Callable[[Path], bool] | None) -> Iterator[None]:
+    """Within it, the readers below skip every file ``is_current`` refuses (as if absent)."""
+    token = _CURRENT.set(is_current)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def readable(path: Path) -> bool:
+    """``path`` exists and, inside :func:`reading_only`, is a current output."""
+    return path.exists() and ((check := _CURRENT.get()) is None or check(path))
+
+
 def read_json(path: Path) -> dict | None:
-    """The parsed file, or None when it does not exist (a stage that has not run)."""
-    return inputs.read_json(path, METRICS_FIX) if path.exists() else None
+    """The parsed file, or None when it does not exist (a stage that has not run) or is not current."""
+    return inputs.read_json(path, METRICS_FIX) if readable(path) else None
 
 
 def load_json_dir(directory: Path) -> dict[str, dict]:
-    """``{stem: parsed}`` of every ``*.json`` in ``directory`` (sorted; empty when absent)."""
-    return {p.stem: inputs.read_json(p, METRICS_FIX) for p in sorted(directory.glob("*.json"))}
+    """``{stem: parsed}`` of every readable ``*.json`` in ``directory`` (sorted; empty when absent)."""
+    return {p.stem: inputs.read_json(p, METRICS_FIX) for p in sorted(directory.glob("*.json")) if readable(p)}
 
 
 def load_runs(directory: Path) -> dict[str, dict[int, dict]]:
-    """``{variant: {seed: metrics}}`` from ``<directory>/<variant>-s<seed>.json``."""
+    """``{variant: {seed: metrics}}`` from the readable ``<directory>/<variant>-s<seed>.json``."""
     runs: dict[str, dict[int, dict]] = defaultdict(dict)
     for path in sorted(directory.glob("*.json")):
-        if m := RUN.match(path.stem):
+        if (m := RUN.match(path.stem)) and readable(path):
             runs[m["variant"]][int(m["seed"])] = inputs.read_json(path, METRICS_FIX)
     return dict(runs)
 

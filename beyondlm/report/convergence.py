@@ -43,7 +43,7 @@ def collect(metrics: Path) -> list[RunVerdict]:
     if rm is not None:
         out.append(RunVerdict("reward", "reward", rm.get("convergence")))
     for path in sorted((metrics / "align" / "method").glob("*.json")):
-        res = read_json(path)
+        res = read_json(path) or {}
         out += [RunVerdict("align", f"{path.stem}-{seed}", run.get("convergence"))
                 for seed, run in res.get("runs", {}).items()]
     for path in sorted((metrics / "grf").glob("s*.json")):  # grf/s<seed>.json: top level

@@ -8,13 +8,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from beyondlm.report.claims import Claim, Effect
-from beyondlm.report.common import fmt, image, read_json, save_fig
+from beyondlm.report.common import fmt, image, read_json, readable, save_fig
 from beyondlm.report.convergence import Verdicts
 
 
 def plot_knnlm(tsv: Path, out: Path) -> Path | None:
     """Perplexity against λ, one line per split and k."""
-    if not tsv.exists():
+    if not readable(tsv):
         return None
     rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line]
     fig, ax = plt.subplots(figsize=(5, 4))

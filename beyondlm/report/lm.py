@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from beyondlm.report.common import get, image, load_runs, mean_std, save_fig
+from beyondlm.report.common import get, image, load_runs, mean_std, readable, save_fig
 from beyondlm.report.convergence import Verdicts
 
 # (column title, path in the evaluate JSON, format)
@@ -87,7 +87,7 @@ def reference_row(runs: dict[str, dict[int, dict]]) -> str:
 
 
 def plot_losses(live_root: Path, out: Path) -> Path | None:
-    curves = sorted(live_root.glob("*/plots/metrics/train/loss.tsv"))
+    curves = [p for p in sorted(live_root.glob("*/plots/metrics/train/loss.tsv")) if readable(p)]
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -165,15 +165,22 @@ def length_table(runs: dict[str, dict[int, dict]]) -> list[str]:
     return out
 
 
+EXACT_NOTE = ("KL and TVD are exact-likelihood Monte Carlo estimates against the known data distribution. "
+              "'impossible' = 1 − q(A), the share of model samples the language cannot produce (the plain reverse KL "
+              "is then infinite); the conditional reverse KL(q_A‖p_d) is that of the model restricted to the possible "
+              "texts, = mean over possible samples of (log q − log p_d) − log q(A): never negative. Per-token columns "
+              "are ratio estimators (Σ nats / Σ tokens). 'impossible at data lengths' reweights the impossible rate by "
+              "length bin to the data's length distribution, so shorter texts cannot look better.")
+NO_EXACT = ("Exact KL, TVD and impossible rates: n/a: no known data distribution (real text). Perplexity and the "
+            "text metrics below are what this data allows.")
+
+
 def evaluation_section(runs: dict[str, dict[int, dict]], verdicts: Verdicts, reports: Path) -> list[str]:
-    out = ["## Evaluation", "",
-           "Mean ± std over seeds. KL and TVD are exact-likelihood Monte Carlo estimates against the known data "
-           "distribution. 'impossible' = 1 − q(A), the share of model samples the language cannot produce (the "
-           "plain reverse KL is then infinite); the conditional reverse KL(q_A‖p_d) is that of the model "
-           "restricted to the possible texts, = mean over possible samples of (log q − log p_d) − log q(A): never "
-           "negative. Per-token columns are ratio estimators (Σ nats / Σ tokens). 'impossible at data lengths' "
-           "reweights the impossible rate by length bin to the data's length distribution, so shorter texts "
-           "cannot look better. 'converged': seeds whose SFT run converged.", ""]
+    """Exact divergences when p_d is known (the synthetic language), else a line saying they are n/a;
+    sample metrics and lengths either way."""
+    exact = _has(runs, "exact.forward_kl")
+    out = ["## Evaluation", "", f"Mean ± std over seeds. {EXACT_NOTE if exact else NO_EXACT} 'converged': seeds "
+           "whose SFT run converged.", ""]
     if not runs:
         return out + ["_no evaluated runs_", ""]
     out += [metrics_table(runs, EXACT_COLUMNS, verdicts=verdicts), "", "Samples (pure ancestral, T = 1):", "",
@@ -206,7 +213,7 @@ def bigram_section(metrics: Path, verdicts: Verdicts) -> list[str]:
 
 def sample_section(samples_dir: Path, n: int) -> str:
     parts = []
-    for path in sorted(samples_dir.glob("*.jsonl")):
+    for path in filter(readable, sorted(samples_dir.glob("*.jsonl"))):
         texts = [json.loads(ln)["text"] for ln in path.read_text().splitlines()[:n]]
         parts.append(f"**{path.stem}**\n\n" + "\n".join(f"- {t}" for t in texts))
     return "\n\n".join(parts)
