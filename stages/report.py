@@ -33,7 +33,9 @@ def main() -> None:
     params = read_params()
     cfg = configure(parser().parse_args(), params)
     lm_dir, grf_dir = section(params, "datastore").get("model"), section(params, "grf").get("model")
-    current = Provenance.from_workspace(Path.cwd(), {s.name for s in pipeline_stages(Path.cwd())})
+    root = Path.cwd()
+    in_dvc = (root / ".dvc").is_dir() and (root / "dvc.lock").is_file()  # else run by hand: read every file
+    current = Provenance.from_workspace(root, {s.name for s in pipeline_stages(root)}) if in_dvc else None
     build_report(Path("reports"), cfg.n_examples, knnlm_base=Path(lm_dir).name if lm_dir else None,
                  grf_base=Path(grf_dir).name if grf_dir else None, provenance=current)
 
