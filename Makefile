@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REPRO_WORKERS ?= 2   # stages at once (independent ones overlap; 1 = one after another)
 
-.PHONY: repro test bench dvc-repro deps clean-venv
+.PHONY: repro test bench dvc-repro deps push pull clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ repro: $(STAMP)
 # The same stages through DVC alone (no Prefect, no MLflow).
 dvc-repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# The DVC remote (README "DVC remote"): every output + the run-cache to / from the default remote
+# (../beyondlm-dvc-remote unless .dvc/config.local names another, e.g. S3/MinIO).
+push: $(STAMP)
+	$(BIN)/python -m beyondlm.remote push
+
+pull: $(STAMP)
+	$(BIN)/python -m beyondlm.remote pull
 
 # After an import changes: each stage's code deps in dvc.yaml = its import closure (a test checks).
 deps: $(STAMP)

@@ -14,7 +14,11 @@ another, e.g. S3/MinIO (README "DVC remote"). ``remote=`` picks one by name.
     python -m beyondlm.remote pull [stage ...] [-r NAME]   # = make pull
 
 A stage name as target moves only that stage's outputs (a dispatched worker pulls its deps'
-stages, runs ``dvc repro --single-item``, pushes its own).
+stages, runs ``dvc repro --single-item``, pushes its own). ``pull`` brings the run-cache records,
+not the objects they name: ``dvc repro --pull`` then restores a stage another checkout ran with the
+same command, deps and params ("Stage ... is cached - skipping run") instead of running it; a
+stage with a ``persist`` out (sft, align, datastore, grf) has no run-cache and comes back through
+its dvc.lock entry only.
 """
 
 from __future__ import annotations
