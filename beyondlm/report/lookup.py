@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from beyondlm.report import knnlm
 from beyondlm.report.claims import Claim, seed_effect
 from beyondlm.report.common import fmt, get, load_json_dir, mean_std, read_json
