@@ -3,8 +3,8 @@
 - ``LanguageOracle``: the synthetic language's exact posterior log-odds of positive sentiment,
   ``SyntheticLanguage.oracle_reward`` (the default pipeline; unchanged numbers).
 - ``ClassifierOracle``: a sentiment classifier over decoded text, r*(x) = its log-odds of positive
-  sentiment, as the EXO paper's IMDB oracle (Ji et al., ICML 2024, §5: a classifier trained on the
-  labelled reviews). TF-IDF over word 1..n-grams + L2 logistic regression (scikit-learn); ~0.89 test
+  sentiment, as the EXO paper's IMDB oracle (Ji et al., ICML 2024: a classifier trained on the
+  labelled reviews). TF-IDF over word 1..n-grams + L2 logistic regression (scikit-learn); 0.90 test
   accuracy on IMDB (README).
 
 Both score token-id sequences without BOS (``reward(seqs) -> (N,) float64``), the call every stage
