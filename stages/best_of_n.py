@@ -3,7 +3,7 @@
 Same held-out prompts, reference set and metrics as ``align``; KL is the analytic log N − (N−1)/N.
 
 params: prepare.out_dir, prepare.max_len, prepare.prompt_len, align_sample.base, align.eval, best_of_n
-deps:   models/sft/${align_sample.base}, models/reward, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
+deps:   models/sft/${align_sample.base}, models/oracle (r*), models/reward, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 metrics: --metrics; plots: --plot (tsv: N, kl, oracle_reward, rm_reward)
 """
 
@@ -19,12 +19,13 @@ from beyondlm.data.prepare import load_split
 from beyondlm.inputs import load_tokenizer
 from beyondlm.io import write_metrics, write_tsv
 from beyondlm.models import load_model
+from beyondlm.oracle import load_oracle
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
-    for arg in ("--sft", "--reward", "--metrics", "--plot"):
+    for arg in ("--sft", "--reward", "--oracle", "--metrics", "--plot"):
         p.add_argument(arg, type=Path, required=True)
     return p
 
@@ -42,7 +43,7 @@ def main() -> None:
     prep = prepared_data(params)
     tokenizer = load_tokenizer(args.sft)
     result = run_best_of_n(cfg, load_model(args.sft).eval(), load_model(args.reward, kind="reward"), tokenizer,
-                           prep.language(), load_split(prep.data_dir, "prompts_test")["prompt_ids"],
+                           load_oracle(args.oracle, prep), load_split(prep.data_dir, "prompts_test")["prompt_ids"],
                            eval_cfg=align.eval, max_new_tokens=prep.max_len - prep.prompt_len)
     write_tsv(args.plot, [{k: r.get(k) for k in ("N", "kl", "oracle_reward", "rm_reward")} for r in result["rows"]])
     write_metrics(args.metrics, result)

@@ -50,22 +50,22 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- stages
-def run_sample(cfg: SampleConfig, model, tokenizer, prompts, *, max_new_tokens: int, language, out: Path) -> dict:
-    """K samples per prompt with log π_sft and (synthetic) oracle rewards → ``out`` (parquet)."""
+def run_sample(cfg: SampleConfig, model, tokenizer, prompts, *, max_new_tokens: int, oracle, out: Path) -> dict:
+    """K samples per prompt with log π_sft and, given an ``Oracle`` (beyondlm/oracle.py), r* → ``out`` (parquet)."""
     prompts = prompts[: cfg.n_prompts or None]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=cfg.temperature,
                               batch_size=cfg.batch_size)
     groups, ref = draw_groups(model, prompts, cfg.K, sampling, eos_id=tokenizer.eos_token_id,
                               pad_id=tokenizer.pad_token_id, seed=cfg.seed, desc="align samples")
-    oracle = None
-    if language is not None:
+    rewards = None
+    if oracle is not None:
         flat = [list(p[1:]) + c for p, g in zip(prompts, groups) for c in g]
-        oracle = language.oracle_reward(flat).reshape(len(prompts), cfg.K)
-    save_groups(out, prompts, groups, ref, oracle)
+        rewards = oracle.reward(flat).reshape(len(prompts), cfg.K)
+    save_groups(out, prompts, groups, ref, rewards)
     lengths = [len(c) for g in groups for c in g]
     return {"n_prompts": len(prompts), "K": cfg.K, "temperature": cfg.temperature,
             "mean_length": float(np.mean(lengths)), "ref_logp_mean": float(ref.mean()),
-            **({"oracle_mean": float(oracle.mean()), "oracle_std": float(oracle.std())} if oracle is not None else {})}
+            **({"oracle_mean": float(rewards.mean()), "oracle_std": float(rewards.std())} if rewards is not None else {})}
 
 
 def _valid_mask(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -81,8 +81,8 @@ def run_preferences(cfg: PreferencesConfig, samples: Path, out: Path, *, sft=Non
     if cfg.source == "samples":
         t = load_table(samples)
         if "oracle" not in t:
-            raise ConfigError("preferences.source=samples needs an oracle (the synthetic language); "
-                              "for other data set preferences.source=file")
+            raise ConfigError("preferences.source=samples needs an oracle (the synthetic language, or "
+                              "oracle.kind: classifier); for other data set preferences.source=file")
         valid = _valid_mask(len(t["prompt_ids"]), cfg.valid_fraction, cfg.seed)
         pairs, split = [], []
         for i in range(len(t["prompt_ids"])):
@@ -147,8 +147,8 @@ def run_reward(cfg: RewardConfig, pairs_path: Path, samples: Path, tokenizer, *,
     return model, metrics
 
 
-def judges_for(sft, reward_model, tokenizer, language, batch_size: int) -> Judges:
-    return Judges(sft, reward_model, language.oracle_reward if language is not None else None,
+def judges_for(sft, reward_model, tokenizer, oracle, batch_size: int) -> Judges:
+    return Judges(sft, reward_model, oracle.reward if oracle is not None else None,
                   tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size)
 
 
@@ -190,7 +190,7 @@ def _resumed_evals(ckpt: Path, fingerprint: dict) -> list[dict]:
     return saved["evals"]
 
 
-def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tokenizer, language,
+def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tokenizer, oracle,
               samples: Path, pairs: Path, test_prompts, max_new_tokens: int, out_dir: Path,
               ckpt_dir: Path) -> dict | None:
     """Train one policy per seed from the SFT model; evaluate at step 0 and every ``eval_every``
@@ -202,7 +202,7 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
 
     pad = tokenizer.pad_token_id
     sft = load_model(sft_dir).eval()
-    judges = judges_for(sft, reward_model, tokenizer, language, cfg.eval.batch_size)
+    judges = judges_for(sft, reward_model, tokenizer, oracle, cfg.eval.batch_size)
     pure = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size)
     ref_set = ReferenceSet.draw(judges, test_prompts[: cfg.eval.n_prompts], pure, seed=cfg.eval.seed + 7919)
     data, valid = _training_data(cfg.kind(method), samples, pairs, reward_model, tokenizer, sft)
@@ -278,11 +278,11 @@ def _validation(method: str, cfg: AlignConfig, hyper, loss_fn, valid, collate, e
     return validate
 
 
-def run_best_of_n(cfg: BestOfNConfig, sft, reward_model, tokenizer, language, test_prompts, *,
+def run_best_of_n(cfg: BestOfNConfig, sft, reward_model, tokenizer, oracle, test_prompts, *,
                   eval_cfg: EvalConfig, max_new_tokens: int) -> dict:
     """N samples from π_sft per held-out prompt, keep the reward model's favourite; for each N the
     same metrics as the aligned policies, with the analytic KL log N − (N−1)/N."""
-    judges = judges_for(sft, reward_model, tokenizer, language, eval_cfg.batch_size)
+    judges = judges_for(sft, reward_model, tokenizer, oracle, eval_cfg.batch_size)
     pure = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=eval_cfg.batch_size)
     ref_set = ReferenceSet.draw(judges, test_prompts[: eval_cfg.n_prompts], pure, seed=eval_cfg.seed + 7919)
     n_max = max(cfg.Ns)
