@@ -7,6 +7,9 @@
   labelled reviews). TF-IDF over word 1..n-grams + L2 logistic regression (scikit-learn); 0.90 test
   accuracy on IMDB (README).
 
+- ``none``: no oracle (HH preferences: human labels, no r* to score new text with). The stage
+  writes a marker; ``load_oracle`` returns None and every downstream stage drops its r* metrics.
+
 Both score token-id sequences without BOS (``reward(seqs) -> (N,) float64``), the call every stage
 that needs r* makes. The ``oracle`` stage writes ``models/oracle/``: ``oracle.json`` (the kind and,
 for a classifier, its vocabulary and settings) and ``weights.npz`` (idf, coefficients, intercept);
@@ -26,7 +29,7 @@ from beyondlm.data.sources import builder, clean_text
 from beyondlm.inputs import read_json, reading, require, restore_fix
 from beyondlm.io import atomic_path, write_json
 
-KINDS = ("language", "classifier")
+KINDS = ("language", "classifier", "none")
 
 
 class Oracle(Protocol):
@@ -63,7 +66,7 @@ class ClassifierConfig:
 class OracleConfig:
     """Params section ``oracle``."""
 
-    kind: str = "language"  # language | classifier
+    kind: str = "language"  # language | classifier | none
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self) -> None:
@@ -189,14 +192,21 @@ def write_language_marker(out_dir: Path) -> None:
                                                    "under the synthetic language (prepare's language.json)"})
 
 
+def write_none_marker(out_dir: Path) -> None:
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        write_json(tmp / "oracle.json", {"kind": "none", "r_star": None})
+
+
 def load_oracle(oracle_dir: str | Path, prep) -> Oracle | None:
     """The oracle the ``oracle`` stage wrote, for data prepared as ``prep`` (a ``PreparedData``);
-    None for kind language on data without a known language (no r* there)."""
+    None for kind none, and for kind language on data without a known language (no r* there)."""
     oracle_dir = Path(oracle_dir)
     kind = read_json(oracle_dir / "oracle.json", restore_fix(oracle_dir, "oracle")).get("kind")
     if kind == "language":
         language = prep.language()
         return LanguageOracle(language) if language is not None else None
+    if kind == "none":
+        return None
     if kind == "classifier":
         from beyondlm.data.prepare import load_tokenizer
 

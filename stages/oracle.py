@@ -4,6 +4,7 @@
 positive sentiment; the stage writes a marker and the downstream stages compute r* from prepare's
 ``language.json``. ``classifier``: trains a sentiment classifier (TF-IDF + logistic regression) on
 ``oracle.classifier.train`` and reports its accuracy on ``oracle.classifier.test``; r* is its log-odds.
+``none``: no r* (HH preferences); a marker, and the downstream stages report reward-model judgements only.
 
 params: oracle
 deps:   inputs/oracle/ (the labelled files named by oracle.classifier.*); code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
@@ -19,7 +20,14 @@ from beyondlm import cli
 from beyondlm.config import load_section, read_params, section
 from beyondlm.dvcgraph import check_declared_inputs
 from beyondlm.io import write_metrics
-from beyondlm.oracle import OracleConfig, accuracy, read_labelled, train_classifier, write_language_marker
+from beyondlm.oracle import (
+    OracleConfig,
+    accuracy,
+    read_labelled,
+    train_classifier,
+    write_language_marker,
+    write_none_marker,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +52,10 @@ def main() -> None:
     if cfg.kind == "language":
         write_language_marker(args.out)
         write_metrics(args.metrics, {"kind": "language", "exact": True})
+        return
+    if cfg.kind == "none":
+        write_none_marker(args.out)
+        write_metrics(args.metrics, {"kind": "none", "exact": False})
         return
     c = cfg.classifier
     start = time.perf_counter()

@@ -32,12 +32,20 @@ from beyondlm.align.data import (
     tokenize_pairs,
     unpaired_examples,
 )
-from beyondlm.align.evaluate import Judges, ReferenceSet, best_of_n_kl, evaluate_policy, mean_se
+from beyondlm.align.evaluate import (
+    Judges,
+    ReferenceSet,
+    best_of_n_kl,
+    evaluate_policy,
+    implicit_reward_accuracy,
+    mean_se,
+)
 from beyondlm.align.store import load_pairs, load_table, save_groups, save_pairs
 from beyondlm.align.train import OFFLINE_COLLATE, offline_loss_fn, online_loss_fn, prompt_collate
 from beyondlm import distributed
 from beyondlm.config import ConfigError, record
 from beyondlm.inputs import read_json
+from beyondlm.intervals import proportion
 from beyondlm.io import write_json
 from beyondlm.logprobs import sequence_logps
 from beyondlm.objectives.preference import PREFERENCE_LOSSES
@@ -134,6 +142,8 @@ def run_reward(cfg: RewardConfig, pairs_path: Path, samples: Path, tokenizer, *,
                                                [p.rejected for p in train[:2000]], pad_id=pad),
                "valid_accuracy": pair_accuracy(model, [p.chosen for p in valid], [p.rejected for p in valid],
                                                pad_id=pad) if valid else None}
+    if valid:  # the held-out accuracy's sampling error: the report warns below intervals.WEAK_JUDGE
+        metrics["valid_accuracy_interval"] = proportion(metrics["valid_accuracy"], len(valid))
     t = load_table(samples)
     if "oracle" in t:
         seqs = [list(p) + c for p, g in zip(t["prompt_ids"], t["completions"]) for c in g]
@@ -145,6 +155,39 @@ def run_reward(cfg: RewardConfig, pairs_path: Path, samples: Path, tokenizer, *,
 
     save_model(model, tokenizer, out_dir)
     return model, metrics
+
+
+# the pair methods whose implicit reward is β log π/π_ref (SimPO's is reference-free, KTO's unpaired)
+IMPLICIT_REWARD = ("dpo_pref", "exo_pref", "ipo")
+
+
+def heldout_implicit_accuracy(policy, sft, pairs: list[PrefPair], *, beta: float, pad_id: int,
+                              batch_size: int) -> dict:
+    """``implicit_reward_accuracy`` of ``policy`` against ``sft`` on held-out pairs, with its
+    interval (``intervals.proportion``). Both log-probs are computed here by the same batched call,
+    so a policy equal to the reference ties on every pair (0.5), not on float noise."""
+    seqs = [p.prompt_ids + p.chosen for p in pairs] + [p.prompt_ids + p.rejected for p in pairs]
+    starts = [len(p.prompt_ids) for p in pairs] * 2
+    lp = {name: sequence_logps(m.eval(), seqs, pad_id=pad_id, starts=starts, batch_size=batch_size)[0].numpy()
+          for name, m in (("policy", policy), ("ref", sft))}
+    n = len(pairs)
+    acc = implicit_reward_accuracy(lp["policy"][:n], lp["policy"][n:], lp["ref"][:n], lp["ref"][n:], beta=beta)
+    return {**proportion(acc, n), "beta": beta, "ties": "½"}
+
+
+def evaluation_prompts(cfg: EvalConfig, test_prompts, pairs: Path, *, max_len: int,
+                       prompt_len: int) -> tuple[list[list[int]], int]:
+    """(held-out prompts, max new tokens) for ``align.eval.prompts``: ``test``, prepare's
+    prompts_test with max_len − prompt_len new tokens; ``pairs``, the distinct prompts of the
+    held-out preference pairs in file order (``tokenize_pairs`` kept at most max_len // 2 of their
+    last tokens), completed up to max_len tokens in all, as the pairs' completions were."""
+    if cfg.prompts == "test":
+        return [list(p) for p in test_prompts], max_len - prompt_len
+    prompts = list(dict.fromkeys(tuple(p.prompt_ids) for p in load_pairs(pairs, "valid")))
+    if not prompts:
+        raise ConfigError("align.eval.prompts=pairs: the preference pairs have no held-out (valid) pairs; "
+                          "raise preferences.valid_fraction or set align.eval.prompts: test")
+    return [list(p) for p in prompts], max_len - max_len // 2
 
 
 def judges_for(sft, reward_model, tokenizer, oracle, batch_size: int) -> Judges:
@@ -235,7 +278,12 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
             continue
         (seed_ckpt / EVALS).unlink(missing_ok=True)  # finished: nothing left to resume
         save_model(policy.eval(), tokenizer, out_dir / f"s{seed}")
-        per_seed[f"s{seed}"] = {"converged": result.convergence["converged"], "convergence": result.convergence,
+        if method in IMPLICIT_REWARD and valid:  # the saved (best) policy on the held-out pairs
+            stats_ia = {"implicit_accuracy": heldout_implicit_accuracy(
+                policy, sft, valid, beta=float(hyper["beta"]), pad_id=pad, batch_size=cfg.eval.batch_size)}
+        else:
+            stats_ia = {}
+        per_seed[f"s{seed}"] = {**stats_ia, "converged": result.convergence["converged"], "convergence": result.convergence,
                                 "train": asdict(result), "evals": sorted(evals, key=lambda e: e["step"]),
                                 **({"rollout": {k: float(np.mean(v[-5:])) for k, v in stats.items()}} if stats else {})}
     if not distributed.is_main():
