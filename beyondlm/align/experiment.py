@@ -279,11 +279,11 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
         (seed_ckpt / EVALS).unlink(missing_ok=True)  # finished: nothing left to resume
         save_model(policy.eval(), tokenizer, out_dir / f"s{seed}")
         if method in IMPLICIT_REWARD and valid:  # the saved (best) policy on the held-out pairs
-            stats_ia = {"implicit_accuracy": heldout_implicit_accuracy(
+            implicit = {"implicit_accuracy": heldout_implicit_accuracy(
                 policy, sft, valid, beta=float(hyper["beta"]), pad_id=pad, batch_size=cfg.eval.batch_size)}
         else:
-            stats_ia = {}
-        per_seed[f"s{seed}"] = {**stats_ia, "converged": result.convergence["converged"], "convergence": result.convergence,
+            implicit = {}
+        per_seed[f"s{seed}"] = {**implicit, "converged": result.convergence["converged"], "convergence": result.convergence,
                                 "train": asdict(result), "evals": sorted(evals, key=lambda e: e["step"]),
                                 **({"rollout": {k: float(np.mean(v[-5:])) for k, v in stats.items()}} if stats else {})}
     if not distributed.is_main():
@@ -294,7 +294,12 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
     keys = [k for k in finals[0] if not k.endswith("_se")]
     summary = {k: {"mean": float(np.mean([f[k] for f in finals])), "std": float(np.std([f[k] for f in finals], ddof=1))
                    if len(finals) > 1 else 0.0} for k in keys}
+    implicit = [run["implicit_accuracy"]["value"] for run in per_seed.values() if "implicit_accuracy" in run]
+    if implicit:
+        summary["implicit_accuracy"] = {"mean": float(np.mean(implicit)),
+                                        "std": float(np.std(implicit, ddof=1)) if len(implicit) > 1 else 0.0}
     return {"method": method, "hyperparams": hyper, "seeds": list(cfg.seeds), "sft": base,
+            "n_eval_prompts": len(ref_set.prompts), "eval_prompts": cfg.eval.prompts,
             "converged": all(run["converged"] for run in per_seed.values()),
             "final": summary, "runs": per_seed}
 
