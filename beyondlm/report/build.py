@@ -29,6 +29,9 @@ def _data_section(prep: dict | None, oracle: dict | None) -> list[str]:
     if oracle and oracle.get("kind") == "classifier":
         out += [f"Oracle reward r*: a sentiment classifier's log-odds (TF-IDF + logistic regression), test accuracy "
                 f"{oracle['test_accuracy']:.3f} on {oracle['n_test']} held-out labelled texts.", ""]
+    elif oracle and oracle.get("kind") == "none":
+        out += ["No oracle reward r* (oracle.kind: none): the preferences are the data's own labels, and every "
+                "reward and win rate below is the learned reward model's judgement (RM).", ""]
     elif oracle:
         out += ["Oracle reward r*: the synthetic language's exact posterior log-odds of positive sentiment.", ""]
     return out
