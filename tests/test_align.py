@@ -31,6 +31,7 @@ from beyondlm.align.config import (
     SampleConfig,
 )
 from beyondlm.align.experiment import (
+    IMPLICIT_REWARD,
     online_objective,
     run_align,
     run_best_of_n,
@@ -308,6 +309,11 @@ def test_the_chain_on_the_tiny_language(tmp_path):
         assert run["evals"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the SFT model itself
         assert all(np.isfinite(e["oracle_reward"]) and 0 <= e["win_vs_sft/oracle"] <= 1 for e in run["evals"])
         assert (tmp_path / "align" / method / "s1" / "model.safetensors").exists()
+        # the implicit-reward pair accuracy on held-out pairs: exactly the methods with a log π/π_ref reward
+        assert ("implicit_accuracy" in run) == (method in IMPLICIT_REWARD)
+        if method in IMPLICIT_REWARD:
+            acc = run["implicit_accuracy"]
+            assert 0 <= acc["low"] <= acc["value"] <= acc["high"] <= 1 and acc["n"] == len(load_pairs(kw["pairs"], "valid"))
     bon = run_best_of_n(BestOfNConfig(Ns=[1, 4]), model, rm, tok, LanguageOracle(language), test_prompts,
                         eval_cfg=EvalConfig(n_prompts=8), max_new_tokens=16)
     assert [r["N"] for r in bon["rows"]] == [1, 4] and bon["rows"][0]["kl"] == 0.0

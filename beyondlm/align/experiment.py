@@ -157,8 +157,10 @@ def run_reward(cfg: RewardConfig, pairs_path: Path, samples: Path, tokenizer, *,
     return model, metrics
 
 
-# the pair methods whose implicit reward is β log π/π_ref (SimPO's is reference-free, KTO's unpaired)
-IMPLICIT_REWARD = ("dpo_pref", "exo_pref", "ipo")
+# the pair methods whose implicit reward is a positive multiple of log π/π_ref, and that multiple's
+# hyperparameter (IPO's regression target is the log-ratio margin itself; its scale is irrelevant to
+# the sign); SimPO's reward is reference-free and KTO's data unpaired: neither has this accuracy
+IMPLICIT_REWARD = {"dpo_pref": "beta", "exo_pref": "beta", "ipo": "tau"}
 
 
 def heldout_implicit_accuracy(policy, sft, pairs: list[PrefPair], *, beta: float, pad_id: int,
@@ -280,7 +282,7 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
         save_model(policy.eval(), tokenizer, out_dir / f"s{seed}")
         if method in IMPLICIT_REWARD and valid:  # the saved (best) policy on the held-out pairs
             implicit = {"implicit_accuracy": heldout_implicit_accuracy(
-                policy, sft, valid, beta=float(hyper["beta"]), pad_id=pad, batch_size=cfg.eval.batch_size)}
+                policy, sft, valid, beta=float(hyper[IMPLICIT_REWARD[method]]), pad_id=pad, batch_size=cfg.eval.batch_size)}
         else:
             implicit = {}
         per_seed[f"s{seed}"] = {**implicit, "converged": result.convergence["converged"], "convergence": result.convergence,
