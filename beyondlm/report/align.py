@@ -160,14 +160,15 @@ def _final_table(results, kept, diverged, bon, oracle: bool = True) -> list[str]
     show_implicit = pairs is not None
     chosen = "the better of two SFT samples by the oracle r*" if oracle else "the better of two SFT samples by the RM"
     prompts = next((r.get("eval_prompts") for r in results.values() if r.get("eval_prompts")), "test")
-    where = ("held-out preference pairs' prompts (dialogues up to their last turn)" if prompts == "pairs"
+    where = ("held-out preference pairs' prompts, dialogues up to their last turn," if prompts == "pairs"
              else "held-out prompts (prompts_test)")
     judges = "(RM) = judged by the reward model, (oracle) = by r*" if oracle else "(RM) = judged by the reward model"
     out = [f"Final checkpoint of each method, mean ± std over its kept seeds, on {n_eval or 'the'} {where} (one pure "
            f"sample per prompt; win rates count ties as ½, {judges}; "
            f"'chosen' = {chosen}; [low, high] = {METHOD} interval over the prompts)"
-           + (f"; implicit acc. = the fraction of {pairs} held-out pairs where β·log π/π_sft ranks the chosen "
-              "completion above the rejected one (ties ½; π = π_sft gives 0.5)" if show_implicit else "") + ".", "",
+           + (f"; implicit acc. = the fraction of {pairs} held-out pairs where β·log π/π_sft of the saved policy (its "
+              "best held-out checkpoint) ranks the chosen completion above the rejected one (ties ½; π = π_sft "
+              "gives 0.5)" if show_implicit else "") + ".", "",
            "| method | seeds | " + " | ".join(c for c, _, _ in cols) + (" | implicit acc. (held-out pairs)"
                                                                          if show_implicit else "") + " |",
            "|---|---|" + "---|" * (len(cols) + show_implicit)]
