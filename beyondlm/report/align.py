@@ -87,7 +87,7 @@ def _kl_scale(ax, kls: list[float]) -> None:
 
 
 FRONTIER_Y = {"oracle_reward": "oracle reward r* (held-out prompts)",
-              "rm_reward": "RM reward: the learned reward model (held-out prompts; no oracle)"}
+              "rm_reward": "RM reward (no oracle r*; held-out prompts)"}
 
 
 def plot_frontier(results: dict[str, dict], bon: dict | None, out: Path, y: str = "oracle_reward") -> Path | None:
