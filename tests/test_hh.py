@@ -155,3 +155,23 @@ def test_report_without_an_oracle(tmp_path):
     assert "at equal KL" not in text and (tmp_path / "plots" / "report" / "align_frontier.png").exists()
     assert claims(m, Verdicts(collect(m))) == []
     assert "No oracle reward r*" in "\n".join(_data_section({"train": {}}, {"kind": "none"}))
+
+
+@pytest.mark.skipif(not HH.exists(), reason=f"{HH} absent (../shared/data, data/README.md)")
+def test_hh_profile_applies_and_every_stage_validates(tmp_path):
+    """`make profile PROFILE=hh` on a copy of the project: the links resolve and every stage's
+    params load (what the flow checks before it runs anything)."""
+    from beyondlm.dvcgraph import pipeline_stages
+    from beyondlm.profiles import apply_profile
+    from pipelines.validate import validate_stages
+
+    root = tmp_path / "repo"
+    (root / "profiles").mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml", "profiles/hh.yaml"):
+        (root / name).write_text((ROOT / name).read_text())
+    (root / ".dvc").mkdir()  # a DVC repo without git: pipeline_stages reads dvc.yaml through DVC
+    (root / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+    (tmp_path / "shared").symlink_to(HH.parents[2])
+    links, changed = apply_profile("hh", root)
+    assert all((root / link).resolve() == HH.resolve() for link in links) and "oracle.kind" in changed
+    validate_stages(pipeline_stages(root), root)
