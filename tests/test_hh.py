@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from beyondlm.align.config import AlignConfig, EvalConfig, PreferencesConfig, PrefFileConfig
+from beyondlm.align.config import AlignConfig, EvalConfig, PreferencesConfig, PrefFileConfig, RewardConfig, SampleConfig
+from beyondlm.align.data import read_preference_file
 from beyondlm.align.evaluate import implicit_reward_accuracy
-from beyondlm.config import ConfigError, ModelConfig, load_section, load_yaml
+from beyondlm.config import ConfigError, ModelConfig, TrainConfig, load_section, load_yaml
 from beyondlm.data.config import PrepareConfig
 from beyondlm.intervals import proportion, weak_judge_warning, wilson
 from beyondlm.oracle import OracleConfig, load_oracle, write_none_marker
@@ -79,7 +80,6 @@ def test_oracle_kind_none_gives_no_r_star(tmp_path):
 def test_hh_eval_prompts_are_held_out_dialogue_prompts(tmp_path):
     """The preferences stage on 80 HH pairs, then align.eval.prompts=pairs: every evaluation prompt
     is a held-out pair's prompt and ends at "Assistant:"; a policy equal to π_sft scores 0.5."""
-    from beyondlm.align.data import read_preference_file
     from beyondlm.align.experiment import evaluation_prompts, heldout_implicit_accuracy, run_preferences
     from beyondlm.align.store import load_pairs
     from beyondlm.data.tokenization import train_bpe
@@ -175,3 +175,46 @@ def test_hh_profile_applies_and_every_stage_validates(tmp_path):
     links, changed = apply_profile("hh", root)
     assert all((root / link).resolve() == HH.resolve() for link in links) and "oracle.kind" in changed
     validate_stages(pipeline_stages(root), root)
+
+
+@pytest.mark.skipif(not HH.exists(), reason=f"{HH} absent (../shared/data, data/README.md)")
+def test_hh_chain_without_an_oracle_feeds_the_report(tmp_path):
+    """preferences → samples → reward → align@dpo_pref on 80 HH pairs with no oracle, in process and
+    tiny: the metrics have intervals and no r*, and the report's align table is built from them."""
+    from beyondlm.align.experiment import evaluation_prompts, run_align, run_preferences, run_reward, run_sample
+    from beyondlm.data.tokenization import train_bpe
+    from beyondlm.models import build_model, save_model
+    from beyondlm.report.align import align_section
+
+    triples = read_preference_file(HH, prompt_column=None, limit=80)
+    tok = train_bpe([t for tr in triples for t in tr], vocab_size=400)
+    torch.manual_seed(0)
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=72)
+    sft = build_model(tiny, tok).eval()
+    save_model(sft, tok, tmp_path / "sft")
+    pairs, samples = tmp_path / "pairs.parquet", tmp_path / "samples.parquet"
+    run_preferences(PreferencesConfig(source="file", valid_fraction=0.25, file=PrefFileConfig(path=str(HH), limit=80)),
+                    samples, pairs, sft=sft, tokenizer=tok, max_len=64)
+    prompts, max_new = evaluation_prompts(EvalConfig(prompts="pairs"), [], pairs, max_len=64, prompt_len=8)
+    run_sample(SampleConfig(K=2, n_prompts=4), sft, tok, prompts, max_new_tokens=8, oracle=None, out=samples)
+    small = dict(warmup_steps=1, ckpt_every=2, group_by_length=False)
+    rm, rm_metrics = run_reward(RewardConfig(model=tiny, train=TrainConfig(lr=3e-3, batch_size=8, max_steps=3, **small)),
+                                pairs, samples, tok, out_dir=tmp_path / "rm")
+    iv = rm_metrics["valid_accuracy_interval"]
+    assert iv["n"] == 20 and iv["low"] <= rm_metrics["valid_accuracy"] <= iv["high"] and "oracle_pearson" not in rm_metrics
+    cfg = AlignConfig(methods=["dpo_pref"], seeds=[0], eval_every=2, eval=EvalConfig(n_prompts=6, batch_size=16, prompts="pairs"),
+                      train=TrainConfig(lr=1e-3, batch_size=4, max_steps=2, **small))
+    result = run_align("dpo_pref", cfg, sft_dir=tmp_path / "sft", reward_model=rm, tokenizer=tok, oracle=None,
+                       samples=samples, pairs=pairs, test_prompts=prompts, max_new_tokens=max_new,
+                       out_dir=tmp_path / "align", ckpt_dir=tmp_path / "ckpt")
+    run = result["runs"]["s0"]
+    assert result["eval_prompts"] == "pairs" and result["n_eval_prompts"] == 6
+    assert all("oracle_reward" not in e and 0 <= e["win_vs_sft/rm"] <= 1 for e in run["evals"])
+    assert run["implicit_accuracy"]["n"] == 20 and 0 <= run["implicit_accuracy"]["value"] <= 1
+    m = tmp_path / "reports" / "metrics"
+    _write(m / "align" / "method" / "dpo_pref.json", result)
+    _write(m / "align" / "reward.json", rm_metrics)
+    text = "\n".join(align_section(m, tmp_path / "reports"))
+    header = next(line for line in text.splitlines() if line.startswith("| method |"))
+    assert "oracle" not in header and "win vs SFT (RM)" in header and "implicit acc." in header
+    assert "No oracle (oracle.kind: none)" in text and "on 6 held-out preference pairs' prompts" in text
