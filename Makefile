@@ -6,8 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REPRO_WORKERS ?= 2   # stages at once (independent ones overlap; 1 = one after another)
+PROFILE ?=           # e.g. imdb: profiles/imdb.yaml written over params.yaml first (README, "IMDB profile")
 
-.PHONY: repro test bench dvc-repro deps push pull clean-venv
+.PHONY: repro profile test bench dvc-repro deps push pull clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Full reproduction: every DVC stage, run by the Prefect flow, mirrored into MLflow.
-repro: $(STAMP)
+# With PROFILE=<name>: links the profile's data under inputs/ and writes its params into params.yaml
+# (it says so; `git checkout params.yaml` restores the default), then runs the same flow.
+repro: $(STAMP) $(if $(strip $(PROFILE)),profile)
 	$(BIN)/python -m pipelines.reproduce --workers $(REPRO_WORKERS)
+
+profile: $(STAMP)
+	test -n "$(strip $(PROFILE))" || { echo "usage: make profile PROFILE=<name of profiles/*.yaml>"; exit 2; }
+	$(BIN)/python -m beyondlm.profiles $(strip $(PROFILE))
 
 # The same stages through DVC alone (no Prefect, no MLflow).
 dvc-repro: $(STAMP)

@@ -46,9 +46,10 @@ def _content(seqs: Sequence[Sequence[int]], eos_id: int) -> list[list[int]]:
 
 def evaluate_lm(model, tokenizer, test_ids: Sequence[Sequence[int]], cfg: EvaluateConfig, *,
                 max_len: int, language: SyntheticLanguage | None = None,
-                test_logp_data: Sequence[float] | None = None) -> tuple[dict, list[dict]]:
+                test_logp_data: Sequence[float] | None = None, oracle=None) -> tuple[dict, list[dict]]:
     """Metrics dict and one record per model sample: ``ids`` (without BOS), ``logp_model`` and,
-    on the synthetic language, ``logp_data`` (None where p_d(x) = 0)."""
+    on the synthetic language, ``logp_data`` (None where p_d(x) = 0). With an ``Oracle``
+    (beyondlm/oracle.py), the samples' mean r* (``samples.oracle_reward``)."""
     eos, pad, bos = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id
     test_ids = list(test_ids)[: cfg.max_test or None]
     logp_test, n_tok = sequence_logps(model, test_ids, pad_id=pad, batch_size=cfg.batch_size)
@@ -73,21 +74,22 @@ def evaluate_lm(model, tokenizer, test_ids: Sequence[Sequence[int]], cfg: Evalua
     records = [{"ids": s, "logp_model": float(lp)} for s, lp in zip(samples, logp_model.tolist())]
     sample_lens, data_lens = [len(s) for s in samples], [len(x) - 1 for x in test_ids]  # tokens after BOS
     metrics["length"] = length_report(sample_lens, data_lens, max_len=max(max_len, *data_lens), seed=cfg.seed)
+    if oracle is not None:  # per sequence, ± SE; show it beside the length
+        metrics["samples"].update(mean_estimate(np.asarray(oracle.reward(samples), dtype=np.float64)).to_dict("oracle_reward"))
     if language is not None:
         logp_data = language.log_prob(samples)
         metrics["exact"] = exact_metrics(logp_model.numpy(), logp_data, np.asarray(test_logp_data)[: len(test_ids)],
                                          logp_test.numpy(), n_tok.numpy(), sample_lengths=sample_lens)
-        metrics["samples"].update(oracle_and_logp_per_token(language, samples, logp_data))
+        metrics["samples"].update(logp_per_token(samples, logp_data))
         for rec, lp in zip(records, logp_data.tolist()):
             rec["logp_data"] = lp if np.isfinite(lp) else None
     return metrics, records
 
 
-def oracle_and_logp_per_token(language: SyntheticLanguage, samples: Sequence[Sequence[int]],
-                              logp_data: np.ndarray) -> dict:
-    """Oracle reward per sequence (± SE; show it beside the length) and log p_d per token over the
-    possible samples (ratio Σ log p_d / Σ tokens, delta-method SE; None when none is possible)."""
-    out = mean_estimate(np.asarray(language.oracle_reward(samples), dtype=np.float64)).to_dict("oracle_reward")
+def logp_per_token(samples: Sequence[Sequence[int]], logp_data: np.ndarray) -> dict:
+    """log p_d per token over the possible samples (ratio Σ log p_d / Σ tokens, delta-method SE;
+    empty when none is possible)."""
+    out: dict = {}
     ok = np.isfinite(logp_data)
     if ok.any():
         lengths = np.array([len(s) for s, good in zip(samples, ok) if good], dtype=np.float64)

@@ -1,10 +1,11 @@
 """Stage ``align_sample``: K completions per training prompt from the SFT model, with log π_sft.
 
 The reference log-probs are read off the sampling pass (raw logits) and stored: no alignment
-stage recomputes them. On the synthetic language each completion also gets its oracle reward r*.
+stage recomputes them. Each completion also gets its oracle reward r* (``models/oracle``, the
+``oracle`` stage: the synthetic language's exact posterior or a sentiment classifier), where one exists.
 
 params: prepare.out_dir, prepare.max_len, prepare.prompt_len, align_sample
-deps:   models/sft/${align_sample.base}, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
+deps:   models/sft/${align_sample.base}, models/oracle (r*), ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (parquet: prompt_ids, completions, ref_logps, oracle)
 metrics: --metrics
 """
@@ -21,12 +22,13 @@ from beyondlm.data.prepare import load_split
 from beyondlm.inputs import load_tokenizer
 from beyondlm.io import atomic_path, write_metrics
 from beyondlm.models import load_model
+from beyondlm.oracle import load_oracle
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
-    for arg in ("--model", "--out", "--metrics"):
+    for arg in ("--model", "--oracle", "--out", "--metrics"):
         p.add_argument(arg, type=Path, required=True)
     return p
 
@@ -45,7 +47,7 @@ def main() -> None:
     prompts = load_split(prep.data_dir, "prompts_train")["prompt_ids"]
     with atomic_path(args.out) as tmp:
         metrics = run_sample(cfg, model, tokenizer, prompts, max_new_tokens=prep.max_len - prep.prompt_len,
-                             language=prep.language(), out=tmp)
+                             oracle=load_oracle(args.oracle, prep), out=tmp)
     write_metrics(args.metrics, {**metrics, "base": cfg.base})
 
 

@@ -2,7 +2,7 @@
 sample vs data length distributions (``length``: histograms, TVD and its noise level).
 
 params: prepare.out_dir, prepare.max_len, evaluate.*
-deps:   the model dir, ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
+deps:   the model dir, models/oracle (r* of the samples), ${prepare.out_dir}; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --samples (jsonl of the model's samples: text, ids, log p_θ, log p_d)
 metrics: --metrics
 plots:  --plot (TSV: log p_d vs log p_θ per possible sample, for ``dvc plots``)
@@ -20,12 +20,13 @@ from beyondlm.evaluation import evaluate_lm
 from beyondlm.inputs import load_tokenizer
 from beyondlm.io import atomic_path, write_metrics, write_text
 from beyondlm.models import load_model
+from beyondlm.oracle import load_oracle
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line dvc.yaml gives this stage."""
     p = argparse.ArgumentParser(description=__doc__)
-    for arg in ("--model", "--metrics", "--samples", "--plot"):
+    for arg in ("--model", "--oracle", "--metrics", "--samples", "--plot"):
         p.add_argument(arg, type=Path, required=True)
     return p
 
@@ -47,6 +48,7 @@ def main() -> None:
     metrics, records = evaluate_lm(
         load_model(args.model), tokenizer, test["input_ids"], cfg, max_len=prep.max_len,
         language=language, test_logp_data=test["logp_data"] if language else None,
+        oracle=load_oracle(args.oracle, prep),
     )
     write_metrics(args.metrics, metrics)
     with atomic_path(args.samples) as tmp:

@@ -31,6 +31,7 @@ from beyondlm.align.config import (
     SampleConfig,
 )
 from beyondlm.align.experiment import (
+    IMPLICIT_REWARD,
     online_objective,
     run_align,
     run_best_of_n,
@@ -47,6 +48,7 @@ from beyondlm.config import ConfigError, ModelConfig, TrainConfig, load_section
 from beyondlm.data import tokenization
 from beyondlm.logprobs import sequence_logps
 from beyondlm.models import build_model, save_model
+from beyondlm.oracle import LanguageOracle
 from beyondlm.reward import build_reward_model, score
 from beyondlm.sampling import SamplingConfig, sample_scored
 from tests.helpers import tiny_setup
@@ -284,7 +286,7 @@ def test_the_chain_on_the_tiny_language(tmp_path):
     rng = np.random.default_rng(0)
     prompts = [[tok.bos_token_id, *s[:3]] for s in language.sample(48, rng)]
     test_prompts = [[tok.bos_token_id, *s[:3]] for s in language.sample(16, rng)]
-    s = run_sample(SampleConfig(K=3), model, tok, prompts, max_new_tokens=16, language=language,
+    s = run_sample(SampleConfig(K=3), model, tok, prompts, max_new_tokens=16, oracle=LanguageOracle(language),
                    out=tmp_path / "samples.parquet")
     assert s["n_prompts"] == 48 and np.isfinite(s["oracle_mean"])
     run_preferences(PreferencesConfig(), tmp_path / "samples.parquet", tmp_path / "pairs.parquet")
@@ -297,7 +299,7 @@ def test_the_chain_on_the_tiny_language(tmp_path):
                                         group_by_length=False),
                       hyperparams={m: {"K": 2, "train": {"batch_size": 4, "max_steps": 4}}
                                    for m in ("rloo", "grpo", "dr_grpo")})  # the online rows: small groups
-    kw = dict(sft_dir=tmp_path / "sft", reward_model=rm, tokenizer=tok, language=language,
+    kw = dict(sft_dir=tmp_path / "sft", reward_model=rm, tokenizer=tok, oracle=LanguageOracle(language),
               samples=tmp_path / "samples.parquet", pairs=tmp_path / "pairs.parquet", test_prompts=test_prompts,
               max_new_tokens=16)
     for method in METHODS:  # every row of the loss table
@@ -307,7 +309,12 @@ def test_the_chain_on_the_tiny_language(tmp_path):
         assert run["evals"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the SFT model itself
         assert all(np.isfinite(e["oracle_reward"]) and 0 <= e["win_vs_sft/oracle"] <= 1 for e in run["evals"])
         assert (tmp_path / "align" / method / "s1" / "model.safetensors").exists()
-    bon = run_best_of_n(BestOfNConfig(Ns=[1, 4]), model, rm, tok, language, test_prompts,
+        # the implicit-reward pair accuracy on held-out pairs: exactly the methods with a log π/π_ref reward
+        assert ("implicit_accuracy" in run) == (method in IMPLICIT_REWARD)
+        if method in IMPLICIT_REWARD:
+            acc = run["implicit_accuracy"]
+            assert 0 <= acc["low"] <= acc["value"] <= acc["high"] <= 1 and acc["n"] == len(load_pairs(kw["pairs"], "valid"))
+    bon = run_best_of_n(BestOfNConfig(Ns=[1, 4]), model, rm, tok, LanguageOracle(language), test_prompts,
                         eval_cfg=EvalConfig(n_prompts=8), max_new_tokens=16)
     assert [r["N"] for r in bon["rows"]] == [1, 4] and bon["rows"][0]["kl"] == 0.0
     assert bon["rows"][1]["rm_reward"] >= bon["rows"][0]["rm_reward"]  # the RM's pick of 4 ⊇ the first

@@ -11,6 +11,7 @@ from beyondlm.data.config import PrepareConfig
 from beyondlm.data.prepare import load_split, prepare, write_prepared
 from beyondlm.data.synthetic import SyntheticLanguage
 from beyondlm.evaluation import evaluate_lm
+from beyondlm.oracle import LanguageOracle
 from beyondlm.sampling import SamplingConfig, sample
 from tests.helpers import TINY_SPEC, tiny_setup
 
@@ -83,7 +84,8 @@ def test_evaluate_uniform_model_matches_closed_form():
     test_ids = [[tok.bos_token_id, *s] for s in seqs]
     logp_d = language.log_prob(seqs)
     metrics, records = evaluate_lm(model, tok, test_ids, EvaluateConfig(n_samples=64, batch_size=32),
-                                   max_len=TINY_SPEC.max_len, language=language, test_logp_data=logp_d)
+                                   max_len=TINY_SPEC.max_len, language=language, test_logp_data=logp_d,
+                                   oracle=LanguageOracle(language))
     V = len(tok)
     n = np.array([len(s) for s in seqs])
     assert metrics["test"]["nll_per_token"] == pytest.approx(math.log(V), rel=1e-5)

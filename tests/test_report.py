@@ -401,3 +401,14 @@ def test_without_a_known_data_distribution_the_exact_metrics_are_na(tmp_path):
     _write(tmp_path / "metrics/evaluate/mle-s0.json", _eval_metrics(10.0))
     text = build_report(tmp_path, n_examples=1)
     assert "exact-likelihood Monte Carlo estimates" in text and "n/a" not in text
+
+
+def test_data_section_says_what_r_star_is_and_how_many_texts_were_cut(tmp_path):
+    _write(tmp_path / "metrics/prepare.json",
+           {"vocab_size": 9, "train": {"n_texts": 3, "n_tokens": 30, "mean_length": 10.0, "truncated_frac": 0.25}})
+    _write(tmp_path / "metrics/oracle.json", {"kind": "classifier", "exact": False, "test_accuracy": 0.9018, "n_test": 25000})
+    text = build_report(tmp_path, n_examples=1)
+    assert "25.0% of them cut at prepare.max_len" in text
+    assert "test accuracy 0.902 on 25000 held-out labelled texts" in text
+    _write(tmp_path / "metrics/oracle.json", {"kind": "language", "exact": True})
+    assert "exact posterior log-odds" in build_report(tmp_path, n_examples=1)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from beyondlm.config import ConfigError, ModelConfig, TrainConfig, check_param, train_config
+from beyondlm.config import ConfigError, ModelConfig, check_choice, TrainConfig, check_param, train_config
 from beyondlm.objectives.preference import PREFERENCE_LOSSES, resolve_preference_loss
 
+EVAL_PROMPTS = ("test", "pairs")
 METHODS = tuple(PREFERENCE_LOSSES)  # every row of the loss table, RLOO (online) included
 
 
@@ -67,9 +68,15 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    n_prompts: int = 128  # held-out prompts (prompts_test)
+    n_prompts: int = 128  # held-out prompts
     batch_size: int = 512
     seed: int = 0
+    # test: prepare's prompts_test (the first prompt_len tokens of test texts); pairs: the distinct
+    # prompts of the held-out preference pairs (HH: dialogues ending at the last "Assistant:")
+    prompts: str = "test"
+
+    def __post_init__(self) -> None:
+        check_choice("align.eval.prompts", self.prompts, EVAL_PROMPTS)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,18 @@ def evaluate_policy(policy, judges: Judges, ref: ReferenceSet, cfg: SamplingConf
     return out
 
 
+def implicit_reward_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float) -> float:
+    """Fraction of pairs the policy's implicit reward r̂(x, y) = β log π(y|x)/π_ref(y|x) (DPO,
+    Rafailov et al. 2023, eq. 5; EXO's policy parametrises the same r̂) ranks the right way:
+    margin = β[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))] > 0, ties (margin = 0,
+    e.g. π = π_ref) count ½ as in ``win_rate``. Inputs (N,) sequence log-probs; β > 0."""
+    if beta <= 0:
+        raise ValueError(f"beta={beta} must be > 0")
+    margin = beta * ((np.asarray(policy_chosen, np.float64) - np.asarray(ref_chosen, np.float64))
+                     - (np.asarray(policy_rejected, np.float64) - np.asarray(ref_rejected, np.float64)))
+    return win_rate(margin, np.zeros_like(margin))
+
+
 def best_of_n_kl(n: int) -> float:
     """KL(π_BoN ‖ π_sft) = log n − (n − 1)/n, the standard analytic value (exact when the samples
     are almost surely distinct; an upper bound otherwise, Beirami et al. 2024)."""

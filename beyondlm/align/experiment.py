@@ -32,12 +32,20 @@ from beyondlm.align.data import (
     tokenize_pairs,
     unpaired_examples,
 )
-from beyondlm.align.evaluate import Judges, ReferenceSet, best_of_n_kl, evaluate_policy, mean_se
+from beyondlm.align.evaluate import (
+    Judges,
+    ReferenceSet,
+    best_of_n_kl,
+    evaluate_policy,
+    implicit_reward_accuracy,
+    mean_se,
+)
 from beyondlm.align.store import load_pairs, load_table, save_groups, save_pairs
 from beyondlm.align.train import OFFLINE_COLLATE, offline_loss_fn, online_loss_fn, prompt_collate
 from beyondlm import distributed
 from beyondlm.config import ConfigError, record
 from beyondlm.inputs import read_json
+from beyondlm.intervals import proportion
 from beyondlm.io import write_json
 from beyondlm.logprobs import sequence_logps
 from beyondlm.objectives.preference import PREFERENCE_LOSSES
@@ -50,22 +58,22 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- stages
-def run_sample(cfg: SampleConfig, model, tokenizer, prompts, *, max_new_tokens: int, language, out: Path) -> dict:
-    """K samples per prompt with log π_sft and (synthetic) oracle rewards → ``out`` (parquet)."""
+def run_sample(cfg: SampleConfig, model, tokenizer, prompts, *, max_new_tokens: int, oracle, out: Path) -> dict:
+    """K samples per prompt with log π_sft and, given an ``Oracle`` (beyondlm/oracle.py), r* → ``out`` (parquet)."""
     prompts = prompts[: cfg.n_prompts or None]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=cfg.temperature,
                               batch_size=cfg.batch_size)
     groups, ref = draw_groups(model, prompts, cfg.K, sampling, eos_id=tokenizer.eos_token_id,
                               pad_id=tokenizer.pad_token_id, seed=cfg.seed, desc="align samples")
-    oracle = None
-    if language is not None:
+    rewards = None
+    if oracle is not None:
         flat = [list(p[1:]) + c for p, g in zip(prompts, groups) for c in g]
-        oracle = language.oracle_reward(flat).reshape(len(prompts), cfg.K)
-    save_groups(out, prompts, groups, ref, oracle)
+        rewards = oracle.reward(flat).reshape(len(prompts), cfg.K)
+    save_groups(out, prompts, groups, ref, rewards)
     lengths = [len(c) for g in groups for c in g]
     return {"n_prompts": len(prompts), "K": cfg.K, "temperature": cfg.temperature,
             "mean_length": float(np.mean(lengths)), "ref_logp_mean": float(ref.mean()),
-            **({"oracle_mean": float(oracle.mean()), "oracle_std": float(oracle.std())} if oracle is not None else {})}
+            **({"oracle_mean": float(rewards.mean()), "oracle_std": float(rewards.std())} if rewards is not None else {})}
 
 
 def _valid_mask(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -81,8 +89,8 @@ def run_preferences(cfg: PreferencesConfig, samples: Path, out: Path, *, sft=Non
     if cfg.source == "samples":
         t = load_table(samples)
         if "oracle" not in t:
-            raise ConfigError("preferences.source=samples needs an oracle (the synthetic language); "
-                              "for other data set preferences.source=file")
+            raise ConfigError("preferences.source=samples needs an oracle (the synthetic language, or "
+                              "oracle.kind: classifier); for other data set preferences.source=file")
         valid = _valid_mask(len(t["prompt_ids"]), cfg.valid_fraction, cfg.seed)
         pairs, split = [], []
         for i in range(len(t["prompt_ids"])):
@@ -134,6 +142,8 @@ def run_reward(cfg: RewardConfig, pairs_path: Path, samples: Path, tokenizer, *,
                                                [p.rejected for p in train[:2000]], pad_id=pad),
                "valid_accuracy": pair_accuracy(model, [p.chosen for p in valid], [p.rejected for p in valid],
                                                pad_id=pad) if valid else None}
+    if valid:  # the held-out accuracy's sampling error: the report warns below intervals.WEAK_JUDGE
+        metrics["valid_accuracy_interval"] = proportion(metrics["valid_accuracy"], len(valid))
     t = load_table(samples)
     if "oracle" in t:
         seqs = [list(p) + c for p, g in zip(t["prompt_ids"], t["completions"]) for c in g]
@@ -147,8 +157,43 @@ def run_reward(cfg: RewardConfig, pairs_path: Path, samples: Path, tokenizer, *,
     return model, metrics
 
 
-def judges_for(sft, reward_model, tokenizer, language, batch_size: int) -> Judges:
-    return Judges(sft, reward_model, language.oracle_reward if language is not None else None,
+# the pair methods whose implicit reward is a positive multiple of log π/π_ref, and that multiple's
+# hyperparameter (IPO's regression target is the log-ratio margin itself; its scale is irrelevant to
+# the sign); SimPO's reward is reference-free and KTO's data unpaired: neither has this accuracy
+IMPLICIT_REWARD = {"dpo_pref": "beta", "exo_pref": "beta", "ipo": "tau"}
+
+
+def heldout_implicit_accuracy(policy, sft, pairs: list[PrefPair], *, beta: float, pad_id: int,
+                              batch_size: int) -> dict:
+    """``implicit_reward_accuracy`` of ``policy`` against ``sft`` on held-out pairs, with its
+    interval (``intervals.proportion``). Both log-probs are computed here by the same batched call,
+    so a policy equal to the reference ties on every pair (0.5), not on float noise."""
+    seqs = [p.prompt_ids + p.chosen for p in pairs] + [p.prompt_ids + p.rejected for p in pairs]
+    starts = [len(p.prompt_ids) for p in pairs] * 2
+    lp = {name: sequence_logps(m.eval(), seqs, pad_id=pad_id, starts=starts, batch_size=batch_size)[0].numpy()
+          for name, m in (("policy", policy), ("ref", sft))}
+    n = len(pairs)
+    acc = implicit_reward_accuracy(lp["policy"][:n], lp["policy"][n:], lp["ref"][:n], lp["ref"][n:], beta=beta)
+    return {**proportion(acc, n), "beta": beta, "ties": "½"}
+
+
+def evaluation_prompts(cfg: EvalConfig, test_prompts, pairs: Path, *, max_len: int,
+                       prompt_len: int) -> tuple[list[list[int]], int]:
+    """(held-out prompts, max new tokens) for ``align.eval.prompts``: ``test``, prepare's
+    prompts_test with max_len − prompt_len new tokens; ``pairs``, the distinct prompts of the
+    held-out preference pairs in file order (``tokenize_pairs`` kept at most max_len // 2 of their
+    last tokens), completed up to max_len tokens in all, as the pairs' completions were."""
+    if cfg.prompts == "test":
+        return [list(p) for p in test_prompts], max_len - prompt_len
+    prompts = list(dict.fromkeys(tuple(p.prompt_ids) for p in load_pairs(pairs, "valid")))
+    if not prompts:
+        raise ConfigError("align.eval.prompts=pairs: the preference pairs have no held-out (valid) pairs; "
+                          "raise preferences.valid_fraction or set align.eval.prompts: test")
+    return [list(p) for p in prompts], max_len - max_len // 2
+
+
+def judges_for(sft, reward_model, tokenizer, oracle, batch_size: int) -> Judges:
+    return Judges(sft, reward_model, oracle.reward if oracle is not None else None,
                   tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size)
 
 
@@ -190,7 +235,7 @@ def _resumed_evals(ckpt: Path, fingerprint: dict) -> list[dict]:
     return saved["evals"]
 
 
-def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tokenizer, language,
+def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tokenizer, oracle,
               samples: Path, pairs: Path, test_prompts, max_new_tokens: int, out_dir: Path,
               ckpt_dir: Path) -> dict | None:
     """Train one policy per seed from the SFT model; evaluate at step 0 and every ``eval_every``
@@ -202,7 +247,7 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
 
     pad = tokenizer.pad_token_id
     sft = load_model(sft_dir).eval()
-    judges = judges_for(sft, reward_model, tokenizer, language, cfg.eval.batch_size)
+    judges = judges_for(sft, reward_model, tokenizer, oracle, cfg.eval.batch_size)
     pure = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size)
     ref_set = ReferenceSet.draw(judges, test_prompts[: cfg.eval.n_prompts], pure, seed=cfg.eval.seed + 7919)
     data, valid = _training_data(cfg.kind(method), samples, pairs, reward_model, tokenizer, sft)
@@ -235,7 +280,12 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
             continue
         (seed_ckpt / EVALS).unlink(missing_ok=True)  # finished: nothing left to resume
         save_model(policy.eval(), tokenizer, out_dir / f"s{seed}")
-        per_seed[f"s{seed}"] = {"converged": result.convergence["converged"], "convergence": result.convergence,
+        if method in IMPLICIT_REWARD and valid:  # the saved (best) policy on the held-out pairs
+            implicit = {"implicit_accuracy": heldout_implicit_accuracy(
+                policy, sft, valid, beta=float(hyper[IMPLICIT_REWARD[method]]), pad_id=pad, batch_size=cfg.eval.batch_size)}
+        else:
+            implicit = {}
+        per_seed[f"s{seed}"] = {**implicit, "converged": result.convergence["converged"], "convergence": result.convergence,
                                 "train": asdict(result), "evals": sorted(evals, key=lambda e: e["step"]),
                                 **({"rollout": {k: float(np.mean(v[-5:])) for k, v in stats.items()}} if stats else {})}
     if not distributed.is_main():
@@ -246,7 +296,12 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
     keys = [k for k in finals[0] if not k.endswith("_se")]
     summary = {k: {"mean": float(np.mean([f[k] for f in finals])), "std": float(np.std([f[k] for f in finals], ddof=1))
                    if len(finals) > 1 else 0.0} for k in keys}
+    implicit = [run["implicit_accuracy"]["value"] for run in per_seed.values() if "implicit_accuracy" in run]
+    if implicit:
+        summary["implicit_accuracy"] = {"mean": float(np.mean(implicit)),
+                                        "std": float(np.std(implicit, ddof=1)) if len(implicit) > 1 else 0.0}
     return {"method": method, "hyperparams": hyper, "seeds": list(cfg.seeds), "sft": base,
+            "n_eval_prompts": len(ref_set.prompts), "eval_prompts": cfg.eval.prompts,
             "converged": all(run["converged"] for run in per_seed.values()),
             "final": summary, "runs": per_seed}
 
@@ -278,11 +333,11 @@ def _validation(method: str, cfg: AlignConfig, hyper, loss_fn, valid, collate, e
     return validate
 
 
-def run_best_of_n(cfg: BestOfNConfig, sft, reward_model, tokenizer, language, test_prompts, *,
+def run_best_of_n(cfg: BestOfNConfig, sft, reward_model, tokenizer, oracle, test_prompts, *,
                   eval_cfg: EvalConfig, max_new_tokens: int) -> dict:
     """N samples from π_sft per held-out prompt, keep the reward model's favourite; for each N the
     same metrics as the aligned policies, with the analytic KL log N − (N−1)/N."""
-    judges = judges_for(sft, reward_model, tokenizer, language, eval_cfg.batch_size)
+    judges = judges_for(sft, reward_model, tokenizer, oracle, eval_cfg.batch_size)
     pure = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=eval_cfg.batch_size)
     ref_set = ReferenceSet.draw(judges, test_prompts[: eval_cfg.n_prompts], pure, seed=eval_cfg.seed + 7919)
     n_max = max(cfg.Ns)

@@ -11,6 +11,7 @@ synthetic rows also ``logp_data`` (exact log p_d of the token sequence after BOS
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from beyondlm.inputs import load_parquet_split, restore_fix
 from beyondlm.io import atomic_path, write_json
 
 SPLITS = ("train", "valid", "test")
+TRUNCATION_WARN = 0.05  # above this share of train texts cut at max_len, prepare warns
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Prepared:
     tokenizer: PreTrainedTokenizerBase
     language: SyntheticLanguage | None = None
     prompts: dict[str, datasets.Dataset] = field(default_factory=dict)
+    truncated: dict[str, float] = field(default_factory=dict)  # text sources: share of texts cut at max_len
 
 
 def prepare(cfg: PrepareConfig) -> Prepared:
@@ -79,13 +83,18 @@ def _prepare_text(cfg: PrepareConfig) -> Prepared:
     caps = {"train": cfg.n_train, "valid": cfg.n_valid, "test": cfg.n_test}
     texts = {k: v[: caps[k]] if caps[k] else v for k, v in texts.items()}
     tok = build_tokenizer(cfg, texts["train"])
-    splits = {}
+    splits, truncated = {}, {}
     for name in SPLITS:
         ids = tokenization.encode_texts(tok, texts[name], cfg.max_len)
         splits[name] = datasets.Dataset.from_dict(
             {"text": texts[name], "input_ids": ids, "n_tokens": [len(x) - 1 for x in ids]}
         )
-    return Prepared(splits=splits, tokenizer=tok)
+        truncated[name] = float(np.mean([x[-1] != tok.eos_token_id for x in ids]))  # no EOS: cut at max_len
+    if truncated["train"] > TRUNCATION_WARN:
+        log.warning("prepare: %.0f%% of the train texts are cut at prepare.max_len=%d tokens (EOS included); "
+                    "models learn their openings only: raise prepare.max_len to keep whole texts",
+                    100 * truncated["train"], cfg.max_len)
+    return Prepared(splits=splits, tokenizer=tok, truncated=truncated)
 
 
 def build_tokenizer(cfg: PrepareConfig, train_texts: list[str]) -> PreTrainedTokenizerBase:
@@ -144,6 +153,8 @@ def summarize(prepared: Prepared) -> dict:
             # Exact entropy rate of p_d estimated on this split: the floor no model can beat.
             stats[name]["entropy_rate"] = float(-logp.sum() / n_tok.sum())
             stats[name]["oracle_reward_mean"] = float(np.mean(ds["oracle_reward"]))
+        if name in prepared.truncated:
+            stats[name]["truncated_frac"] = prepared.truncated[name]
     stats["prompts"] = {k: len(v) for k, v in prepared.prompts.items()}
     return stats
 

@@ -7,6 +7,7 @@ a line that is not JSON, ...) :class:`~beyondlm.inputs.InputError`; both name th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,14 @@ import numpy as np
 from beyondlm.config import ConfigError
 from beyondlm.data.config import HubSourceConfig, LocalSourceConfig
 from beyondlm.inputs import read_jsonl, reading, require
+
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+def clean_text(text: str) -> str:
+    """IMDB's HTML line breaks (``<br />``) become newlines, as the EXO paper reads aclImdb; stripped."""
+    return _BR.sub("\n", text).strip()
+
 
 # suffix → (datasets builder, extra kwargs)
 _BUILDERS = {
@@ -26,11 +35,12 @@ _BUILDERS = {
 }
 
 
-def _builder(path: Path) -> tuple[str, dict]:
+def builder(path: Path, key: str = "prepare.local") -> tuple[str, dict]:
+    """The ``datasets`` builder and its kwargs for a local file, by suffix (``key``: the param naming it)."""
     suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
     if not suffixes or suffixes[-1] not in _BUILDERS:
         raise ConfigError(
-            f"prepare.local: cannot read '{path}': unknown format; use one of "
+            f"{key}: cannot read '{path}': unknown format; use one of "
             f"{', '.join(_BUILDERS)} (optionally compressed)"
         )
     return _BUILDERS[suffixes[-1]]
@@ -43,18 +53,18 @@ def read_text_file(path: str | Path, text_column: str, key: str) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"prepare.local.{key}: file '{path}' does not exist")
-    builder, kwargs = _builder(path)
+    builder_name, kwargs = builder(path)
     fix = f"fix the file, or set prepare.local.{key} to another one"
     fmt = path.name.removesuffix(".gz").rsplit(".", 1)[-1]
     require(path, f"{fmt} file", fix)
     with reading(path, f"{fmt} file", fix):
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+            ds = datasets.load_dataset(builder_name, data_files=str(path), split="train", **kwargs)
         except Exception:
             if fmt == "jsonl":
                 read_jsonl(path, fix)  # names the first line that is not JSON, if that is the cause
             raise
-    column = "text" if builder == "text" else text_column
+    column = "text" if builder_name == "text" else text_column
     if column not in ds.column_names:
         raise ConfigError(
             f"prepare.local.text_column='{text_column}' is not a column of '{path}' "
@@ -64,7 +74,8 @@ def read_text_file(path: str | Path, text_column: str, key: str) -> list[str]:
 
 
 def _clean(values, where: str) -> list[str]:
-    texts = [v.strip() for v in values if isinstance(v, str) and v.strip()]
+    """Non-empty texts, stripped, HTML line breaks (IMDB's ``<br />``) as newlines."""
+    texts = [t for t in (clean_text(v) for v in values if isinstance(v, str)) if t]
     if not texts:
         raise ConfigError(f"{where} has no non-empty texts")
     return texts

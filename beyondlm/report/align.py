@@ -6,6 +6,12 @@ A seed whose KL ran away (``beyondlm.align.analysis.diverged_seeds``) is drawn a
 left out of every mean and comparison. Comparisons involving a run that did not converge (a
 method's kept seeds; the reward model for the methods that use it) read "inconclusive: not
 converged".
+
+Without an oracle (``oracle.kind: none``, HH preferences) there is no r*: the tables have no r*
+columns, the frontier is the reward model's score (labelled RM), and neither equal-KL comparisons
+nor claims on r* are made. Proportions carry 95% Wilson intervals (``beyondlm.intervals``): the
+reward model's held-out pair accuracy (with a warning below ``WEAK_JUDGE``), win rates over the
+evaluation prompts, and the DPO/EXO policies' implicit-reward pair accuracy on held-out pairs.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from beyondlm.intervals import METHOD, proportion, weak_judge_warning, wilson
 from beyondlm.align.analysis import compare_at_equal_kl, diverged_seeds, frontier, seed_means_at_equal_kl, without
 from beyondlm.report.claims import Claim, Effect, welch
 from beyondlm.report.common import image, load_json_dir, mean_std, read_json, save_fig
@@ -45,8 +52,24 @@ ALIGN_CLAIMS = [
 ]
 
 
+WIN_KEYS = ("win_vs_sft/oracle", "win_vs_chosen/oracle", "win_vs_sft/rm", "win_vs_chosen/rm")
+NO_ORACLE = ("No oracle (oracle.kind: none): r* does not exist for these data, so there are no r* columns, the "
+             "frontier shows the reward model's score, and no equal-KL comparison or claim on r* is made. Every "
+             "reward and win rate here is the reward model's judgement (RM), not ground truth.")
+
+
 def load_align(metrics: Path) -> dict[str, dict]:
     return load_json_dir(metrics / "align" / "method")
+
+
+def has_oracle(results: dict[str, dict], bon: dict | None) -> bool:
+    """Whether any evaluation (or best-of-N row) was scored by an oracle r*."""
+    evals = [e for r in results.values() for run in r.get("runs", {}).values() for e in run.get("evals", [])]
+    return any(e.get("oracle_reward") is not None for e in evals + list((bon or {}).get("rows", [])))
+
+
+def columns(oracle: bool) -> list[tuple[str, str, str]]:
+    return [c for c in ALIGN_COLUMNS if oracle or "oracle" not in c[1]]
 
 
 def split(results: dict[str, dict]) -> tuple[dict[str, dict], dict[str, list[str]]]:
@@ -63,35 +86,40 @@ def _kl_scale(ax, kls: list[float]) -> None:
         ax.set_xscale("symlog", linthresh=0.1)
 
 
-def plot_frontier(results: dict[str, dict], bon: dict | None, out: Path) -> Path | None:
-    """Oracle reward against KL(π‖π_sft) along training, mean ± std over the kept seeds per method;
-    each diverged seed drawn apart (crosses, dotted) and named in the legend."""
+FRONTIER_Y = {"oracle_reward": "oracle reward r* (held-out prompts)",
+              "rm_reward": "RM reward (no oracle r*; held-out prompts)"}
+
+
+def plot_frontier(results: dict[str, dict], bon: dict | None, out: Path, y: str = "oracle_reward") -> Path | None:
+    """``y`` (the oracle reward, or the RM's where there is no oracle) against KL(π‖π_sft) along
+    training, mean ± std over the kept seeds per method; each diverged seed drawn apart (crosses,
+    dotted) and named in the legend."""
     if not results:
         return None
     kept, diverged = split(results)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     kls = []
     for method, res in kept.items():
-        rows = frontier(res) if res["runs"] else []
-        if rows and rows[0].get("oracle_reward") is not None:
+        rows = frontier(res, y) if res["runs"] else []
+        if rows and np.isfinite(rows[0].get(y, np.nan)):
             kls += [r["kl"] for r in rows]
-            line = ax.errorbar([r["kl"] for r in rows], [r["oracle_reward"] for r in rows],
-                               xerr=[r["kl_std"] for r in rows], yerr=[r["oracle_reward_std"] for r in rows],
+            line = ax.errorbar([r["kl"] for r in rows], [r[y] for r in rows],
+                               xerr=[r["kl_std"] for r in rows], yerr=[r[f"{y}_std"] for r in rows],
                                marker="o", ms=3, capsize=2, label=f"{method} (n={len(res['runs'])})")
             for seed in diverged.get(method, []):
-                ev = [e for e in results[method]["runs"][seed]["evals"] if e.get("oracle_reward") is not None]
+                ev = [e for e in results[method]["runs"][seed]["evals"] if e.get(y) is not None]
                 kls += [e["kl"] for e in ev]
-                ax.plot([e["kl"] for e in ev], [e["oracle_reward"] for e in ev], ls=":", marker="x",
+                ax.plot([e["kl"] for e in ev], [e[y] for e in ev], ls=":", marker="x",
                         color=line[0].get_color(), label=f"{method} {seed}: diverged, excluded")
-    if bon and bon["rows"][0].get("oracle_reward") is not None:
+    if bon and bon["rows"][0].get(y) is not None:
         kls += [r["kl"] for r in bon["rows"]]
-        ax.plot([r["kl"] for r in bon["rows"]], [r["oracle_reward"] for r in bon["rows"]], "k--", marker="s", ms=3,
+        ax.plot([r["kl"] for r in bon["rows"]], [r[y] for r in bon["rows"]], "k--", marker="s", ms=3,
                 label="best-of-N (analytic KL)")
     if not kls:
         plt.close(fig)
         return None
     _kl_scale(ax, kls)
-    ax.set(xlabel="KL(π_θ‖π_sft), nats/sequence (log scale)", ylabel="oracle reward r* (held-out prompts)")
+    ax.set(xlabel="KL(π_θ‖π_sft), nats/sequence (log scale)", ylabel=FRONTIER_Y[y])
     ax.legend(fontsize=7)
     return save_fig(fig, out)
 
@@ -102,23 +130,75 @@ def involved(method: str, seeds, verdicts: Verdicts) -> list[str]:
     return runs + (verdicts.failing("reward", ["reward"]) if method in USES_REWARD_MODEL else [])
 
 
-def _final_table(results, kept, diverged, bon) -> list[str]:
-    out = ["Final checkpoint of each method, mean ± std over its kept seeds, on held-out prompts (one pure sample "
-           "per prompt; win rates count ties as ½; 'chosen' = the oracle's pick of two SFT samples).", "",
-           "| method | seeds | " + " | ".join(c for c, _, _ in ALIGN_COLUMNS) + " |",
-           "|---|---|" + "---|" * len(ALIGN_COLUMNS)]
+def _cell(values: list, key: str, fmt: str, n: int | None) -> str:
+    """``mean_std`` of a column; a win rate also gets the Wilson interval of its mean over ``n`` prompts."""
+    text = mean_std(values, fmt)
+    vals = [v for v in values if v is not None]
+    if key in WIN_KEYS and vals and n:
+        low, high = wilson(float(np.mean(vals)), n)
+        text += f" [{low:.2f}, {high:.2f}]"
+    return text
+
+
+def _implicit(runs: dict) -> str:
+    """Implicit-reward pair accuracy of a method's kept seeds: one seed's value and Wilson interval,
+    or mean ± std over seeds; "–" for methods without one."""
+    acc = [run["implicit_accuracy"] for run in runs.values() if "implicit_accuracy" in run]
+    if not acc:
+        return "–"
+    if len(acc) == 1:
+        return f"{acc[0]['value']:.3f} [{acc[0]['low']:.2f}, {acc[0]['high']:.2f}]"
+    return mean_std([a["value"] for a in acc], ".3f")
+
+
+def _final_table(results, kept, diverged, bon, oracle: bool = True) -> list[str]:
+    cols = columns(oracle)
+    n_eval = next((r["n_eval_prompts"] for r in results.values() if r.get("n_eval_prompts")), None)
+    implicit = {m: _implicit(res["runs"]) for m, res in kept.items()}
+    pairs = next((run["implicit_accuracy"]["n"] for res in kept.values() for run in res["runs"].values()
+                  if "implicit_accuracy" in run), None)
+    show_implicit = pairs is not None
+    chosen = "the better of two SFT samples by the oracle r*" if oracle else "the better of two SFT samples by the RM"
+    prompts = next((r.get("eval_prompts") for r in results.values() if r.get("eval_prompts")), "test")
+    where = ("held-out preference pairs' prompts, dialogues up to their last turn," if prompts == "pairs"
+             else "held-out prompts (prompts_test)")
+    judges = "(RM) = judged by the reward model, (oracle) = by r*" if oracle else "(RM) = judged by the reward model"
+    out = [f"Final checkpoint of each method, mean ± std over its kept seeds, on {n_eval or 'the'} {where} (one pure "
+           f"sample per prompt; win rates count ties as ½, {judges}; "
+           f"'chosen' = {chosen}; [low, high] = {METHOD} interval over the prompts)"
+           + (f"; implicit acc. = the fraction of {pairs} held-out pairs where β·log π/π_sft of the saved policy (its "
+              "best held-out checkpoint) ranks the chosen completion above the rejected one (ties ½; π = π_sft "
+              "gives 0.5)" if show_implicit else "") + ".", "",
+           "| method | seeds | " + " | ".join(c for c, _, _ in cols) + (" | implicit acc. (held-out pairs)"
+                                                                         if show_implicit else "") + " |",
+           "|---|---|" + "---|" * (len(cols) + show_implicit)]
+    tail = (lambda text: f" | {text} |" if show_implicit else " |")
     sft = next((r["sft"] for r in results.values() if r.get("sft")), None)
     if sft:
-        out.append("| SFT (step 0) | – | " + " | ".join(mean_std([sft.get(k)], f) for _, k, f in ALIGN_COLUMNS) + " |")
+        out.append("| SFT (step 0) | – | " + " | ".join(_cell([sft.get(k)], k, f, n_eval) for _, k, f in cols)
+                   + tail("0.500 (ties)"))
     for method, res in kept.items():
         finals = [run["evals"][-1] for run in res["runs"].values() if run.get("evals")]
         n = f"{len(finals)}" + (f" (+{len(diverged[method])} diverged)" if method in diverged else "")
-        out.append(f"| {method} | {n} | " + " | ".join(mean_std([e.get(k) for e in finals], f)
-                                                        for _, k, f in ALIGN_COLUMNS) + " |")
+        out.append(f"| {method} | {n} | " + " | ".join(_cell([e.get(k) for e in finals], k, f, n_eval)
+                                                        for _, k, f in cols) + tail(implicit[method]))
     for row in (bon or {}).get("rows", []):
-        out.append(f"| best-of-{row['N']} | – | " + " | ".join(mean_std([row.get(k)], f) for _, k, f in ALIGN_COLUMNS)
-                   + " |")
+        out.append(f"| best-of-{row['N']} | – | " + " | ".join(_cell([row.get(k)], k, f, bon.get("n_prompts"))
+                                                               for _, k, f in cols) + tail("–"))
     return out + [""]
+
+
+def _reward_model_lines(rm: dict | None) -> list[str]:
+    """The reward model's held-out pair accuracy with its interval, and the weak-judge warning."""
+    if not rm or rm.get("valid_accuracy") is None:
+        return []
+    iv = rm.get("valid_accuracy_interval") or proportion(rm["valid_accuracy"], rm["n_valid_pairs"])
+    corr = (f"; Pearson {rm['oracle_pearson']:.3f}, Spearman {rm['oracle_spearman']:.3f} with the oracle r* over "
+            "all SFT samples" if "oracle_pearson" in rm else "")
+    out = [f"Reward model: held-out pair accuracy {rm['valid_accuracy']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}] "
+           f"({METHOD}; {rm['n_valid_pairs']} pairs; train {rm['train_accuracy']:.3f}){corr}.", ""]
+    warning = weak_judge_warning(rm["valid_accuracy"], iv["low"], iv["high"], rm["n_valid_pairs"])
+    return out + ([warning, ""] if warning else [])
 
 
 def _equal_kl(a: str, b: str, kept: dict, verdicts: Verdicts) -> list[str]:
@@ -144,21 +224,22 @@ def align_section(metrics: Path, reports: Path, verdicts: Verdicts | None = None
         return []
     verdicts = verdicts or Verdicts(collect(metrics))
     kept, diverged = split(results)
-    out = [f"## Alignment: {', '.join(results)} and best-of-N (oracle reward vs KL)", ""]
-    if (rm := read_json(metrics / "align" / "reward.json")) and "valid_accuracy" in rm:
-        corr = (f"; Pearson {rm['oracle_pearson']:.3f}, Spearman {rm['oracle_spearman']:.3f} with the oracle r* over "
-                "all SFT samples" if "oracle_pearson" in rm else "")
-        out += [f"Reward model: held-out pair accuracy {rm['valid_accuracy']:.3f} ({rm['n_valid_pairs']} pairs; "
-                f"train {rm['train_accuracy']:.3f}){corr}.", ""]
+    bon = read_json(metrics / "align" / "best_of_n.json")
+    oracle = has_oracle(results, bon)
+    judge = "oracle reward" if oracle else "RM reward; no oracle"
+    out = [f"## Alignment: {', '.join(results)} and best-of-N ({judge} vs KL)", ""]
+    if not oracle:
+        out += [NO_ORACLE, ""]
+    out += _reward_model_lines(read_json(metrics / "align" / "reward.json"))
     if diverged:
         listed = "; ".join(f"{m}: {', '.join(s)}" for m, s in diverged.items())
         out += [f"**Diverged seeds** (final KL above 10× the median of the method's other seeds), drawn apart and "
                 f"excluded from means and comparisons: {listed}.", ""]
-    bon = read_json(metrics / "align" / "best_of_n.json")
-    out += image("reward vs KL", plot_frontier(results, bon, reports / "plots" / "report" / "align_frontier.png"),
-                 reports)
-    out += _final_table(results, kept, diverged, bon)
-    for a, b, _ in ALIGN_CLAIMS:  # the trained pairs of the claims (best-of-N is in the claims table)
+    y = "oracle_reward" if oracle else "rm_reward"
+    out += image(f"{'oracle' if oracle else 'RM'} reward vs KL",
+                 plot_frontier(results, bon, reports / "plots" / "report" / "align_frontier.png", y), reports)
+    out += _final_table(results, kept, diverged, bon, oracle)
+    for a, b, _ in ALIGN_CLAIMS if oracle else []:  # the trained pairs of the claims (best-of-N is in the claims table)
         if a in kept and b in kept:
             out += _equal_kl(a, b, kept, verdicts)
     return out
@@ -196,7 +277,11 @@ def _claim(a: str, b: str, claim: str, kept: dict, diverged: dict, bon: dict | N
 
 
 def claims(metrics: Path, verdicts: Verdicts) -> list[Claim]:
-    kept, diverged = split(load_align(metrics))
+    """The claims on r*; none without an oracle (the align section says why)."""
+    results = load_align(metrics)
     bon = read_json(metrics / "align" / "best_of_n.json")
+    if not has_oracle(results, bon):
+        return []
+    kept, diverged = split(results)
     have = set(kept) | ({"best_of_n"} if bon and bon.get("rows") else set())
     return [_claim(a, b, c, kept, diverged, bon, verdicts) for a, b, c in ALIGN_CLAIMS if a in have and b in have]

@@ -18,12 +18,23 @@ def all_claims(metrics: Path, verdicts: convergence.Verdicts, knnlm_base: str | 
             + vq.claims(metrics, verdicts))
 
 
-def _data_section(prep: dict | None) -> list[str]:
+def _data_section(prep: dict | None, oracle: dict | None) -> list[str]:
+    """Sizes of the prepared data, texts cut at max_len, and what r* (the oracle reward) is."""
     if not prep:
         return []
     t = prep.get("train", {})
-    return ["## Data", "", f"Vocabulary {prep.get('vocab_size')} tokens; train {t.get('n_texts')} texts, "
-            f"{t.get('n_tokens')} tokens (mean length {t.get('mean_length', 0):.1f}).", ""]
+    out = ["## Data", "", f"Vocabulary {prep.get('vocab_size')} tokens; train {t.get('n_texts')} texts, "
+           f"{t.get('n_tokens')} tokens (mean length {t.get('mean_length', 0):.1f})"
+           + (f"; {t['truncated_frac']:.1%} of them cut at prepare.max_len" if "truncated_frac" in t else "") + ".", ""]
+    if oracle and oracle.get("kind") == "classifier":
+        out += [f"Oracle reward r*: a sentiment classifier's log-odds (TF-IDF + logistic regression), test accuracy "
+                f"{oracle['test_accuracy']:.3f} on {oracle['n_test']} held-out labelled texts.", ""]
+    elif oracle and oracle.get("kind") == "none":
+        out += ["No oracle reward r* (oracle.kind: none): the preferences are the data's own labels, and every "
+                "reward and win rate below is the learned reward model's judgement (RM).", ""]
+    elif oracle:
+        out += ["Oracle reward r*: the synthetic language's exact posterior log-odds of positive sentiment.", ""]
+    return out
 
 
 def _stamped(lines: list[str], provenance: Provenance | None, stages: tuple[str, ...]) -> list[str]:
@@ -54,7 +65,8 @@ def _build(reports: Path, n_examples: int, knnlm_base: str | None, grf_base: str
     found = all_claims(metrics, verdicts, knnlm_base, grf_base)
     runs = load_runs(metrics / "evaluate")
     out = ["# beyondlm report", "",
-           *_stamped(_data_section(read_json(metrics / "prepare.json")), prov, ("prepare",)),
+           *_stamped(_data_section(read_json(metrics / "prepare.json"), read_json(metrics / "oracle.json")), prov,
+                     ("prepare", "oracle")),
            *claims.section(found), *convergence.section(rows),
            *_stamped(lm.evaluation_section(runs, verdicts, reports), prov, ("sft", "evaluate")),
            *_stamped(lm.training_section(metrics), prov, ("sft",)),

@@ -72,8 +72,9 @@ def load_runs(directory: Path) -> dict[str, dict[int, dict]]:
     return dict(runs)
 
 
-def mean_std(values: list, fmt: str) -> str:
-    """``mean ± std`` (ddof=1) of the non-None values; one value alone; "–" for none."""
+def mean_std(values: list, fmt: str, *, se: bool = False) -> str:
+    """``mean ± std`` (ddof=1) of the non-None values (``se``: ± std/√n, two significant digits);
+    one value alone; "–" for none."""
     if fmt == "s":  # a label: the same for every seed
         return str(next((v for v in values if v is not None), "–"))
     vals = np.array([v for v in values if v is not None], dtype=float)
@@ -81,6 +82,8 @@ def mean_std(values: list, fmt: str) -> str:
         return "–"
     if vals.size == 1:
         return f"{vals[0]:{fmt}}"
+    if se:
+        return f"{vals.mean():{fmt}} ± {vals.std(ddof=1) / np.sqrt(vals.size):.2g}"
     return f"{vals.mean():{fmt}} ± {vals.std(ddof=1):{fmt}}"
 
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from beyondlm.report import knnlm
 from beyondlm.report.claims import Claim, seed_effect
-from beyondlm.report.common import fmt, get, load_json_dir, read_json
+from beyondlm.report.common import fmt, get, load_json_dir, mean_std, read_json
 from beyondlm.report.convergence import Verdicts
 
 
@@ -25,12 +23,7 @@ def grf_runs(metrics: Path) -> dict[int, dict]:
 
 def mean_se(values: list, spec: str = ".3f") -> str:
     """``mean ± SE`` (SE = std/√n over seeds) of the non-None values; one value alone; – for none."""
-    vals = np.array([v for v in values if v is not None], dtype=float)
-    if vals.size == 0:
-        return "–"
-    if vals.size == 1:
-        return f"{vals[0]:{spec}}"
-    return f"{vals.mean():{spec}} ± {vals.std(ddof=1) / np.sqrt(vals.size):.2g}"
+    return mean_std(values, spec, se=True)
 
 
 def knn_rows(k: dict | None, prep: dict | None) -> list[str]:
