@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -18,6 +20,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def _served(cmd: list[str], cwd: Path, health_url: str, name: str, timeout_s: float) -> Iterator[None]:
+    """Run ``cmd`` (own process group, log in ``cwd/server.log``) until ``health_url`` answers 200;
+    kill the whole group on exit. Fails the test with the log's tail if it exits or never answers."""
+    log_path = cwd / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True)  # own process group: kill workers too
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(health_url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} not up after {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield
+    finally:
+        _kill_group(proc)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts); yields its URL.
@@ -25,33 +54,12 @@ def mlflow_server(tmp_path_factory):
     One per session: a fresh sqlite store runs schema migrations that take seconds.
     """
     tmp = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    exe = Path(sys.executable).with_name("mlflow")
-    cmd = [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+    url = f"http://127.0.0.1:{(port := _free_port())}"
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
            "--artifacts-destination", str(tmp / "artifacts")]
-    log_path = tmp / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
-                                start_new_session=True)  # own process group: kill workers too
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 90 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with _served(cmd, tmp, f"{url}/health", "mlflow server", 90):
         yield url
-    finally:
-        _kill_group(proc)
 
 
 @pytest.fixture(scope="session")
@@ -59,30 +67,10 @@ def s3_server(tmp_path_factory):
     """A real S3 endpoint (`moto_server`, in memory) on 127.0.0.1; yields its URL. Any access key
     is accepted; buckets are the caller's to create."""
     tmp = tmp_path_factory.mktemp("s3_server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                                 "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto_server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"moto_server not up after 60 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
+    url = f"http://127.0.0.1:{(port := _free_port())}"
+    cmd = [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)]
+    with _served(cmd, tmp, f"{url}/moto-api/", "moto_server", 60):
         yield url
-    finally:
-        _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

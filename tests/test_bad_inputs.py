@@ -51,6 +51,7 @@ def base(tmp_path_factory) -> Path:
     from beyondlm.data.config import PrepareConfig
     from beyondlm.data.prepare import prepare, write_prepared
     from beyondlm.models import build_model, save_model
+    from beyondlm.oracle import write_language_marker
 
     root = tmp_path_factory.mktemp("project")
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
@@ -60,6 +61,7 @@ def base(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32), prepared.tokenizer)
     save_model(model, prepared.tokenizer, root / MODEL)
+    write_language_marker(root / "models/oracle")  # r*: the synthetic language's (the oracle stage's output)
     for rel, text in PREVIOUS.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
@@ -136,7 +138,7 @@ class Case:
 
 
 PREPARE = ("prepare", ())
-EVALUATE = ("evaluate", ("--model", MODEL, "--metrics", "reports/metrics/evaluate/m.json",
+EVALUATE = ("evaluate", ("--model", MODEL, "--oracle", "models/oracle", "--metrics", "reports/metrics/evaluate/m.json",
                          "--samples", "reports/samples/m.jsonl", "--plot", "reports/plots/evaluate/m.tsv"))
 SFT = ("sft", ("--variant", "mle", "--seed", "0", "--out", "models/sft/mle-s0", "--ckpt", "models/ckpt/sft/mle-s0",
                "--live", "reports/live/sft/mle-s0", "--metrics", "reports/metrics/sft/mle-s0.json"))
@@ -144,7 +146,7 @@ KNNLM = ("knnlm", ("--datastore", "data/datastore", "--index", "data/knnlm/index
                    "--metrics", "reports/metrics/knnlm.json", "--plot", "reports/plots/knnlm.tsv"))
 PREFERENCES = ("preferences", ("--samples", "data/align/samples.parquet", "--model", MODEL,
                                "--out", "data/align/preferences.parquet", "--metrics", "reports/metrics/pref.json"))
-ALIGN = ("align", ("--method", "dpo_pref", *(x for a in ("sft", "reward", "samples", "pairs", "out", "ckpt",
+ALIGN = ("align", ("--method", "dpo_pref", *(x for a in ("sft", "reward", "oracle", "samples", "pairs", "out", "ckpt",
                                                           "metrics", "plot") for x in (f"--{a}", f"out/{a}"))))
 EBM_EVAL = ("ebm_eval", ("--model", MODEL, "--weights", "models/ebm/weights.json",
                          "--metrics", "reports/metrics/ebm_eval.json", "--plot-dir", "reports/plots/ebm"))
