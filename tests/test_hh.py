@@ -218,3 +218,16 @@ def test_hh_chain_without_an_oracle_feeds_the_report(tmp_path):
     header = next(line for line in text.splitlines() if line.startswith("| method |"))
     assert "oracle" not in header and "win vs SFT (RM)" in header and "implicit acc." in header
     assert "No oracle (oracle.kind: none)" in text and "on 6 held-out preference pairs' prompts" in text
+
+
+def test_implicit_reward_methods_are_pair_rows_of_the_loss_table_with_that_hyperparameter():
+    """IMPLICIT_REWARD is a hand list beside PREFERENCE_LOSSES: each entry must be a pair row whose
+    defaults hold the named scale, and every reference-based pair row except SimPO must be listed."""
+    from beyondlm.align.experiment import IMPLICIT_REWARD
+    from beyondlm.objectives.preference import PREFERENCE_LOSSES
+
+    for method, key in IMPLICIT_REWARD.items():
+        row = PREFERENCE_LOSSES[method]
+        assert row.kind == "pair" and key in row.defaults, (method, key)
+    pair_rows = {name for name, row in PREFERENCE_LOSSES.items() if row.kind == "pair"}
+    assert pair_rows - set(IMPLICIT_REWARD) == {"simpo"}  # reference-free: no log π/π_ref margin
