@@ -232,6 +232,11 @@ class Tracker:
     def parent_run_id(self) -> str | None:
         return self._parent
 
+    def attach(self, parent_run_id: str | None) -> None:
+        """Nest this tracker's stage runs under a parent run another process started (a
+        dispatched stage logging under its driver's run)."""
+        self._parent = parent_run_id
+
     @property
     def enabled(self) -> bool:
         return self._client is not None

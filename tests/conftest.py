@@ -21,12 +21,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _served(cmd: list[str], cwd: Path, health_url: str, name: str, timeout_s: float) -> Iterator[None]:
+def _served(cmd: list[str], cwd: Path, health_url: str, name: str, timeout_s: float,
+            env: dict[str, str] | None = None) -> Iterator[None]:
     """Run ``cmd`` (own process group, log in ``cwd/server.log``) until ``health_url`` answers 200;
     kill the whole group on exit. Fails the test with the log's tail if it exits or never answers."""
     log_path = cwd / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
                                 start_new_session=True)  # own process group: kill workers too
     try:
         deadline = time.monotonic() + timeout_s

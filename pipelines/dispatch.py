@@ -1,0 +1,437 @@
+"""Dispatch the DVC pipeline to Prefect workers: each stage runs in its own checkout on a worker of
+its work pool, its deps and outputs travel through the DVC remote, and the driver ends with one
+consistent dvc.lock and every output in the user's workspace.
+
+    python -m pipelines.dispatch setup --repo <git url>   # once: work pools + deployments
+    prefect worker start --pool cpu                       # on any machine, as many as you like
+    CUDA_VISIBLE_DEVICES=0 prefect worker start --pool gpu --limit 1   # one per GPU
+    python -m pipelines.dispatch run [stage ...] [--force]   # the driver, in your workspace
+
+The engine is Prefect's: a ``prefect server`` (PREFECT_API_URL), ``process`` work pools ``cpu`` and
+``gpu`` and one deployment of the ``dvc-stage`` flow on each (``dvc-stage/cpu``,
+``dvc-stage/gpu``). A stage's pool comes from dvc.yaml (``meta: {pool: gpu}``; default ``cpu``).
+Each flow run gets the code by the deployment's pull step (``git clone`` of ``--repo`` into the
+run's own temporary directory) and checks out the commit being reproduced, so a worker never
+shares the driver's path; it writes the driver's dvc.lock over the checkout's, pulls the outputs of
+the stage's upstream stages from the DVC remote, runs ``dvc repro --single-item <stage>``, pushes
+its outputs and the run-cache, and hands its dvc.lock entry back as a Prefect artifact. The driver
+merges each entry into its dvc.lock as it arrives (the next stage's checkout gets it) and finally
+``dvc pull``s the outputs: ``dvc status`` is clean and nothing was computed twice.
+
+Faults: a flow run that crashes (its process killed, its machine lost: the deployments send flow
+heartbeats and ``setup`` adds an automation marking a run silent for ``--zombie-after`` seconds
+CRASHED) is submitted again, ``--retries`` times, to any worker of its pool; a stage whose command
+fails stops the run (running stages finish, no more start) with the stage's name and error, and
+nothing of it is pushed or merged. No server, no worker online in a needed pool, or an
+unreachable remote: one clear error before any stage starts.
+
+MLflow: the driver opens one parent run; with an MLflow server (http URI) each worker logs its
+stage as a nested run (params, metrics, curves, outputs, its own wall time, host and device);
+with a local store the driver mirrors each stage after pulling it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import yaml  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
+
+from beyondlm import remote  # noqa: E402
+from beyondlm.config import load_yaml  # noqa: E402
+
+FLOW = "dvc-stage"
+POOLS = ("cpu", "gpu")
+ENTRYPOINT = "pipelines/dispatch.py:dvc_stage"
+LOCK_ARTIFACT = "dvc-lock"  # key prefix of the artifact carrying a stage's dvc.lock entry
+
+
+class DispatchError(RuntimeError):
+    """A dispatched run that cannot start or did not finish; the message says which and why."""
+
+
+def _git(root: Path, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DispatchError(f"git {' '.join(args)} failed in {root}: {proc.stderr.strip()[-500:]}")
+    return proc.stdout.strip()
+
+
+def _dvc(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # stage cmds: `python`
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+
+
+def _slug(stage: str) -> str:
+    """An artifact key (lowercase letters, digits, dashes) naming ``stage``."""
+    return "".join(c if c.isalnum() else "-" for c in f"{LOCK_ARTIFACT}-{stage}".lower())
+
+
+# --- the worker side ------------------------------------------------------------------------------
+
+def _device() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+    except Exception:  # noqa: BLE001 - a worker without torch still reports where it ran
+        pass
+    return "cpu"
+
+
+def _checkout(root: Path, commit: str) -> None:
+    """The commit being reproduced in the pull step's clone (a shallow one may lack it)."""
+    if _git(root, "rev-parse", "HEAD") == commit:
+        return
+    fetched = subprocess.run(["git", "fetch", "-q", "origin", commit], cwd=root, capture_output=True, text=True)
+    if fetched.returncode != 0:
+        raise DispatchError(f"commit {commit} is not in {_git(root, 'remote', 'get-url', 'origin')}: push it "
+                            f"there first ({fetched.stderr.strip()[-300:]})")
+    _git(root, "checkout", "-q", "--detach", commit)
+
+
+def _use_remote(root: Path, dvc_remote: dict) -> None:
+    """The driver's DVC remote as this checkout's default (``.dvc/config.local``; credentials come
+    from this worker's environment or its own config, never from the driver)."""
+    for args in (("remote", "add", "--local", "-f", "-d", "dispatch", dvc_remote["url"]),
+                 *(("remote", "modify", "--local", "dispatch", k, str(v)) for k, v in dvc_remote.items() if k != "url")):
+        if (proc := _dvc(root, *args)).returncode != 0:
+            raise DispatchError(f"dvc {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
+
+
+@flow(name=FLOW, flow_run_name="{stage}", log_prints=True)
+def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, upstream: list[str] | None = None,
+              force: bool = False, tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Run one DVC stage in this flow run's checkout (the pull step's clone, at ``commit``): the
+    driver's dvc.lock (``lock``), the ``upstream`` stages' outputs pulled from ``dvc_remote``,
+    ``dvc repro --single-item``, outputs and run-cache pushed. Returns the stage's dvc.lock entry
+    and where it ran; the entry is also an artifact of this run, which the driver reads."""
+    from prefect.artifacts import create_markdown_artifact
+
+    logger = get_run_logger()
+    root = Path.cwd()
+    _checkout(root, commit)
+    _use_remote(root, dvc_remote)
+    if lock:
+        (root / "dvc.lock").write_text(lock)
+    else:  # the driver has none yet: neither may the checkout (a committed one is the driver's past)
+        (root / "dvc.lock").unlink(missing_ok=True)
+    if upstream:
+        logger.info("pulling the outputs of %s", ", ".join(upstream))
+        remote.pull(root, tuple(upstream))
+    host, device = socket.gethostname(), _device()
+    logger.info("running %s on %s (%s) at %s", stage, host, device, commit[:10])
+    started, t0 = time.time(), time.perf_counter()
+    proc = _dvc(root, "repro", "--single-item", *(["--force"] if force else []), stage)
+    wall = time.perf_counter() - t0
+    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
+    where = {"host": host, "device": device, "wall_s": round(wall, 3)}
+    _log_stage(root, stage, proc.returncode == 0, started, wall, where, tracking_uri, parent_run_id)
+    if proc.returncode != 0:
+        error = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()][-8:]
+        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): " + "\n".join(error))
+    remote.push(root, (stage,))
+    entry = load_yaml(root / "dvc.lock")["stages"][stage]
+    result = {"stage": stage, "lock": entry, **where}
+    create_markdown_artifact(key=_slug(stage), description=f"dvc.lock entry of {stage}",
+                             markdown=f"```yaml\n{yaml.safe_dump(result, sort_keys=False)}```\n")
+    return result
+
+
+def _log_stage(root: Path, stage: str, ok: bool, started: float, wall: float, where: dict,
+               tracking_uri: str | None, parent_run_id: str | None) -> None:
+    """A nested MLflow run under the driver's parent, when the driver gave an MLflow server."""
+    if not tracking_uri:
+        return
+    from beyondlm.tracking import Tracker
+    from pipelines.reproduce import _history_dirs
+    from beyondlm.dvcgraph import pipeline_stages
+
+    info = next(s for s in pipeline_stages(root, [stage]) if s.name == stage)
+    tracker = Tracker(tracking_uri, root=root)
+    tracker.attach(parent_run_id)
+    hist = _history_dirs(info)
+    tracker.log_stage(stage, params=info.params, metrics_files=[p for p in info.metrics if p.exists()],
+                      history_dirs=hist, tags={"worker/host": where["host"], "worker/device": where["device"]},
+                      artifacts=[p for p in (*info.metrics, *info.plots, *info.outs) if p.exists() and p not in hist],
+                      status="FINISHED" if ok else "FAILED", started=started, wall_s=wall)
+
+
+# --- the driver side ------------------------------------------------------------------------------
+
+def stage_pools(root: Path) -> dict[str, str]:
+    """Each stage's work pool: ``meta.pool`` in dvc.yaml, ``cpu`` when absent."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        pools = {s.name: ((s.meta or {}).get("pool") or "cpu") for s in repo.index.stages}
+    if bad := {n: p for n, p in pools.items() if p not in POOLS}:
+        raise DispatchError(f"dvc.yaml: meta.pool must be one of {list(POOLS)}, got {bad}")
+    return pools
+
+
+def dvc_remote_config(root: Path, name: str | None = None) -> dict:
+    """The URL (absolute for a local directory) and endpoint settings of the DVC remote ``name``
+    (default: core.remote) that workers are to use; credentials are left out on purpose."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        config = repo.config
+        name = name or config["core"].get("remote")
+        if not name or name not in config["remote"]:
+            raise DispatchError(f"no DVC remote {name or '(core.remote unset)'}: add one (README 'DVC remote')")
+        section = dict(config["remote"][name])
+    keep = ("url", "endpointurl", "region")
+    return {k: str(section[k]) for k in keep if k in section}
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise DispatchError("dispatching needs a Prefect server: start one (`prefect server start`) and "
+                            "set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return url
+
+
+def _check_workers(client, pools: set[str], api_url: str) -> None:
+    """Every pool the run needs exists and has a worker online: else stop before anything runs."""
+    for pool in sorted(pools):
+        try:
+            workers = client.read_workers_for_work_pool(pool)
+        except Exception as exc:  # noqa: BLE001 - ObjectNotFound or the server gone
+            raise DispatchError(f"work pool {pool!r} not found at {api_url} ({type(exc).__name__}): "
+                                f"run `python -m pipelines.dispatch setup --repo <git url>` first") from exc
+        if not any(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers):
+            raise DispatchError(f"no worker online in work pool {pool!r}: start one with "
+                                f"`prefect worker start --pool {pool}` in the project's environment")
+
+
+@dataclass
+class _Submitted:
+    stage: str
+    run_id: object
+    tries: int
+
+
+def _read_entry(client, run_id) -> dict:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    for art in arts:
+        if art.key and art.key.startswith(LOCK_ARTIFACT):
+            text = str(art.data).strip().removeprefix("```yaml").removesuffix("```")
+            return yaml.safe_load(text)
+    raise DispatchError(f"flow run {run_id} completed without its dvc.lock artifact")
+
+
+def _merge_lock(root: Path, stage: str, entry: dict) -> None:
+    """Write ``stage``'s entry into the workspace's dvc.lock (DVC's own YAML writer)."""
+    from dvc.utils.serialize import modify_yaml
+
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        lock.write_text("schema: '2.0'\nstages: {}\n")
+    with modify_yaml(str(lock)) as data:
+        data.setdefault("stages", {})[stage] = entry
+
+
+@flow(name="reproduce-dispatched", log_prints=True)
+def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = False, retries: int = 2,
+             tracking_uri: str | None = None, poll_s: float = 1.0) -> list[str]:
+    """Run the stale stages (of all, or of ``targets`` and their upstream) and those downstream on
+    Prefect workers; the names of the stages that ran, in the order they finished."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+
+    from beyondlm.dvcgraph import pipeline_stages
+    from beyondlm.tracking import Tracker
+    from pipelines.reproduce import _downstream, _mirror, _status, prune_lock
+    from pipelines.validate import validate_stages
+
+    logger = get_run_logger()
+    root_path = Path(root).resolve()
+    api_url = _api_url()
+    stages = pipeline_stages(root_path, targets)
+    names = {s.name for s in stages}
+    stale = names if force else names & _status(str(root_path))
+    if not stale:
+        logger.info("every stage is up to date: nothing to do")
+        return []
+    todo = _downstream(stages, stale)
+    validate_stages(todo, str(root_path))
+    if dirty := [ln for ln in _git(root_path, "status", "--porcelain", "--untracked-files=no").splitlines()
+                 if not ln.endswith(" dvc.lock")]:
+        raise DispatchError("workers check out a commit: commit (and push) these changes first: "
+                            + ", ".join(ln[3:] for ln in dirty))
+    commit = _git(root_path, "rev-parse", "HEAD")
+    pools = stage_pools(root_path)
+    dvc_remote = dvc_remote_config(root_path)
+    tracker = Tracker(tracking_uri, root=root_path)
+    workers_log = tracker.uri.startswith(("http://", "https://"))
+    with get_client(sync_client=True) as client:
+        _check_workers(client, {pools[s.name] for s in todo}, api_url)
+        settled_up = sorted({u for s in todo for u in s.upstream} - {s.name for s in todo})
+        upstream_done = [s.name for s in stages if s.name not in {t.name for t in todo}
+                         and any(s.name in t.upstream or s.name in settled_up for t in todo)]
+        if upstream_done:  # up to date here: their outputs must be on the remote for the workers
+            logger.info("pushing the outputs of %s", ", ".join(upstream_done))
+            remote.push(root_path, tuple(upstream_done))
+        tracker.start_pipeline("reproduce", params={"targets": targets or "all", "force": force, "dispatch": True},
+                               tags={"stale": ", ".join(sorted(stale)), "commit": commit})
+        by_name = {s.name: s for s in todo}
+        pending, settled = list(todo), set()
+        running: dict[str, _Submitted] = {}
+        done: list[str] = []
+        failure: str | None = None
+
+        def submit(info, tries: int) -> None:
+            run = run_deployment(
+                f"{FLOW}/{pools[info.name]}", timeout=0, as_subflow=True,
+                parameters={"stage": info.name, "commit": commit, "lock": (root_path / "dvc.lock").read_text()
+                            if (root_path / "dvc.lock").exists() else "", "dvc_remote": dvc_remote,
+                            "upstream": list(info.upstream), "force": force,
+                            "tracking_uri": tracker.uri if workers_log else None,
+                            "parent_run_id": tracker.parent_run_id if workers_log else None})
+            running[info.name] = _Submitted(info.name, run.id, tries)
+            logger.info("%s → pool %s (flow run %s%s)", info.name, pools[info.name], run.name,
+                        f", try {tries + 1}" if tries else "")
+
+        try:
+            while running or (pending and failure is None):
+                if failure is None:
+                    for info in [s for s in pending if settled.issuperset(s.upstream)]:
+                        pending.remove(info)
+                        submit(info, 0)
+                if not running:
+                    raise DispatchError(f"stages {[s.name for s in pending]} wait on stages that never run")
+                time.sleep(poll_s)
+                for name, sub in list(running.items()):
+                    state = client.read_flow_run(sub.run_id).state
+                    if state is None or not state.is_final():
+                        continue
+                    del running[name]
+                    if state.type == StateType.COMPLETED:
+                        entry = _read_entry(client, sub.run_id)
+                        _merge_lock(root_path, name, entry["lock"])
+                        settled.add(name)
+                        done.append(name)
+                        logger.info("%s done on %s (%s) in %.1f s", name, entry["host"], entry["device"], entry["wall_s"])
+                    elif state.type == StateType.CRASHED and sub.tries < retries and failure is None:
+                        logger.warning("%s crashed (%s): submitting it again", name, state.message)
+                        submit(by_name[name], sub.tries + 1)
+                    else:
+                        failure = failure or f"stage {name} {state.type.value.lower()}: {state.message}"
+                        logger.error(failure)
+            if failure:
+                raise DispatchError(failure)
+            logger.info("pulling the outputs of %d stages into %s", len(done), root_path)
+            remote.pull(root_path, tuple(done))
+            if not workers_log:
+                for name in done:
+                    _mirror(by_name[name], tracker, True, time.time(), 0.0)
+        except BaseException:
+            tracker.end_pipeline("FAILED")
+            raise
+    prune_lock(str(root_path), None if targets else stages)
+    tracker.end_pipeline("FINISHED")
+    return done
+
+
+# --- set-up ----------------------------------------------------------------------------------------
+
+def setup(repo: str, branch: str | None = None, concurrency: dict[str, int] | None = None,
+          heartbeat_s: int = 30, zombie_after_s: int = 90) -> list[str]:
+    """Create the ``cpu`` and ``gpu`` process work pools (if missing), the deployments
+    ``dvc-stage/cpu`` and ``dvc-stage/gpu`` whose pull step clones ``repo``, and the automation
+    that marks a flow run CRASHED after ``zombie_after_s`` s without a heartbeat. Names created."""
+    from prefect.automations import Automation, ChangeFlowRunState
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.runner.storage import GitRepository
+
+    _api_url()
+    made = []
+    with get_client(sync_client=True) as client:
+        existing = {p.name for p in client.read_work_pools()}
+        for pool in POOLS:
+            if pool not in existing:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                made.append(f"work pool {pool}")
+            if concurrency and pool in concurrency:
+                client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=concurrency[pool]))
+    source = GitRepository(url=repo, branch=branch)
+    for pool in POOLS:
+        dvc_stage.from_source(source=source, entrypoint=ENTRYPOINT).deploy(
+            name=pool, work_pool_name=pool, print_next_steps=False,
+            job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_s)}})
+        made.append(f"deployment {FLOW}/{pool}")
+    name = "beyondlm: crash silent dvc-stage runs"
+    if not _has_automation(name):
+        Automation(
+            name=name,
+            trigger=EventTrigger(
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                        "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                within=zombie_after_s),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                        message=f"no heartbeat for {zombie_after_s} s: the worker was lost")],
+        ).create()
+        made.append(f"automation {name!r}")
+    return made
+
+
+def _has_automation(name: str) -> bool:
+    from prefect.automations import Automation
+
+    try:
+        return Automation.read(name=name) is not None
+    except ValueError:  # prefect raises when no automation has the name
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.dispatch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("setup", help="work pools, deployments and the lost-worker automation")
+    s.add_argument("--repo", required=True, help="git URL workers clone (a path works on one machine)")
+    s.add_argument("--branch", default=None)
+    s.add_argument("--limit", action="append", default=[], metavar="POOL=N", help="pool concurrency limit")
+    r = sub.add_parser("run", help="reproduce on the workers")
+    r.add_argument("targets", nargs="*")
+    r.add_argument("--force", action="store_true")
+    r.add_argument("--retries", type=int, default=2, help="resubmissions of a crashed stage (default 2)")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "setup":
+            limits = {k: int(v) for k, v in (x.split("=", 1) for x in args.limit)}
+            print("\n".join(setup(args.repo, args.branch, limits)) or "nothing to create")
+        else:
+            print("ran:", ", ".join(dispatch(args.targets or None, force=args.force, retries=args.retries)) or "nothing")
+    except (DispatchError, remote.RemoteError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
