@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,13 +82,16 @@ def _slug(stage: str) -> str:
 # --- the worker side ------------------------------------------------------------------------------
 
 def _device() -> str:
-    try:
-        import torch
+    """Where this worker's stages train: the first visible GPU, else ``cpu`` (torch is imported
+    only on a machine with an NVIDIA driver)."""
+    if shutil.which("nvidia-smi") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
+        try:
+            import torch
 
-        if torch.cuda.is_available():
-            return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
-    except Exception:  # noqa: BLE001 - a worker without torch still reports where it ran
-        pass
+            if torch.cuda.is_available():
+                return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+        except Exception:  # noqa: BLE001 - a broken CUDA set-up still reports where it ran
+            pass
     return "cpu"
 
 
@@ -102,12 +107,12 @@ def _checkout(root: Path, commit: str) -> None:
 
 
 def _use_remote(root: Path, dvc_remote: dict) -> None:
-    """The driver's DVC remote as this checkout's default (``.dvc/config.local``; credentials come
-    from this worker's environment or its own config, never from the driver)."""
-    for args in (("remote", "add", "--local", "-f", "-d", "dispatch", dvc_remote["url"]),
-                 *(("remote", "modify", "--local", "dispatch", k, str(v)) for k, v in dvc_remote.items() if k != "url")):
-        if (proc := _dvc(root, *args)).returncode != 0:
-            raise DispatchError(f"dvc {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
+    """The driver's DVC remote as this checkout's default, in ``.dvc/config.local`` (what ``dvc
+    remote add --local -d`` writes; credentials come from this worker's environment or its own
+    config, never from the driver)."""
+    lines = ["[core]", "    remote = dispatch", "['remote \"dispatch\"']",
+             *(f"    {k} = {v}" for k, v in dvc_remote.items())]
+    (root / ".dvc" / "config.local").write_text("\n".join(lines) + "\n")
 
 
 @flow(name=FLOW, flow_run_name="{stage}", log_prints=True)
@@ -139,14 +144,19 @@ def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, upstream: li
     where = {"host": host, "device": device, "wall_s": round(wall, 3)}
     _log_stage(root, stage, proc.returncode == 0, started, wall, where, tracking_uri, parent_run_id)
     if proc.returncode != 0:
-        error = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()][-8:]
-        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): " + "\n".join(error))
+        raise RuntimeError(f"stage {stage} failed on {host}:\n" + _error_lines(proc.stderr + proc.stdout))
     remote.push(root, (stage,))
     entry = load_yaml(root / "dvc.lock")["stages"][stage]
     result = {"stage": stage, "lock": entry, **where}
     create_markdown_artifact(key=_slug(stage), description=f"dvc.lock entry of {stage}",
                              markdown=f"```yaml\n{yaml.safe_dump(result, sort_keys=False)}```\n")
     return result
+
+
+def _error_lines(output: str, n: int = 4) -> str:
+    """The last ``n`` lines of a failed command that say what failed (no traceback frames)."""
+    lines = [ln for ln in output.splitlines() if ln.strip() and not ln[0].isspace() and not ln.startswith("Traceback")]
+    return "\n".join(f"  {ln}" for ln in lines[-n:])
 
 
 def _log_stage(root: Path, stage: str, ok: bool, started: float, wall: float, where: dict,
@@ -203,6 +213,12 @@ def _api_url() -> str:
     if not url:
         raise DispatchError("dispatching needs a Prefect server: start one (`prefect server start`) and "
                             "set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5):
+            pass
+    except OSError as exc:
+        raise DispatchError(f"no Prefect server answers at {url} ({exc}): start it (`prefect server start`) "
+                            "or fix PREFECT_API_URL") from exc
     return url
 
 
@@ -334,7 +350,8 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
                         logger.warning("%s crashed (%s): submitting it again", name, state.message)
                         submit(by_name[name], sub.tries + 1)
                     else:
-                        failure = failure or f"stage {name} {state.type.value.lower()}: {state.message}"
+                        why = (state.message or "").split("RuntimeError: ", 1)[-1]  # the worker's words
+                        failure = failure or f"{why}\n  (stage {name}: flow run {sub.run_id} {state.type.value.lower()})"
                         logger.error(failure)
             if failure:
                 raise DispatchError(failure)
@@ -421,10 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--force", action="store_true")
     r.add_argument("--retries", type=int, default=2, help="resubmissions of a crashed stage (default 2)")
     args = p.parse_args(argv)
+    from pipelines.reproduce import anything_stale
+
     try:
+        _api_url()  # before Prefect's client retries an unreachable server for a minute
         if args.cmd == "setup":
             limits = {k: int(v) for k, v in (x.split("=", 1) for x in args.limit)}
             print("\n".join(setup(args.repo, args.branch, limits)) or "nothing to create")
+        elif not args.force and not anything_stale(".", args.targets or None):  # before any flow starts
+            print("every stage is up to date: nothing to do")
         else:
             print("ran:", ", ".join(dispatch(args.targets or None, force=args.force, retries=args.retries)) or "nothing")
     except (DispatchError, remote.RemoteError) as err:

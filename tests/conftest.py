@@ -92,6 +92,9 @@ def prefect_harness():
     """One temporary Prefect API server for the session (starting one takes ~10-20 s here)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    # its telemetry heartbeat races the server's own sqlite writes ("database is locked")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
     with prefect_test_harness(server_startup_timeout=180):
         yield
 

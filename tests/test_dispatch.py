@@ -30,8 +30,8 @@ STEP_SLOW = STEP.replace('elif name == "train":\n',
                          '    Path(os.environ["RUN_LOG"] + ".pid").write_text(str(os.getpid()))\n'
                          '    import time\n'
                          '    while os.path.exists(os.environ["RUN_LOG"] + ".slow"):\n'
-                         '        time.sleep(0.2)\n'
-                         '    assert p["prepare"]["n"] > 0, "prepare.n must be positive"\n')
+                         '        time.sleep(0.2)\n').replace(
+    'if name == "prepare":\n', 'if name == "prepare":\n    assert p["prepare"]["n"] > 0, "prepare.n must be positive"\n')
 DVC_YAML = '''\
 stages:
   prepare:
@@ -76,8 +76,9 @@ def sh(*args, cwd: Path, env: dict, ok: bool = True, timeout: float = 300) -> su
     return proc
 
 
-def _project(path: Path, env: dict, remote: Path) -> Path:
-    """The toy project with this repository's packages, committed, DVC remote = ``remote``."""
+def _project(path: Path, env: dict, remote: str, endpoint: str) -> Path:
+    """The toy project with this repository's packages, committed; its DVC remote is ``remote``
+    on the S3 server ``endpoint`` (credentials from the environment)."""
     path.mkdir(parents=True)
     for pkg in ("beyondlm", "pipelines"):
         shutil.copytree(ROOT / pkg, path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -87,7 +88,8 @@ def _project(path: Path, env: dict, remote: Path) -> Path:
     shutil.copy(ROOT / ".gitignore", path / ".gitignore")
     sh("git", "init", "-q", "-b", "main", cwd=path, env=env)
     sh(sys.executable, "-m", "dvc", "init", "-q", cwd=path, env=env)
-    sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote), cwd=path, env=env)
+    sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "store", remote, cwd=path, env=env)
+    sh(sys.executable, "-m", "dvc", "remote", "modify", "store", "endpointurl", endpoint, cwd=path, env=env)
     sh("git", "add", "-A", cwd=path, env=env)
     sh(*GIT, "commit", "-q", "-m", "toy project", cwd=path, env=env)
     return path
@@ -100,25 +102,35 @@ def _lock_outs(root: Path) -> dict[str, str]:
     return {f"{name}:{o['path']}": o["md5"] for name, s in stages.items() for o in s.get("outs", [])}
 
 
+BUCKET = "beyondlm-dispatch"
+
+
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, mlflow_server):
-    """A Prefect server, the deployments, one cpu and two gpu workers; yields (env, project)."""
+def engine(tmp_path_factory, s3_server, prefect_harness):
+    """One S3 endpoint holding the DVC remote and the MLflow artifacts, an MLflow server, the
+    session's Prefect server, the deployments, one cpu and two gpu workers; yields (env, project,
+    tmp, MLflow URL)."""
+    import boto3
+    from prefect.settings import PREFECT_API_URL
+
     tmp = tmp_path_factory.mktemp("dispatch")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = _env(tmp, api)
-    server_dir = tmp / "server"
-    server_dir.mkdir()
-    project = _project(tmp / "project", env, tmp / "remote")
-    cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
-           "--port", str(port)]
-    with _served(cmd, server_dir, f"{api}/health", "prefect server", 180, env=env):
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    env = {**_env(tmp, PREFECT_API_URL.value()), "S3_ENDPOINT": s3_server, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # each machine's own
+    project = _project(tmp / "project", env, f"s3://{BUCKET}/dvc", endpoint=s3_server)
+    (tmp / "mlflow").mkdir()
+    mlflow = f"http://127.0.0.1:{(port := _free_port())}"
+    with _served([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
+                  str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp}/mlflow/mlflow.db",
+                  "--artifacts-destination", f"s3://{BUCKET}/mlflow"], tmp / "mlflow", f"{mlflow}/health",
+                 "mlflow server", 120, env={**env, "MLFLOW_S3_ENDPOINT_URL": s3_server}):
         setup = sh(sys.executable, "-m", "pipelines.dispatch", "setup", "--repo", project, "--limit", "gpu=2",
                    cwd=project, env=env)
         assert "deployment dvc-stage/gpu" in setup.stdout
         workers = [_worker(pool, f"{pool}-{i}", tmp, env) for pool, i in (("cpu", 0), ("gpu", 0), ("gpu", 1))]
         try:
-            yield env, project, tmp
+            yield env, project, tmp, mlflow
         finally:
             for w in workers:
                 _kill_group(w)
@@ -132,8 +144,7 @@ def _worker(pool: str, name: str, tmp: Path, env: dict) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _dispatch(project: Path, env: dict, *args: str, tracking: str | None = None) -> subprocess.CompletedProcess:
-    env = {**env, **({"MLFLOW_TRACKING_URI": tracking} if tracking else {})}
+def _dispatch(project: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
     return sh(sys.executable, "-m", "pipelines.dispatch", "run", *args, cwd=project, env=env, ok=False, timeout=600)
 
 
@@ -151,27 +162,152 @@ def _wait_online(env: dict, pools: dict[str, int], timeout_s: float = 120) -> No
         time.sleep(1)
 
 
-def test_dispatched_run_matches_a_local_repro_and_logs_each_stage_from_its_worker(engine, mlflow_server, tmp_path):
-    env, project, tmp = engine
-    _wait_online(env, {"cpu": 1, "gpu": 2})
-    proc = _dispatch(project, env, tracking=mlflow_server)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert (tmp / "runs.log").read_text().split() == ["prepare", "train", "report"]  # each once, on workers
-    status = sh(sys.executable, "-m", "dvc", "status", "--json", cwd=project, env=env)
-    assert status.stdout.strip() == "{}"  # dvc.lock merged, every output pulled: nothing to redo
+def _commit_params(project: Path, env: dict, n: int) -> None:
+    (project / "params.yaml").write_text(f"prepare: {{n: {n}}}\n")
+    sh("git", "add", "-A", cwd=project, env=env)
+    sh(*GIT, "commit", "-q", "-m", f"n={n}", cwd=project, env=env)
 
+
+def _flow_run_process(pid: int) -> int:
+    """The ``prefect.engine`` process (a worker's flow run) above ``pid``."""
+    while pid > 1:
+        if b"prefect.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    raise AssertionError("no flow-run process above the stage")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(p := todo.pop())
+        todo += children.get(p, [])
+    return out
+
+
+def test_dispatched_run_survives_a_killed_stage_matches_a_local_repro_and_logs_from_workers(engine, tmp_path):
+    """Every stage runs once on a worker (train on the gpu pool); train's flow run is SIGKILLed
+    mid-stage (the worker reports it crashed) and submitted again; the driver ends with dvc.lock
+    hashes equal to an undisturbed local `dvc repro`, `dvc status` clean, and each stage a nested
+    MLflow run logged by its worker, artifacts in S3."""
+    env, project, tmp, mlflow_server = engine
+    _wait_online(env, {"cpu": 1, "gpu": 2})
+    slow, pidfile = Path(env["RUN_LOG"] + ".slow"), Path(env["RUN_LOG"] + ".pid")
+    slow.touch()
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.dispatch", "run"], cwd=project,
+                              env={**env, "MLFLOW_TRACKING_URI": mlflow_server}, stdout=log,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not pidfile.exists():
+            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()
+            time.sleep(0.2)
+        victim = _flow_run_process(int(pidfile.read_text()))
+        for pid in _descendants(victim):  # the flow run and everything under it, at once
+            os.kill(pid, signal.SIGKILL)
+        slow.unlink()
+        assert driver.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    finally:
+        slow.unlink(missing_ok=True)
+        if driver.poll() is None:
+            driver.kill()
+    out = (tmp_path / "driver.log").read_text()
+    assert "train crashed" in out and "try 2" in out, out[-3000:]
+    assert (tmp / "runs.log").read_text().split() == ["prepare", "train", "train", "report"]  # on workers
+    assert sh(sys.executable, "-m", "dvc", "status", "--json", cwd=project, env=env).stdout.strip() == "{}"
     local = tmp_path / "local"
     sh("git", "clone", "-q", project, local, cwd=tmp_path, env=env)
     sh(sys.executable, "-m", "dvc", "repro", cwd=local, env={**env, "RUN_LOG": str(tmp_path / "local.log")})
-    assert _lock_outs(project) == _lock_outs(local)
+    assert _lock_outs(project) == _lock_outs(local) and len(_lock_outs(local)) == 7
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("beyondlm")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'train'", max_results=5)
-    train = max(runs, key=lambda r: r.info.start_time)
-    parent = client.get_run(train.data.tags["mlflow.parentRunId"])
-    assert parent.data.params["dispatch"] == "True"
+    runs = client.search_runs([exp.experiment_id], max_results=20)
+    stages = {r.info.run_name: r for r in runs if r.info.run_name != "reproduce"}
+    assert set(stages) == {"prepare", "train", "report"}  # the killed try logged nothing
+    parent = client.get_run(stages["train"].data.tags["mlflow.parentRunId"])
+    assert parent.data.params["dispatch"] == "True" and parent.info.status == "FINISHED"
+    train = stages["train"]
     assert train.data.tags["worker/device"] == "cpu" and train.data.tags["worker/host"]
     assert train.data.metrics["stage/wall_s"] > 0 and train.data.metrics["loss"] == pytest.approx(1 / 3)
+    arts = {a.path for a in client.list_artifacts(train.info.run_id, "reports/metrics")}
+    assert arts == {"reports/metrics/sft.json"}
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=env["S3_ENDPOINT"], region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]]
+    assert any(k.endswith("reports/metrics/sft.json") for k in keys)  # the server stores in S3
+
+
+def test_a_failing_stage_stops_the_run_naming_it_and_merges_nothing_of_it(engine):
+    env, project, _, _ = engine
+    lock = project / "dvc.lock"
+    before = lock.read_text() if lock.exists() else None
+    _commit_params(project, env, -1)
+    try:
+        proc = _dispatch(project, env)
+    finally:
+        _commit_params(project, env, 3)
+    assert proc.returncode == 2
+    error = proc.stderr[proc.stderr.rindex("\nerror: "):].strip().splitlines()
+    assert error[0].startswith("error: stage prepare failed on "), proc.stderr[-3000:]
+    assert "  AssertionError: prepare.n must be positive" in error[1:], error
+    assert (lock.read_text() if lock.exists() else None) == before  # nothing of the failed stage merged
+
+
+def test_no_server_is_one_clear_error_in_seconds(engine, tmp_path):
+    env, project, _, _ = engine
+    start = time.monotonic()
+    proc = _dispatch(project, {**env, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"})
+    assert proc.returncode == 2 and time.monotonic() - start < 60
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no Prefect server answers at http://127.0.0.1:")
+
+
+class _FakeClient:
+    def __init__(self, pools: dict[str, list[str]]):
+        self.pools = pools
+
+    def read_workers_for_work_pool(self, pool):
+        from types import SimpleNamespace
+
+        if pool not in self.pools:
+            raise LookupError(pool)
+        return [SimpleNamespace(status=SimpleNamespace(value=s)) for s in self.pools[pool]]
+
+
+def test_a_missing_pool_or_no_online_worker_stops_the_run_before_it_starts():
+    from pipelines.dispatch import DispatchError, _check_workers
+
+    _check_workers(_FakeClient({"cpu": ["ONLINE"], "gpu": ["OFFLINE", "ONLINE"]}), {"cpu", "gpu"}, "u")
+    with pytest.raises(DispatchError, match=r"no worker online in work pool 'gpu': start one with "
+                                            r"`prefect worker start --pool gpu`"):
+        _check_workers(_FakeClient({"cpu": ["ONLINE"], "gpu": ["OFFLINE"]}), {"cpu", "gpu"}, "u")
+    with pytest.raises(DispatchError, match=r"work pool 'gpu' not found at u .*pipelines.dispatch setup"):
+        _check_workers(_FakeClient({"cpu": ["ONLINE"]}), {"cpu", "gpu"}, "u")
+
+
+def test_pools_come_from_dvc_yaml_and_prefect_yaml_deploys_the_stage_flow_with_a_git_pull_step():
+    import yaml
+
+    from pipelines.dispatch import ENTRYPOINT, POOLS, stage_pools
+
+    pools = stage_pools(ROOT)
+    assert {n for n, p in pools.items() if p == "cpu"} == {"prepare", "oracle", "graph", "report"}
+    assert pools["sft@mle-0"] == "gpu" and pools["align@exo_pref"] == "gpu"
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert list(spec["pull"][0]) == ["prefect.deployments.steps.git_clone"]  # never the deployer's path
+    stage_deps = {d["name"]: d["work_pool"]["name"] for d in spec["deployments"] if d["entrypoint"] == ENTRYPOINT}
+    assert stage_deps == {p: p for p in POOLS}
+    names = [d["name"] for d in spec["deployments"]]
+    assert len(names) == len(set(names)) and "nightly-reproduce-served" not in names  # deploy.py's own
