@@ -1,0 +1,172 @@
+"""Scale-out bench (#12): the default pipeline from scratch, one stage after another vs dispatched
+to Prefect workers, on this machine, in one run.
+
+Two clones of HEAD side by side (``seq/`` and ``disp/``, params from ``--params`` if given, committed):
+
+- sequential: ``python -m pipelines.reproduce`` (one ``dvc repro --single-item`` after another);
+- dispatched: a real ``prefect server``, ``python -m pipelines.dispatch setup --repo disp/``, one
+  ``cpu`` worker and ``--gpu-workers`` ``gpu`` workers (``--limit 1`` each), the directory DVC
+  remote beside the clones, then ``python -m pipelines.dispatch run`` and a second, no-op run.
+
+Every stage process gets ``--threads`` torch threads on both sides (default 1: the tiny default
+models train fastest on one thread here, and equal threads make the two sides' results
+comparable). Written: wall times, the speed-up, the load average before and after each side, and
+which metrics files are byte-identical between the two workspaces (those that differ are listed:
+a stage whose numbers depend on thread scheduling, or a bug).
+
+    python -m benchmarks.scaleout [--params tests/data/micro_params.yaml] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIT = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+
+
+def _env(threads: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               MLFLOW_DISABLE_TELEMETRY="true", **extra)
+    return env
+
+
+def _clone(dest: Path, params: Path | None) -> Path:
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)
+    if params is not None:
+        shutil.copy(params, dest / "params.yaml")
+        subprocess.run([*GIT, "commit", "-qam", f"bench params: {params.name}"], cwd=dest, check=True)
+    return dest
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _process(cmd: list[str], cwd: Path, env: dict, log: Path):
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not up after {timeout_s} s")
+            time.sleep(0.5)
+
+
+def _timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
+    before = os.getloadavg()
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        code = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - t0
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}) in {cwd}:\n{log.read_text()[-3000:]}")
+    return {"wall_s": round(wall, 1), "load_average_before": before, "load_average_after": os.getloadavg()}
+
+
+def _metrics(root: Path) -> dict[str, bytes]:
+    base = root / "reports" / "metrics"
+    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*.json"))}
+
+
+def _dispatched(work: Path, base: Path, threads: int, gpu_workers: int) -> dict:
+    port = _port()
+    env = _env(threads, PREFECT_HOME=str(base / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with ExitStack() as stack:
+        server = stack.enter_context(_process([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                              base, env, base / "prefect-server.log"))
+        _wait_http(f"http://127.0.0.1:{port}/api/health", 180, server, base / "prefect-server.log")
+        subprocess.run([sys.executable, "-m", "pipelines.dispatch", "setup", "--repo", str(work)], cwd=work,
+                       env=env, check=True, capture_output=True)
+        wenv = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        for pool, n in (("cpu", 1), ("gpu", gpu_workers)):
+            for i in range(n):
+                stack.enter_context(_process([prefect, "worker", "start", "--pool", pool, "--name", f"{pool}-{i}",
+                                              "--limit", "1"], base, wenv, base / f"worker-{pool}-{i}.log"))
+        time.sleep(10)  # workers register (the driver checks and names a pool without one)
+        run = _timed([sys.executable, "-m", "pipelines.dispatch", "run"], work, env, base / "dispatch.log")
+        noop = _timed([sys.executable, "-m", "pipelines.dispatch", "run"], work, env, base / "dispatch-noop.log")
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=work, env=env,
+                            capture_output=True, text=True).stdout.strip()
+    return {**run, "noop_wall_s": noop["wall_s"], "dvc_status_after": json.loads(status or "{}"),
+            "workers": {"cpu": 1, "gpu": gpu_workers}}
+
+
+def scaleout_bench(params: Path | None = None, threads: int = 1, gpu_workers: int = 2, keep: Path | None = None) -> dict:
+    with tempfile.TemporaryDirectory(dir=keep.parent if keep else None) as tmp:
+        base = Path(tmp)
+        seq, disp = _clone(base / "seq", params), _clone(base / "disp", params)
+        sequential = _timed([sys.executable, "-m", "pipelines.reproduce"], seq, _env(threads), base / "sequential.log")
+        dispatched = _dispatched(disp, base, threads, gpu_workers)
+        a, b = _metrics(seq), _metrics(disp)
+        same = sorted(k for k in a if b.get(k) == a[k])
+        result = {
+            "params": str(params or "params.yaml"), "commit": subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+            "cpus": os.cpu_count(), "torch_threads_per_stage": threads,
+            "sequential": sequential, "dispatched": dispatched,
+            "speedup": round(sequential["wall_s"] / dispatched["wall_s"], 3), "target_speedup": 1.4,
+            "noop_dispatch_s": dispatched["noop_wall_s"], "target_noop_s": 30,
+            "metrics_files": len(a), "metrics_identical": len(same),
+            "metrics_differing": sorted(set(a) ^ set(b) | {k for k in a if k in b and a[k] != b[k]}),
+        }
+        result["met"] = result["speedup"] >= 1.4 and result["noop_dispatch_s"] <= 30
+        if keep:
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(base, keep, symlinks=True, ignore=shutil.ignore_patterns("models", ".dvc", "data"))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=Path, default=None, help="params file for both clones (default: HEAD's)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gpu-workers", type=int, default=2)
+    p.add_argument("--keep", type=Path, default=None, help="copy logs and reports here")
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "scaleout.json")
+    args = p.parse_args()
+    result = scaleout_bench(args.params and args.params.resolve(), args.threads, args.gpu_workers, args.keep)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
