@@ -300,9 +300,8 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
     workers_log = tracker.uri.startswith(("http://", "https://"))
     with get_client(sync_client=True) as client:
         _check_workers(client, {pools[s.name] for s in todo}, api_url)
-        settled_up = sorted({u for s in todo for u in s.upstream} - {s.name for s in todo})
-        upstream_done = [s.name for s in stages if s.name not in {t.name for t in todo}
-                         and any(s.name in t.upstream or s.name in settled_up for t in todo)]
+        upstream = {s.name: list(s.upstream) for s in stages}  # all of it; todo's keeps only todo
+        upstream_done = sorted({u for t in todo for u in upstream[t.name]} - {t.name for t in todo})
         if upstream_done:  # up to date here: their outputs must be on the remote for the workers
             logger.info("pushing the outputs of %s", ", ".join(upstream_done))
             remote.push(root_path, tuple(upstream_done))
@@ -319,7 +318,7 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
                 f"{FLOW}/{pools[info.name]}", timeout=0, as_subflow=True,
                 parameters={"stage": info.name, "commit": commit, "lock": (root_path / "dvc.lock").read_text()
                             if (root_path / "dvc.lock").exists() else "", "dvc_remote": dvc_remote,
-                            "upstream": list(info.upstream), "force": force,
+                            "upstream": upstream[info.name], "force": force,
                             "tracking_uri": tracker.uri if workers_log else None,
                             "parent_run_id": tracker.parent_run_id if workers_log else None})
             running[info.name] = _Submitted(info.name, run.id, tries)

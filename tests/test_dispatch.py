@@ -53,6 +53,7 @@ stages:
   report:
     cmd: python step.py report
     deps: [step.py, reports/metrics/sft.json]
+    params: [report]
     outs: [reports/report.md]
 '''
 
@@ -84,7 +85,7 @@ def _project(path: Path, env: dict, remote: str, endpoint: str) -> Path:
         shutil.copytree(ROOT / pkg, path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (path / "step.py").write_text(STEP_SLOW)
     (path / "dvc.yaml").write_text(DVC_YAML)
-    (path / "params.yaml").write_text("prepare: {n: 3}\n")
+    (path / "params.yaml").write_text("prepare: {n: 3}\nreport: {title: a}\n")
     shutil.copy(ROOT / ".gitignore", path / ".gitignore")
     sh("git", "init", "-q", "-b", "main", cwd=path, env=env)
     sh(sys.executable, "-m", "dvc", "init", "-q", cwd=path, env=env)
@@ -162,8 +163,8 @@ def _wait_online(env: dict, pools: dict[str, int], timeout_s: float = 120) -> No
         time.sleep(1)
 
 
-def _commit_params(project: Path, env: dict, n: int) -> None:
-    (project / "params.yaml").write_text(f"prepare: {{n: {n}}}\n")
+def _commit_params(project: Path, env: dict, n: int, title: str = "a") -> None:
+    (project / "params.yaml").write_text(f"prepare: {{n: {n}}}\nreport: {{title: {title}}}\n")
     sh("git", "add", "-A", cwd=project, env=env)
     sh(*GIT, "commit", "-q", "-m", f"n={n}", cwd=project, env=env)
 
@@ -250,20 +251,31 @@ def test_dispatched_run_survives_a_killed_stage_matches_a_local_repro_and_logs_f
     assert any(k.endswith("reports/metrics/sft.json") for k in keys)  # the server stores in S3
 
 
-def test_a_failing_stage_stops_the_run_naming_it_and_merges_nothing_of_it(engine):
-    env, project, _, _ = engine
+def test_a_failing_stage_stops_the_run_and_a_later_run_redoes_only_the_stale_stage(engine):
+    """prepare fails: the run stops naming it and its error, dvc.lock is untouched. Then only
+    report's params change: report alone runs, on a worker that pulls train's outputs (up to date,
+    never run in this dispatch) from the remote."""
+    env, project, tmp, _ = engine
     lock = project / "dvc.lock"
     before = lock.read_text() if lock.exists() else None
     _commit_params(project, env, -1)
     try:
         proc = _dispatch(project, env)
     finally:
-        _commit_params(project, env, 3)
+        _commit_params(project, env, 3, title="b")
     assert proc.returncode == 2
     error = proc.stderr[proc.stderr.rindex("\nerror: "):].strip().splitlines()
     assert error[0].startswith("error: stage prepare failed on "), proc.stderr[-3000:]
     assert "  AssertionError: prepare.n must be positive" in error[1:], error
     assert (lock.read_text() if lock.exists() else None) == before  # nothing of the failed stage merged
+    if before is None:
+        return  # run alone (-k): nothing reproduced before, so no partial run to check
+    runs = len((tmp / "runs.log").read_text().split())
+    proc = _dispatch(project, env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp / "runs.log").read_text().split()[runs:] == ["report"]
+    assert sh(sys.executable, "-m", "dvc", "status", "--json", cwd=project, env=env).stdout.strip() == "{}"
+    assert (project / "reports/report.md").read_text().startswith("# report\n")
 
 
 def test_no_server_is_one_clear_error_in_seconds(engine, tmp_path):
