@@ -288,7 +288,7 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
         logger.info("every stage is up to date: nothing to do")
         return []
     todo = _downstream(stages, stale)
-    validate_stages(todo, str(root_path))
+    validate_stages(todo, str(root_path), device_checks=False)  # the workers' devices, not this one's
     if dirty := [ln for ln in _git(root_path, "status", "--porcelain", "--untracked-files=no").splitlines()
                  if not ln.endswith(" dvc.lock")]:
         raise DispatchError("workers check out a commit: commit (and push) these changes first: "

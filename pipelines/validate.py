@@ -18,13 +18,27 @@ from beyondlm.config import ConfigError, read_params
 from beyondlm.dvcgraph import StageInfo, stage_module
 
 
-def validate_stages(stages: Sequence[StageInfo], root: str | Path = ".") -> None:
+@contextlib.contextmanager
+def _no_device_checks():
+    """Skip the checks that ask this machine's device (``mixed_precision``): the driver of a
+    dispatched run may lack the GPU its workers have. Each stage checks again where it runs."""
+    from beyondlm import config
+
+    check = config.check_mixed_precision
+    config.check_mixed_precision = lambda value, device=None: None
+    try:
+        yield
+    finally:
+        config.check_mixed_precision = check
+
+
+def validate_stages(stages: Sequence[StageInfo], root: str | Path = ".", device_checks: bool = True) -> None:
     """Raise ConfigError listing every stage whose params do not load (one line per problem,
-    each with the stages it stops)."""
+    each with the stages it stops). ``device_checks=False``: stages run on other machines."""
     root = Path(root).resolve()
     params = read_params(root / "params.yaml")
     problems: dict[str, list[str]] = {}
-    with contextlib.chdir(root):  # stages resolve declared inputs against the project root
+    with contextlib.chdir(root), (contextlib.nullcontext() if device_checks else _no_device_checks()):
         for info in stages:
             module = stage_module(info.cmd)
             if module is None:

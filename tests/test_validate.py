@@ -71,3 +71,16 @@ def test_reproduce_stops_before_running_anything_on_bad_params(project):
     assert "error: nothing was run; fix params.yaml first:" in proc.stderr
     assert "'evaluate.n_samples'=1" in proc.stderr and "knnlm.k" in proc.stderr
     assert not any((project / d).exists() for d in ("data", "models", "dvc.lock"))
+
+
+def test_a_dispatching_driver_leaves_device_checks_to_the_workers(project):
+    """fp16 is refused on this CPU-only machine, unless the stages run elsewhere (a GPU worker):
+    then the driver checks every other key and the stage checks its device where it runs."""
+    _edit(project, sft={"train": {**yaml.safe_load((project / "params.yaml").read_text())["sft"]["train"],
+                                  "mixed_precision": "fp16"}})
+    stages = [s for s in pipeline_stages(project) if s.name.startswith("sft@")]
+    with pytest.raises(ConfigError, match="'mixed_precision'='fp16' cannot run on this machine's device"):
+        validate_stages(stages, project)
+    validate_stages(stages, project, device_checks=False)
+    with pytest.raises(ConfigError, match="'mixed_precision'='fp16' cannot run"):  # restored after
+        validate_stages(stages, project)
