@@ -6,7 +6,9 @@ the same candidates, ``benchmarks/sir.py``), ``reports/bench/knnlm.json`` (kNN-L
 rate, exact vs IVF-PQ query throughput, recall, bytes per key and perplexity,
 ``benchmarks/knnlm.py``), ``reports/bench/align.json`` (per-step time of our DPO vs TRL's
 ``DPOTrainer``, and of EXO-rw vs DPO-rw, ``benchmarks/align.py``), ``reports/bench/lookup.json``
-(GRF's per-token decoding cost vs the plain LM, interleaved fresh processes, ``benchmarks/lookup.py``)
+(GRF's per-token decoding cost vs the plain LM, interleaved fresh processes, ``benchmarks/lookup.py``),
+``reports/bench/scaleout.json`` (the default pipeline from scratch, one stage after another vs
+dispatched to Prefect workers, and a no-op dispatched run, ``benchmarks/scaleout.py``; ~1 h here)
 and ``reports/bench/sft.json``:
 - SFT training throughput of our loop vs a plain ``transformers.Trainer`` on the same tiny model,
   data, batch and schedule (median of ``--repeats`` interleaved runs, each in a fresh process with
@@ -38,7 +40,7 @@ import torch
 from beyondlm.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES = ("sft", "objectives", "sir", "knnlm", "align", "lookup")
+BENCHES = ("sft", "objectives", "sir", "knnlm", "align", "lookup", "scaleout")
 
 
 def _env() -> dict[str, str]:
@@ -171,6 +173,12 @@ def main() -> None:
         lookup = lookup_bench(args.repeats, args.threads)
         write_json(ROOT / "reports" / "bench" / "lookup.json", {"machine": machine, **lookup})
         print(json.dumps({k: v for k, v in lookup.items() if k != "runs"}, indent=1))
+    if "scaleout" in args.only:
+        from benchmarks.scaleout import scaleout_bench
+
+        scaleout = scaleout_bench()
+        write_json(ROOT / "reports" / "bench" / "scaleout.json", {"machine": machine, **scaleout})
+        print(json.dumps({k: v for k, v in scaleout.items() if not isinstance(v, dict)}, indent=1))
     if summary is not None:
         print(json.dumps(summary, default=str, indent=1))
 
