@@ -115,7 +115,7 @@ def _dispatched(work: Path, base: Path, threads: int, gpu_workers: int) -> dict:
         _wait_http(f"http://127.0.0.1:{port}/api/health", 180, server, base / "prefect-server.log")
         subprocess.run([sys.executable, "-m", "pipelines.dispatch", "setup", "--repo", str(work)], cwd=work,
                        env=env, check=True, capture_output=True)
-        wenv = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        wenv = {**env, "PREFECT_WORKER_QUERY_SECONDS": "3"}  # default 10; 1 s kept the server busy
         for pool, n in (("cpu", 1), ("gpu", gpu_workers)):
             for i in range(n):
                 stack.enter_context(_process([prefect, "worker", "start", "--pool", pool, "--name", f"{pool}-{i}",

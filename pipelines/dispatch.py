@@ -141,8 +141,8 @@ def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, upstream: li
     proc = _dvc(root, "repro", "--single-item", *(["--force"] if force else []), stage)
     wall = time.perf_counter() - t0
     print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
-    where = {"host": host, "device": device, "wall_s": round(wall, 3)}
-    _log_stage(root, stage, proc.returncode == 0, started, wall, where, tracking_uri, parent_run_id)
+    where = {"host": host, "device": device, "started": started, "wall_s": round(wall, 3)}
+    _log_stage(root, stage, proc.returncode == 0, where, tracking_uri, parent_run_id)
     if proc.returncode != 0:
         raise RuntimeError(f"stage {stage} failed on {host}:\n" + _error_lines(proc.stderr + proc.stdout))
     remote.push(root, (stage,))
@@ -159,23 +159,23 @@ def _error_lines(output: str, n: int = 4) -> str:
     return "\n".join(f"  {ln}" for ln in lines[-n:])
 
 
-def _log_stage(root: Path, stage: str, ok: bool, started: float, wall: float, where: dict,
-               tracking_uri: str | None, parent_run_id: str | None) -> None:
-    """A nested MLflow run under the driver's parent, when the driver gave an MLflow server."""
+def _log_stage(root: Path, stage: str, ok: bool, where: dict, tracking_uri: str | None,
+               parent_run_id: str | None) -> None:
+    """A nested MLflow run under the driver's parent run (``tracking_uri`` given: a server)."""
     if not tracking_uri:
         return
-    from beyondlm.tracking import Tracker
-    from pipelines.reproduce import _history_dirs
     from beyondlm.dvcgraph import pipeline_stages
+    from beyondlm.tracking import Tracker
+    from pipelines.reproduce import _mirror
 
     info = next(s for s in pipeline_stages(root, [stage]) if s.name == stage)
     tracker = Tracker(tracking_uri, root=root)
     tracker.attach(parent_run_id)
-    hist = _history_dirs(info)
-    tracker.log_stage(stage, params=info.params, metrics_files=[p for p in info.metrics if p.exists()],
-                      history_dirs=hist, tags={"worker/host": where["host"], "worker/device": where["device"]},
-                      artifacts=[p for p in (*info.metrics, *info.plots, *info.outs) if p.exists() and p not in hist],
-                      status="FINISHED" if ok else "FAILED", started=started, wall_s=wall)
+    _mirror(info, tracker, ok, where["started"], where["wall_s"], tags=_worker_tags(where))
+
+
+def _worker_tags(where: dict) -> dict[str, str]:
+    return {"worker/host": where["host"], "worker/device": where["device"]}
 
 
 # --- the driver side ------------------------------------------------------------------------------
@@ -242,6 +242,16 @@ class _Submitted:
     tries: int
 
 
+def _states(client, run_ids: list) -> dict:
+    """The current state of each flow run, in one request (the server is shared with the workers:
+    one read per run and second kept half a core of this 2-core machine busy)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)),
+                                 limit=len(run_ids))
+    return {run.id: run.state for run in runs}
+
+
 def _read_entry(client, run_id) -> dict:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -266,7 +276,7 @@ def _merge_lock(root: Path, stage: str, entry: dict) -> None:
 
 @flow(name="reproduce-dispatched", log_prints=True)
 def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = False, retries: int = 2,
-             tracking_uri: str | None = None, poll_s: float = 1.0) -> list[str]:
+             tracking_uri: str | None = None, poll_s: float = 2.0) -> list[str]:
     """Run the stale stages (of all, or of ``targets`` and their upstream) and those downstream on
     Prefect workers; the names of the stages that ran, in the order they finished."""
     from prefect.client.orchestration import get_client
@@ -275,7 +285,7 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
 
     from beyondlm.dvcgraph import pipeline_stages
     from beyondlm.tracking import Tracker
-    from pipelines.reproduce import _downstream, _mirror, _status, prune_lock
+    from pipelines.reproduce import _dependents, _downstream, _mirror, _status, prune_lock
     from pipelines.validate import validate_stages
 
     logger = get_run_logger()
@@ -308,9 +318,11 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
         tracker.start_pipeline("reproduce", params={"targets": targets or "all", "force": force, "dispatch": True},
                                tags={"stale": ", ".join(sorted(stale)), "commit": commit})
         by_name = {s.name: s for s in todo}
-        pending, settled = list(todo), set()
+        rank = _dependents(todo)  # submitted first, picked first: the stage most others wait on
+        pending, settled = sorted(todo, key=lambda s: -rank[s.name]), set()
         running: dict[str, _Submitted] = {}
         done: list[str] = []
+        ran: dict[str, dict] = {}  # what each worker reported: lock entry, host, device, times
         failure: str | None = None
 
         def submit(info, tries: int) -> None:
@@ -334,13 +346,14 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
                 if not running:
                     raise DispatchError(f"stages {[s.name for s in pending]} wait on stages that never run")
                 time.sleep(poll_s)
+                states = _states(client, [sub.run_id for sub in running.values()])
                 for name, sub in list(running.items()):
-                    state = client.read_flow_run(sub.run_id).state
+                    state = states.get(sub.run_id)
                     if state is None or not state.is_final():
                         continue
                     del running[name]
                     if state.type == StateType.COMPLETED:
-                        entry = _read_entry(client, sub.run_id)
+                        entry = ran[name] = _read_entry(client, sub.run_id)
                         _merge_lock(root_path, name, entry["lock"])
                         settled.add(name)
                         done.append(name)
@@ -352,13 +365,15 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
                         why = (state.message or "").split("RuntimeError: ", 1)[-1]  # the worker's words
                         failure = failure or f"{why}\n  (stage {name}: flow run {sub.run_id} {state.type.value.lower()})"
                         logger.error(failure)
+            if done:  # also after a failure: dvc.lock names them, so their outputs belong here
+                logger.info("pulling the outputs of %d stages into %s", len(done), root_path)
+                remote.pull(root_path, tuple(done))
             if failure:
                 raise DispatchError(failure)
-            logger.info("pulling the outputs of %d stages into %s", len(done), root_path)
-            remote.pull(root_path, tuple(done))
-            if not workers_log:
+            if not workers_log:  # a local store: the stages' files are here now
                 for name in done:
-                    _mirror(by_name[name], tracker, True, time.time(), 0.0)
+                    _mirror(by_name[name], tracker, True, ran[name]["started"], ran[name]["wall_s"],
+                            tags=_worker_tags(ran[name]))
         except BaseException:
             tracker.end_pipeline("FAILED")
             raise

@@ -75,7 +75,8 @@ def _dvc(root: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def _mirror(info: StageInfo, tracker: Tracker, ok: bool, started: float, wall_s: float) -> None:
+def _mirror(info: StageInfo, tracker: Tracker, ok: bool, started: float, wall_s: float,
+            tags: dict | None = None) -> None:
     tracker.log_stage(
         info.name,
         params=info.params,
@@ -85,6 +86,7 @@ def _mirror(info: StageInfo, tracker: Tracker, ok: bool, started: float, wall_s:
         status="FINISHED" if ok else "FAILED",
         started=started,
         wall_s=wall_s,
+        tags=tags,
     )
 
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import _free_port, _kill_group, _served
+from tests.test_remote import DVC_YAML as REMOTE_DVC_YAML
 from tests.test_remote import GIT, STEP
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
-# train goes to the gpu pool (dvc.yaml meta); it sleeps while $SLOW_FLAG exists (the kill drill).
+# train writes its pid and sleeps while $RUN_LOG.slow exists (the kill drill); prepare refuses n <= 0.
 STEP_SLOW = STEP.replace('elif name == "train":\n',
                          'elif name == "train":\n'
                          '    Path(os.environ["RUN_LOG"] + ".pid").write_text(str(os.getpid()))\n'
@@ -32,30 +33,10 @@ STEP_SLOW = STEP.replace('elif name == "train":\n',
                          '    while os.path.exists(os.environ["RUN_LOG"] + ".slow"):\n'
                          '        time.sleep(0.2)\n').replace(
     'if name == "prepare":\n', 'if name == "prepare":\n    assert p["prepare"]["n"] > 0, "prepare.n must be positive"\n')
-DVC_YAML = '''\
-stages:
-  prepare:
-    cmd: python step.py prepare
-    deps: [step.py]
-    params: [prepare.n]
-    outs: [data/prepared]
-    metrics: [reports/metrics/prepare.json]
-  train:
-    meta: {pool: gpu}
-    cmd: python step.py train
-    deps: [step.py, data/prepared]
-    params: [prepare.n]
-    outs:
-      - models/sft
-      - models/ckpt: {persist: true}
-    metrics: [reports/metrics/sft.json]
-    plots: [{reports/live/sft: {persist: true}}]
-  report:
-    cmd: python step.py report
-    deps: [step.py, reports/metrics/sft.json]
-    params: [report]
-    outs: [reports/report.md]
-'''
+# test_remote's project; train goes to the gpu pool, report reads a param of its own
+DVC_YAML = (REMOTE_DVC_YAML.replace("  train:\n", "  train:\n    meta: {pool: gpu}\n")
+            .replace("    outs: [reports/report.md]\n", "    params: [report]\n    outs: [reports/report.md]\n"))
+assert DVC_YAML.count("meta:") == 1 and DVC_YAML.count("params: [report]") == 1
 
 
 def _env(tmp: Path, api_url: str | None = None) -> dict[str, str]:
@@ -276,6 +257,12 @@ def test_a_failing_stage_stops_the_run_and_a_later_run_redoes_only_the_stale_sta
     assert (tmp / "runs.log").read_text().split()[runs:] == ["report"]
     assert sh(sys.executable, "-m", "dvc", "status", "--json", cwd=project, env=env).stdout.strip() == "{}"
     assert (project / "reports/report.md").read_text().startswith("# report\n")
+    from mlflow.tracking import MlflowClient  # no server given: the driver mirrored into mlflow.db
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    [report] = client.search_runs([client.get_experiment_by_name("beyondlm").experiment_id],
+                                  filter_string="tags.stage = 'report'")
+    assert report.data.tags["worker/host"] and report.data.metrics["stage/wall_s"] > 0
 
 
 def test_no_server_is_one_clear_error_in_seconds(engine, tmp_path):
