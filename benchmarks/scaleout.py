@@ -129,11 +129,20 @@ def _dispatched(work: Path, base: Path, threads: int, gpu_workers: int) -> dict:
             "workers": {"cpu": 1, "gpu": gpu_workers}}
 
 
-def scaleout_bench(params: Path | None = None, threads: int = 1, gpu_workers: int = 2, keep: Path | None = None) -> dict:
+def scaleout_bench(params: Path | None = None, threads: int = 1, gpu_workers: int = 2, keep: Path | None = None,
+                   reuse: Path | None = None) -> dict:
+    """``reuse``: a workspace of an earlier sequential run (its ``seq/`` and ``sequential.json``,
+    as ``--keep`` leaves them) instead of running that side again; the result says so."""
     with tempfile.TemporaryDirectory(dir=keep.parent if keep else None) as tmp:
         base = Path(tmp)
-        seq, disp = _clone(base / "seq", params), _clone(base / "disp", params)
-        sequential = _timed([sys.executable, "-m", "pipelines.reproduce"], seq, _env(threads), base / "sequential.log")
+        disp = _clone(base / "disp", params)
+        if reuse:
+            seq = reuse / "seq"
+            sequential = {**json.loads((reuse / "sequential.json").read_text()), "carried_over": str(reuse)}
+        else:
+            seq = _clone(base / "seq", params)
+            sequential = _timed([sys.executable, "-m", "pipelines.reproduce"], seq, _env(threads), base / "sequential.log")
+            (base / "sequential.json").write_text(json.dumps(sequential))
         dispatched = _dispatched(disp, base, threads, gpu_workers)
         a, b = _metrics(seq), _metrics(disp)
         same = sorted(k for k in a if b.get(k) == a[k])
@@ -150,7 +159,7 @@ def scaleout_bench(params: Path | None = None, threads: int = 1, gpu_workers: in
         result["met"] = result["speedup"] >= 1.4 and result["noop_dispatch_s"] <= 30
         if keep:
             shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(base, keep, symlinks=True, ignore=shutil.ignore_patterns("models", ".dvc", "data"))
+            shutil.copytree(base, keep, symlinks=True, ignore=shutil.ignore_patterns("models", ".dvc", "data", ".git"))
     return result
 
 
@@ -161,8 +170,11 @@ def main() -> None:
     p.add_argument("--gpu-workers", type=int, default=2)
     p.add_argument("--keep", type=Path, default=None, help="copy logs and reports here")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "scaleout.json")
+    p.add_argument("--reuse-sequential", type=Path, default=None, metavar="DIR",
+                   help="an earlier run's --keep dir: time only the dispatched side (says so in the JSON)")
     args = p.parse_args()
-    result = scaleout_bench(args.params and args.params.resolve(), args.threads, args.gpu_workers, args.keep)
+    result = scaleout_bench(args.params and args.params.resolve(), args.threads, args.gpu_workers, args.keep,
+                            args.reuse_sequential and args.reuse_sequential.resolve())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -49,7 +49,7 @@ import yaml  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 
 from beyondlm import remote  # noqa: E402
-from beyondlm.config import load_yaml  # noqa: E402
+from beyondlm.config import ConfigError, load_yaml  # noqa: E402
 
 FLOW = "dvc-stage"
 POOLS = ("cpu", "gpu")
@@ -276,9 +276,10 @@ def _merge_lock(root: Path, stage: str, entry: dict) -> None:
 
 @flow(name="reproduce-dispatched", log_prints=True)
 def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = False, retries: int = 2,
-             tracking_uri: str | None = None, poll_s: float = 2.0) -> list[str]:
+             tracking_uri: str | None = None, poll_s: float = 2.0, stale: list[str] | None = None) -> list[str]:
     """Run the stale stages (of all, or of ``targets`` and their upstream) and those downstream on
-    Prefect workers; the names of the stages that ran, in the order they finished."""
+    Prefect workers; the names of the stages that ran, in the order they finished. ``stale``: what
+    ``dvc status`` said a moment ago (asked again when not given)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
@@ -293,7 +294,7 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
     api_url = _api_url()
     stages = pipeline_stages(root_path, targets)
     names = {s.name for s in stages}
-    stale = names if force else names & _status(str(root_path))
+    stale = names if force else names & (set(stale) if stale is not None else _status(str(root_path)))
     if not stale:
         logger.info("every stage is up to date: nothing to do")
         return []
@@ -451,19 +452,23 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("targets", nargs="*")
     r.add_argument("--force", action="store_true")
     r.add_argument("--retries", type=int, default=2, help="resubmissions of a crashed stage (default 2)")
+    r.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the flow runs (default 2)")
     args = p.parse_args(argv)
-    from pipelines.reproduce import anything_stale
+    from beyondlm.dvcgraph import pipeline_stages
+    from pipelines.reproduce import _status
 
     try:
         _api_url()  # before Prefect's client retries an unreachable server for a minute
         if args.cmd == "setup":
             limits = {k: int(v) for k, v in (x.split("=", 1) for x in args.limit)}
             print("\n".join(setup(args.repo, args.branch, limits)) or "nothing to create")
-        elif not args.force and not anything_stale(".", args.targets or None):  # before any flow starts
-            print("every stage is up to date: nothing to do")
+        elif not args.force and not (stale := _status(".")) & {s.name for s in pipeline_stages(".", args.targets or None)}:
+            print("every stage is up to date: nothing to do")  # before any flow starts
         else:
-            print("ran:", ", ".join(dispatch(args.targets or None, force=args.force, retries=args.retries)) or "nothing")
-    except (DispatchError, remote.RemoteError) as err:
+            ran = dispatch(args.targets or None, force=args.force, retries=args.retries, poll_s=args.poll,
+                           stale=None if args.force else sorted(stale))
+            print("ran:", ", ".join(ran) or "nothing")
+    except (DispatchError, remote.RemoteError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

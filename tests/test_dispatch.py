@@ -103,19 +103,19 @@ def engine(tmp_path_factory, s3_server, prefect_harness):
     project = _project(tmp / "project", env, f"s3://{BUCKET}/dvc", endpoint=s3_server)
     (tmp / "mlflow").mkdir()
     mlflow = f"http://127.0.0.1:{(port := _free_port())}"
-    with _served([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
-                  str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp}/mlflow/mlflow.db",
-                  "--artifacts-destination", f"s3://{BUCKET}/mlflow"], tmp / "mlflow", f"{mlflow}/health",
-                 "mlflow server", 120, env={**env, "MLFLOW_S3_ENDPOINT_URL": s3_server}):
-        setup = sh(sys.executable, "-m", "pipelines.dispatch", "setup", "--repo", project, "--limit", "gpu=2",
-                   cwd=project, env=env)
-        assert "deployment dvc-stage/gpu" in setup.stdout
-        workers = [_worker(pool, f"{pool}-{i}", tmp, env) for pool, i in (("cpu", 0), ("gpu", 0), ("gpu", 1))]
-        try:
+    setup = sh(sys.executable, "-m", "pipelines.dispatch", "setup", "--repo", project, "--limit", "gpu=2",
+               cwd=project, env=env)
+    assert "deployment dvc-stage/gpu" in setup.stdout
+    workers = [_worker(pool, f"{pool}-{i}", tmp, env) for pool, i in (("cpu", 0), ("gpu", 0), ("gpu", 1))]
+    try:  # the MLflow server starts while the workers register
+        with _served([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
+                      str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp}/mlflow/mlflow.db",
+                      "--artifacts-destination", f"s3://{BUCKET}/mlflow"], tmp / "mlflow", f"{mlflow}/health",
+                     "mlflow server", 120, env={**env, "MLFLOW_S3_ENDPOINT_URL": s3_server}):
             yield env, project, tmp, mlflow
-        finally:
-            for w in workers:
-                _kill_group(w)
+    finally:
+        for w in workers:
+            _kill_group(w)
 
 
 def _worker(pool: str, name: str, tmp: Path, env: dict) -> subprocess.Popen:
@@ -127,21 +127,24 @@ def _worker(pool: str, name: str, tmp: Path, env: dict) -> subprocess.Popen:
 
 
 def _dispatch(project: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return sh(sys.executable, "-m", "pipelines.dispatch", "run", *args, cwd=project, env=env, ok=False, timeout=600)
+    return sh(sys.executable, "-m", "pipelines.dispatch", "run", "--poll", "0.5", *args, cwd=project, env=env,
+              ok=False, timeout=600)
 
 
 def _wait_online(env: dict, pools: dict[str, int], timeout_s: float = 120) -> None:
-    code = ("import sys, json\nfrom prefect.client.orchestration import get_client\n"
-            "with get_client(sync_client=True) as c:\n"
-            "    print(json.dumps({p: sum(str(w.status.value) == 'ONLINE' for w in c.read_workers_for_work_pool(p))"
-            f" for p in {list(pools)!r}}}))\n")
+    """Until each pool has ``n`` ONLINE workers (the REST API, no client start-up per look)."""
+    import urllib.request
+
+    def online(pool: str) -> int:
+        req = urllib.request.Request(f"{env['PREFECT_API_URL']}/work_pools/{pool}/workers/filter", data=b"{}",
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return sum(w["status"] == "ONLINE" for w in json.load(r))
+
     deadline = time.monotonic() + timeout_s
-    while True:
-        got = json.loads(sh(sys.executable, "-c", code, cwd=ROOT, env=env).stdout.strip().splitlines()[-1])
-        if all(got[p] >= n for p, n in pools.items()):
-            return
+    while (got := {p: online(p) for p in pools}) and not all(got[p] >= n for p, n in pools.items()):
         assert time.monotonic() < deadline, f"workers not online after {timeout_s} s: {got}"
-        time.sleep(1)
+        time.sleep(0.5)
 
 
 def _commit_params(project: Path, env: dict, n: int, title: str = "a") -> None:
@@ -184,7 +187,7 @@ def test_dispatched_run_survives_a_killed_stage_matches_a_local_repro_and_logs_f
     slow, pidfile = Path(env["RUN_LOG"] + ".slow"), Path(env["RUN_LOG"] + ".pid")
     slow.touch()
     log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "pipelines.dispatch", "run"], cwd=project,
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.dispatch", "run", "--poll", "0.5"], cwd=project,
                               env={**env, "MLFLOW_TRACKING_URI": mlflow_server}, stdout=log,
                               stderr=subprocess.STDOUT, text=True)
     try:

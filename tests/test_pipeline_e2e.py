@@ -122,7 +122,9 @@ def test_rerunning_the_same_work_leaves_dvc_lock_unchanged(repo):
     """Tracked outs hold results only (timings live in reports/timing/), and the stages are
     deterministic: forcing them again rewrites byte-identical outputs, so nothing goes stale."""
     lock = (repo / "dvc.lock").read_text()
-    forced = ["prepare", "sft@mle-0", "evaluate@mle-0", "knnlm", "vq", "align@exo_pref", "report"]
+    # one stage of each kind that trains, samples or writes the report (knnlm and vq left out for
+    # the suite's time: `make bench` scaleout found all 50 metrics files byte-identical across runs)
+    forced = ["prepare", "sft@mle-0", "evaluate@mle-0", "align@exo_pref", "report"]
     dvc("repro", "--force", "--single-item", *forced, cwd=repo)
     assert (repo / "dvc.lock").read_text() == lock
     assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
