@@ -313,3 +313,38 @@ def test_pools_come_from_dvc_yaml_and_prefect_yaml_deploys_the_stage_flow_with_a
     assert stage_deps == {p: p for p in POOLS}
     names = [d["name"] for d in spec["deployments"]]
     assert len(names) == len(set(names)) and "nightly-reproduce-served" not in names  # deploy.py's own
+
+
+@pytest.mark.skipif(not os.environ.get("BEYONDLM_DRILLS"),
+                    reason="~2 min (waits out the 90 s heartbeat automation): BEYONDLM_DRILLS=1 runs it")
+def test_a_lost_worker_is_marked_crashed_by_the_heartbeat_automation_and_its_stage_rerun_elsewhere(engine, tmp_path):
+    """A gpu worker and its flow run SIGKILLed together (a machine lost: nobody reports a crash):
+    `setup`'s automation marks the run CRASHED after 90 s without a heartbeat, the driver resubmits
+    train to the other gpu worker, and dvc.lock ends as before (same params, same hashes)."""
+    env, project, tmp, _ = engine
+    _wait_online(env, {"cpu": 1, "gpu": 2})
+    before = _lock_outs(project) if (project / "dvc.lock").exists() else None
+    slow, pidfile = Path(env["RUN_LOG"] + ".slow"), Path(env["RUN_LOG"] + ".pid")
+    slow.touch()
+    pidfile.unlink(missing_ok=True)
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.dispatch", "run", "--force", "--poll", "1", "train"],
+                              cwd=project, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    try:
+        while not pidfile.exists():
+            assert driver.poll() is None, log.read_text()
+            time.sleep(0.2)
+        flow_run = _flow_run_process(int(pidfile.read_text()))
+        worker = int(Path(f"/proc/{flow_run}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert b"worker" in Path(f"/proc/{worker}/cmdline").read_bytes()
+        for pid in _descendants(worker):
+            os.kill(pid, signal.SIGKILL)
+        slow.unlink()
+        assert driver.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        slow.unlink(missing_ok=True)
+        if driver.poll() is None:
+            driver.kill()
+    assert "train crashed (no heartbeat for 90 s" in log.read_text() and "try 2" in log.read_text()
+    if before is not None:
+        assert _lock_outs(project) == before
