@@ -68,12 +68,6 @@ def _git(root: Path, *args: str) -> str:
     return proc.stdout.strip()
 
 
-def _dvc(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env or {})}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # stage cmds: `python`
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
-
-
 def _slug(stage: str) -> str:
     """An artifact key (lowercase letters, digits, dashes) naming ``stage``."""
     return "".join(c if c.isalnum() else "-" for c in f"{LOCK_ARTIFACT}-{stage}".lower())
@@ -138,7 +132,9 @@ def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, upstream: li
     host, device = socket.gethostname(), _device()
     logger.info("running %s on %s (%s) at %s", stage, host, device, commit[:10])
     started, t0 = time.time(), time.perf_counter()
-    proc = _dvc(root, "repro", "--single-item", *(["--force"] if force else []), stage)
+    from pipelines.reproduce import _dvc
+
+    proc = _dvc(str(root), "repro", "--single-item", *(["--force"] if force else []), stage)
     wall = time.perf_counter() - t0
     print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
     where = {"host": host, "device": device, "started": started, "wall_s": round(wall, 3)}
@@ -237,7 +233,6 @@ def _check_workers(client, pools: set[str], api_url: str) -> None:
 
 @dataclass
 class _Submitted:
-    stage: str
     run_id: object
     tries: int
 
@@ -334,7 +329,7 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
                             "upstream": upstream[info.name], "force": force,
                             "tracking_uri": tracker.uri if workers_log else None,
                             "parent_run_id": tracker.parent_run_id if workers_log else None})
-            running[info.name] = _Submitted(info.name, run.id, tries)
+            running[info.name] = _Submitted(run.id, tries)
             logger.info("%s → pool %s (flow run %s%s)", info.name, pools[info.name], run.name,
                         f", try {tries + 1}" if tries else "")
 
