@@ -6,7 +6,9 @@ last assistant turn), tokenized and scored once by the SFT model. Pairs are spli
 prompt (valid: the reward model's held-out accuracy).
 
 params: prepare.out_dir, prepare.max_len, preferences
-deps:   data/align/samples.parquet, models/sft/${align_sample.base}, inputs/preferences/; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
+deps:   data/align/samples.parquet, models/sft/${align_sample.base}, inputs/preferences/, data/prepared
+        (valid_split=prepared: its valid/test texts pick the held-out pairs); code: the import closure
+        of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   --out (parquet)
 metrics: --metrics
 """
@@ -44,14 +46,20 @@ def main() -> None:
     args = parser().parse_args()
     params = read_params()
     cfg = configure(args, params)
+    prep = prepared_data(params)
     sft = tokenizer = None
     if cfg.source == "file":
         from beyondlm.models import load_model
 
         tokenizer, sft = load_tokenizer(args.model), load_model(args.model).eval()
+    heldout = set()
+    if cfg.valid_split == "prepared":
+        from beyondlm.data.prepare import load_split
+
+        heldout = {t for name in ("valid", "test") for t in load_split(prep.data_dir, name)["text"]}
     with atomic_path(args.out) as tmp:
-        metrics = run_preferences(cfg, args.samples, tmp, sft=sft, tokenizer=tokenizer,
-                                  max_len=prepared_data(params).max_len)
+        metrics = run_preferences(cfg, args.samples, tmp, sft=sft, tokenizer=tokenizer, max_len=prep.max_len,
+                                  heldout_texts=heldout)
     write_metrics(args.metrics, metrics)
 
 

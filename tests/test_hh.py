@@ -106,6 +106,40 @@ def test_hh_eval_prompts_are_held_out_dialogue_prompts(tmp_path):
         evaluation_prompts(EvalConfig(prompts="pairs"), [], _only_train(tmp_path), max_len=64, prompt_len=8)
 
 
+@pytest.mark.skipif(not HH.exists(), reason=f"{HH} absent (../shared/data, data/README.md)")
+def test_hh_held_out_pairs_are_the_prepared_held_out_dialogues(tmp_path):
+    """valid_split=prepared: a pair is held out iff its chosen dialogue (cleaned as prepare cleans)
+    is a prepared valid/test text, so SFT on the prepared train split never saw a held-out reply."""
+    from beyondlm.align.experiment import run_preferences
+    from beyondlm.align.store import load_pairs
+    from beyondlm.data.sources import clean_text, load_local
+    from beyondlm.data.config import LocalSourceConfig
+    from beyondlm.data.tokenization import train_bpe
+    from beyondlm.models import build_model
+
+    texts = load_local(LocalSourceConfig(train=str(HH), text_column="chosen", valid_fraction=0.1, test_fraction=0.1), 0)
+    triples = read_preference_file(HH, prompt_column=None, limit=60)
+    tok = train_bpe([t for tr in triples for t in tr], vocab_size=400)
+    torch.manual_seed(0)
+    sft = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_positions=72), tok).eval()
+    cfg = PreferencesConfig(source="file", valid_split="prepared", file=PrefFileConfig(path=str(HH), limit=60))
+    heldout = set(texts["valid"]) | set(texts["test"])
+    metrics = run_preferences(cfg, tmp_path / "none.parquet", tmp_path / "pairs.parquet", sft=sft, tokenizer=tok,
+                              max_len=64, heldout_texts=heldout)
+    expected = sum(clean_text(p + c) in heldout for p, c, r in triples)
+    assert metrics["valid_split"] == "prepared" and 0 < metrics["n_valid"] == expected < 60
+    train_texts = set(texts["train"])
+    for split, inside in (("valid", heldout), ("train", train_texts)):
+        for pair in load_pairs(tmp_path / "pairs.parquet", split):
+            prompt = tok.decode(pair.prompt_ids[1:])
+            assert any(prompt.strip()[-40:] in t for t in inside)  # the prompt keeps its last tokens
+    with pytest.raises(ConfigError, match="no pair's chosen text is a prepared valid/test text"):
+        run_preferences(cfg, tmp_path / "none.parquet", tmp_path / "p2.parquet", sft=sft, tokenizer=tok, max_len=64,
+                        heldout_texts={"nothing like a dialogue"})
+    with pytest.raises(ConfigError, match="valid_split=prepared needs preferences.source=file"):
+        PreferencesConfig(source="samples", valid_split="prepared")
+
+
 def _only_train(tmp_path: Path) -> Path:
     from beyondlm.align.store import load_pairs, save_pairs
 

@@ -10,6 +10,7 @@ from beyondlm.config import ConfigError, ModelConfig, check_choice, TrainConfig,
 from beyondlm.objectives.preference import PREFERENCE_LOSSES, resolve_preference_loss
 
 EVAL_PROMPTS = ("test", "pairs")
+VALID_SPLITS = ("random", "prepared")
 METHODS = tuple(PREFERENCE_LOSSES)  # every row of the loss table, RLOO (online) included
 
 
@@ -46,11 +47,17 @@ class PreferencesConfig:
     source: str = "samples"  # samples | file
     max_pairs_per_prompt: int = 0  # 0 = every pair of distinct oracle scores (K(K−1)/2 at most)
     valid_fraction: float = 0.1  # held-out prompts for the reward model's pair accuracy
+    valid_split: str = "random"  # random (valid_fraction of the pairs) | prepared (source=file: the pairs
+    # whose chosen dialogue is a prepared valid/test text, so an SFT corpus made of the same file never saw them)
     file: PrefFileConfig = field(default_factory=PrefFileConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_param("preferences.source", self.source in ("samples", "file"), self.source, "samples | file")
+        check_choice("preferences.valid_split", self.valid_split, VALID_SPLITS)
+        if self.valid_split == "prepared" and self.source != "file":
+            raise ConfigError("params.yaml: preferences.valid_split=prepared needs preferences.source=file "
+                              "(oracle-labelled samples have no prepared text to match); fix: valid_split: random")
         check_param("preferences.valid_fraction", 0 < self.valid_fraction < 1, self.valid_fraction,
                "must lie in (0, 1)")
         if self.source == "file" and not self.file.path:

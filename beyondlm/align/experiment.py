@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from beyondlm.align.store import load_pairs, load_table, save_groups, save_pairs
 from beyondlm.align.train import OFFLINE_COLLATE, offline_loss_fn, online_loss_fn, prompt_collate
 from beyondlm import distributed
 from beyondlm.config import ConfigError, record
+from beyondlm.data.sources import clean_text
 from beyondlm.inputs import read_json
 from beyondlm.intervals import proportion
 from beyondlm.io import write_json
@@ -83,9 +85,16 @@ def _valid_mask(n: int, fraction: float, seed: int) -> np.ndarray:
     return valid
 
 
+def _chosen_is_heldout(triple: tuple[str, str, str], heldout_texts: Collection[str]) -> bool:
+    prompt, chosen, _ = triple
+    return clean_text(prompt + chosen) in heldout_texts or clean_text(chosen) in heldout_texts
+
+
 def run_preferences(cfg: PreferencesConfig, samples: Path, out: Path, *, sft=None, tokenizer=None,
-                    max_len: int = 64, batch_size: int = 256) -> dict:
-    """Pairs with both reference log-probs and a train/valid split by prompt → ``out`` (parquet)."""
+                    max_len: int = 64, batch_size: int = 256, heldout_texts: Collection[str] = ()) -> dict:
+    """Pairs with both reference log-probs and a train/valid split by prompt → ``out`` (parquet).
+    ``valid_split=prepared``: the valid pairs are those whose chosen text (prompt + chosen, or the
+    chosen completion alone), cleaned as ``prepare`` cleans, is one of ``heldout_texts``."""
     if cfg.source == "samples":
         t = load_table(samples)
         if "oracle" not in t:
@@ -105,18 +114,29 @@ def run_preferences(cfg: PreferencesConfig, samples: Path, out: Path, *, sft=Non
                                            rejected_column=f.rejected_column, limit=f.limit)
         except (OSError, ValueError) as err:
             raise ConfigError(f"preferences.file.path={f.path!r}: {err}") from err
-        rows = tokenize_pairs(tokenizer, triples, max_len=max_len)
+        rows, held = [], []
+        for triple in triples:  # one at a time: tokenize_pairs drops pairs left equal by the cut
+            kept = tokenize_pairs(tokenizer, [triple], max_len=max_len)
+            rows += kept
+            held += [_chosen_is_heldout(triple, heldout_texts)] * len(kept)
         seqs = [p + c for p, c, _ in rows] + [p + r for p, _, r in rows]
         starts = [len(p) for p, _, _ in rows] * 2
         ref, _ = sequence_logps(sft, seqs, pad_id=tokenizer.pad_token_id, starts=starts, batch_size=batch_size)
         ref_c, ref_r = ref[: len(rows)].tolist(), ref[len(rows) :].tolist()
         pairs = [PrefPair(p, c, r, a, b) for (p, c, r), a, b in zip(rows, ref_c, ref_r)]
-        valid = _valid_mask(len(pairs), cfg.valid_fraction, cfg.seed)
+        if cfg.valid_split == "prepared":
+            valid = np.array(held, dtype=bool)
+            if not valid.any():
+                raise ConfigError("preferences.valid_split=prepared: no pair's chosen text is a prepared valid/test "
+                                  "text; fix: prepare.source=local reading the same file with text_column = "
+                                  "the chosen column (profiles/hh.yaml), or valid_split: random")
+        else:
+            valid = _valid_mask(len(pairs), cfg.valid_fraction, cfg.seed)
         split = ["valid" if v else "train" for v in valid]
     if not any(s == "train" for s in split):
         raise ConfigError("no training pairs: raise align_sample.n_prompts or lower preferences.valid_fraction")
     save_pairs(out, pairs, split)
-    return {"source": cfg.source, "n_train": split.count("train"), "n_valid": split.count("valid"),
+    return {"source": cfg.source, "valid_split": cfg.valid_split, "n_train": split.count("train"), "n_valid": split.count("valid"),
             "margin_ref_mean": float(np.mean([p.ref_chosen - p.ref_rejected for p in pairs]))}
 
 
