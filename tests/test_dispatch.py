@@ -177,6 +177,39 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _kill_mid_stage(project: Path, env: dict, log: Path, args: list[str], victim, timeout: float) -> str:
+    """Run the driver with ``args``; once the slow stage writes its pid, SIGKILL the process tree
+    rooted at ``victim(pid)``, let the stage's next try run fast, wait for the driver to succeed;
+    its log."""
+    slow, pidfile = Path(env["RUN_LOG"] + ".slow"), Path(env["RUN_LOG"] + ".pid")
+    slow.touch()
+    pidfile.unlink(missing_ok=True)
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.dispatch", "run", *args], cwd=project, env=env,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not pidfile.exists():
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        for pid in _descendants(victim(int(pidfile.read_text()))):  # the whole tree, at once
+            os.kill(pid, signal.SIGKILL)
+        slow.unlink()
+        assert driver.wait(timeout=timeout) == 0, log.read_text()[-4000:]
+    finally:
+        slow.unlink(missing_ok=True)
+        if driver.poll() is None:
+            driver.kill()
+    return log.read_text()
+
+
+def _worker_of(stage_pid: int) -> int:
+    """The `prefect worker` process whose flow run runs ``stage_pid``."""
+    flow_run = _flow_run_process(stage_pid)
+    worker = int(Path(f"/proc/{flow_run}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert b"worker" in Path(f"/proc/{worker}/cmdline").read_bytes()
+    return worker
+
+
 def test_dispatched_run_survives_a_killed_stage_matches_a_local_repro_and_logs_from_workers(engine, tmp_path):
     """Every stage runs once on a worker (train on the gpu pool); train's flow run is SIGKILLed
     mid-stage (the worker reports it crashed) and submitted again; the driver ends with dvc.lock
@@ -184,27 +217,8 @@ def test_dispatched_run_survives_a_killed_stage_matches_a_local_repro_and_logs_f
     MLflow run logged by its worker, artifacts in S3."""
     env, project, tmp, mlflow_server = engine
     _wait_online(env, {"cpu": 1, "gpu": 2})
-    slow, pidfile = Path(env["RUN_LOG"] + ".slow"), Path(env["RUN_LOG"] + ".pid")
-    slow.touch()
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "pipelines.dispatch", "run", "--poll", "0.5"], cwd=project,
-                              env={**env, "MLFLOW_TRACKING_URI": mlflow_server}, stdout=log,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not pidfile.exists():
-            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()
-            time.sleep(0.2)
-        victim = _flow_run_process(int(pidfile.read_text()))
-        for pid in _descendants(victim):  # the flow run and everything under it, at once
-            os.kill(pid, signal.SIGKILL)
-        slow.unlink()
-        assert driver.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-4000:]
-    finally:
-        slow.unlink(missing_ok=True)
-        if driver.poll() is None:
-            driver.kill()
-    out = (tmp_path / "driver.log").read_text()
+    out = _kill_mid_stage(project, {**env, "MLFLOW_TRACKING_URI": mlflow_server}, tmp_path / "driver.log",
+                          ["--poll", "0.5"], victim=_flow_run_process, timeout=300)
     assert "train crashed" in out and "try 2" in out, out[-3000:]
     assert (tmp / "runs.log").read_text().split() == ["prepare", "train", "train", "report"]  # on workers
     assert sh(sys.executable, "-m", "dvc", "status", "--json", cwd=project, env=env).stdout.strip() == "{}"
@@ -324,27 +338,8 @@ def test_a_lost_worker_is_marked_crashed_by_the_heartbeat_automation_and_its_sta
     env, project, tmp, _ = engine
     _wait_online(env, {"cpu": 1, "gpu": 2})
     before = _lock_outs(project) if (project / "dvc.lock").exists() else None
-    slow, pidfile = Path(env["RUN_LOG"] + ".slow"), Path(env["RUN_LOG"] + ".pid")
-    slow.touch()
-    pidfile.unlink(missing_ok=True)
-    log = tmp_path / "driver.log"
-    driver = subprocess.Popen([sys.executable, "-m", "pipelines.dispatch", "run", "--force", "--poll", "1", "train"],
-                              cwd=project, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
-    try:
-        while not pidfile.exists():
-            assert driver.poll() is None, log.read_text()
-            time.sleep(0.2)
-        flow_run = _flow_run_process(int(pidfile.read_text()))
-        worker = int(Path(f"/proc/{flow_run}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        assert b"worker" in Path(f"/proc/{worker}/cmdline").read_bytes()
-        for pid in _descendants(worker):
-            os.kill(pid, signal.SIGKILL)
-        slow.unlink()
-        assert driver.wait(timeout=400) == 0, log.read_text()[-4000:]
-    finally:
-        slow.unlink(missing_ok=True)
-        if driver.poll() is None:
-            driver.kill()
-    assert "train crashed (no heartbeat for 90 s" in log.read_text() and "try 2" in log.read_text()
+    out = _kill_mid_stage(project, env, tmp_path / "driver.log", ["--force", "--poll", "1", "train"],
+                          victim=_worker_of, timeout=400)
+    assert "train crashed (no heartbeat for 90 s" in out and "try 2" in out
     if before is not None:
         assert _lock_outs(project) == before
