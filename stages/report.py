@@ -1,7 +1,8 @@
 """Stage ``report``: ``reports/report.md`` (tables, PNG figures, convergence verdicts, the claims
 table) and ``reports/claims.md`` (the claims block the README pastes), from every stage's outputs.
 
-params: report.*, datastore.model, grf.model (the SFT runs kNN-LM interpolates and GRF starts from: their convergence verdicts)
+params: report.*, datastore.model, grf.model, align_sample.base (the SFT runs kNN-LM interpolates, GRF
+        starts from and every policy starts from: their convergence verdicts)
 deps:   reports/metrics, reports/live/sft, reports/samples, reports/plots/ebm/quality_vs_m.png; code: the import closure of this module (dvc.yaml, `python -m beyondlm.dvcgraph --write`)
 outs:   reports/report.md, reports/claims.md, reports/plots/report/
 
@@ -37,7 +38,8 @@ def main() -> None:
     in_dvc = (root / ".dvc").is_dir() and (root / "dvc.lock").is_file()  # else run by hand: read every file
     current = Provenance.from_workspace(root, {s.name for s in pipeline_stages(root)}) if in_dvc else None
     build_report(Path("reports"), cfg.n_examples, knnlm_base=Path(lm_dir).name if lm_dir else None,
-                 grf_base=Path(grf_dir).name if grf_dir else None, provenance=current)
+                 grf_base=Path(grf_dir).name if grf_dir else None,
+                 align_base=section(params, "align_sample").get("base"), provenance=current)
 
 
 if __name__ == "__main__":

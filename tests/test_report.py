@@ -209,6 +209,10 @@ def test_claims_rows_for_align_ebm_knnlm_vq(tmp_path):
     bon = [c for c in found.values() if c.comparison.startswith("best_of_n")]
     assert bon == []  # best-of-N is compared with the -rw methods only, absent here
     assert all(not c.failing for c in found.values())
+    # π_sft (align_sample.base) did not converge: every alignment claim starts from it, so none stands
+    _write(m / "sft/mle-s0.json", {"objective": "mle", "convergence": {**_conv(), "converged": False}})
+    exo = {c.comparison: c for c in all_claims(m, Verdicts(collect(m)), None, None, "mle-s0")}[exo.comparison]
+    assert exo.failing == ("sft/mle-s0",) and exo.verdict == "inconclusive: not converged"
 
 
 def test_best_of_n_claim_uses_its_se_over_prompts(tmp_path):

@@ -258,7 +258,8 @@ def _bon_var(bon: dict, grid: np.ndarray) -> float:
     return float(np.interp(grid, kl, se).mean() ** 2)
 
 
-def _claim(a: str, b: str, claim: str, kept: dict, diverged: dict, bon: dict | None, verdicts: Verdicts) -> Claim:
+def _claim(a: str, b: str, claim: str, kept: dict, diverged: dict, bon: dict | None, verdicts: Verdicts,
+           base: str | None = None) -> Claim:
     """One claim row: a − b in mean oracle reward over the KL range both reach; either side may be
     best-of-N (one run with an SE over prompts instead of seeds)."""
     res = {m: _as_result(bon) if m == "best_of_n" else kept[m] for m in (a, b)}
@@ -272,16 +273,18 @@ def _claim(a: str, b: str, claim: str, kept: dict, diverged: dict, bon: dict | N
         effect = welch(means[0], means[1], **own, basis=f"best-of-N's SE over prompts + {seeds} seeds" + note)
     else:
         effect = welch(means[0], means[1], basis=f"Welch over {len(means[0])} + {len(means[1])} seeds" + note)
-    failing = dict.fromkeys(involved(a, res[a]["runs"], verdicts) + involved(b, res[b]["runs"], verdicts))
+    failing = dict.fromkeys(involved(a, res[a]["runs"], verdicts) + involved(b, res[b]["runs"], verdicts)
+                            + (verdicts.failing("sft", [base]) if base else []))  # π_sft: every method's start
     return Claim(claim, f"{a} − {b}: mean oracle r* over the common KL range", effect, +1, tuple(failing))
 
 
-def claims(metrics: Path, verdicts: Verdicts) -> list[Claim]:
-    """The claims on r*; none without an oracle (the align section says why)."""
+def claims(metrics: Path, verdicts: Verdicts, base: str | None = None) -> list[Claim]:
+    """The claims on r*; none without an oracle (the align section says why). ``base``: the SFT run
+    every policy starts from and best-of-N samples (``align_sample.base``): its verdict counts too."""
     results = load_align(metrics)
     bon = read_json(metrics / "align" / "best_of_n.json")
     if not has_oracle(results, bon):
         return []
     kept, diverged = split(results)
     have = set(kept) | ({"best_of_n"} if bon and bon.get("rows") else set())
-    return [_claim(a, b, c, kept, diverged, bon, verdicts) for a, b, c in ALIGN_CLAIMS if a in have and b in have]
+    return [_claim(a, b, c, kept, diverged, bon, verdicts, base) for a, b, c in ALIGN_CLAIMS if a in have and b in have]

@@ -12,8 +12,9 @@ from beyondlm.report.provenance import Provenance
 
 
 def all_claims(metrics: Path, verdicts: convergence.Verdicts, knnlm_base: str | None,
-               grf_base: str | None = None) -> list[claims.Claim]:
-    return (claims.sft_claims(metrics, verdicts) + align.claims(metrics, verdicts) + ebm.claims(metrics, verdicts)
+               grf_base: str | None = None, align_base: str | None = None) -> list[claims.Claim]:
+    return (claims.sft_claims(metrics, verdicts) + align.claims(metrics, verdicts, align_base)
+            + ebm.claims(metrics, verdicts)
             + knnlm.claims(metrics, verdicts, knnlm_base) + lookup.claims(metrics, verdicts, grf_base)
             + vq.claims(metrics, verdicts))
 
@@ -45,24 +46,24 @@ def _stamped(lines: list[str], provenance: Provenance | None, stages: tuple[str,
 
 
 def build_report(reports: Path, n_examples: int, *, knnlm_base: str | None = None, grf_base: str | None = None,
-                 provenance: Provenance | None = None) -> str:
+                 align_base: str | None = None, provenance: Provenance | None = None) -> str:
     """Write and return the report. ``knnlm_base``: the SFT run whose hidden states are the kNN-LM's
     keys (``datastore.model``'s run name), ``grf_base`` the one GRF starts from (``grf.model``'s),
-    for their convergence verdicts. ``provenance``: read only the current pipeline's outputs and
+    ``align_base`` π_sft of every alignment method (``align_sample.base``), for their convergence verdicts. ``provenance``: read only the current pipeline's outputs and
     name each section's data, params and code (None: every file, no provenance lines)."""
     with reading_only(provenance.is_current if provenance is not None else None):
-        text, found = _build(reports, n_examples, knnlm_base, grf_base, provenance)
+        text, found = _build(reports, n_examples, knnlm_base, grf_base, align_base, provenance)
     write_text(reports / "report.md", text)
     write_text(reports / "claims.md", claims.summary(found) if found else "_no claims measured yet_\n")
     return text
 
 
-def _build(reports: Path, n_examples: int, knnlm_base: str | None, grf_base: str | None,
+def _build(reports: Path, n_examples: int, knnlm_base: str | None, grf_base: str | None, align_base: str | None,
            prov: Provenance | None) -> tuple[str, list[claims.Claim]]:
     metrics, plots = reports / "metrics", reports / "plots" / "report"
     rows = convergence.collect(metrics)
     verdicts = convergence.Verdicts(rows)
-    found = all_claims(metrics, verdicts, knnlm_base, grf_base)
+    found = all_claims(metrics, verdicts, knnlm_base, grf_base, align_base)
     runs = load_runs(metrics / "evaluate")
     out = ["# beyondlm report", "",
            *_stamped(_data_section(read_json(metrics / "prepare.json"), read_json(metrics / "oracle.json")), prov,
