@@ -7,8 +7,8 @@ rate, exact vs IVF-PQ query throughput, recall, bytes per key and perplexity,
 ``benchmarks/knnlm.py``), ``reports/bench/align.json`` (per-step time of our DPO vs TRL's
 ``DPOTrainer``, and of EXO-rw vs DPO-rw, ``benchmarks/align.py``), ``reports/bench/lookup.json``
 (GRF's per-token decoding cost vs the plain LM, interleaved fresh processes, ``benchmarks/lookup.py``),
-``reports/bench/scaleout.json`` (the default pipeline from scratch, one stage after another vs
-dispatched to Prefect workers, and a no-op dispatched run, ``benchmarks/scaleout.py``; ~1 h here)
+``reports/bench/scaleout.json`` (the default pipeline from scratch, one stage after another vs two
+workers in one workspace (`make repro`) and dispatched to Prefect workers, and no-op runs, ``benchmarks/scaleout.py``; ~1.5 h here)
 and ``reports/bench/sft.json``:
 - SFT training throughput of our loop vs a plain ``transformers.Trainer`` on the same tiny model,
   data, batch and schedule (median of ``--repeats`` interleaved runs, each in a fresh process with
@@ -176,7 +176,7 @@ def main() -> None:
     if "scaleout" in args.only:
         from benchmarks.scaleout import scaleout_bench
 
-        scaleout = scaleout_bench()
+        scaleout = scaleout_bench(out=ROOT / "reports" / "bench" / "scaleout.json")  # after each side
         write_json(ROOT / "reports" / "bench" / "scaleout.json", {"machine": machine, **scaleout})
         print(json.dumps({k: v for k, v in scaleout.items() if not isinstance(v, dict)}, indent=1))
     if summary is not None:

@@ -1,20 +1,24 @@
-"""Scale-out bench (#12): the default pipeline from scratch, one stage after another vs dispatched
-to Prefect workers, on this machine, in one run.
+"""Scale-out bench (#12): the default pipeline from scratch, one stage after another vs two
+workers, on this machine, in one run.
 
-Two clones of HEAD side by side (``seq/`` and ``disp/``, params from ``--params`` if given, committed):
+Clones of HEAD side by side (``seq/``, ``workers/``, ``dispatched/``; params from ``--params`` if given,
+committed), each timed in turn:
 
 - sequential: ``python -m pipelines.reproduce`` (one ``dvc repro --single-item`` after another);
-- dispatched: a real ``prefect server``, ``python -m pipelines.dispatch setup --repo disp/``, one
+- workers: ``python -m pipelines.reproduce --workers N`` (``make repro``'s path: independent stages
+  N at a time in one workspace, ``cpu_count // N`` torch threads each: 1 on this 2-core machine);
+- dispatched: a real ``prefect server``, ``python -m pipelines.dispatch setup --repo dispatched/``, one
   ``cpu`` worker and ``--gpu-workers`` ``gpu`` workers (``--limit 1`` each), the directory DVC
   remote beside the clones, then ``python -m pipelines.dispatch run`` and a second, no-op run.
 
-Every stage process gets ``--threads`` torch threads on both sides (default 1: the tiny default
-models train fastest on one thread here, and equal threads make the two sides' results
-comparable). Written: wall times, the speed-up, the load average before and after each side, and
-which metrics files are byte-identical between the two workspaces (those that differ are listed:
-a stage whose numbers depend on thread scheduling, or a bug).
+Every stage process gets ``--threads`` torch threads on every side (default 1: the tiny default
+models train fastest on one thread here, and equal threads make the sides' results comparable).
+Written: wall times, each side's speed-up over sequential, the load average before and after each
+side, and which metrics files are byte-identical to the sequential workspace's (those that differ
+are listed: a stage whose numbers depend on thread scheduling, or a bug).
 
     python -m benchmarks.scaleout [--params tests/data/micro_params.yaml] [--keep DIR]
+                                  [--sides sequential,workers,dispatched]
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+from beyondlm.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
@@ -105,6 +111,31 @@ def _metrics(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*.json"))}
 
 
+def _compare(seq: Path, other: Path) -> dict:
+    """Which metrics files of ``other`` are byte-identical to the sequential workspace's."""
+    a, b = _metrics(seq), _metrics(other)
+    same = sorted(k for k in a if b.get(k) == a[k])
+    return {"metrics_files": len(a), "metrics_identical": len(same),
+            "metrics_differing": sorted(set(a) ^ set(b) | {k for k in a if k in b and a[k] != b[k]})}
+
+
+def _status(work: Path, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=work, env=env,
+                         capture_output=True, text=True).stdout.strip()
+    return json.loads(out or "{}")
+
+
+def _workers(work: Path, base: Path, threads: int, workers: int) -> dict:
+    """``make repro``'s path; the flow sets each stage's threads itself (cpu_count // workers)."""
+    env = _env(threads)
+    run = _timed([sys.executable, "-m", "pipelines.reproduce", "--workers", str(workers)], work, env,
+                 base / "workers.log")
+    noop = _timed([sys.executable, "-m", "pipelines.reproduce", "--workers", str(workers)], work, env,
+                  base / "workers-noop.log")
+    return {**run, "noop_wall_s": noop["wall_s"], "dvc_status_after": _status(work, env), "workers": workers,
+            "threads_per_stage": max(1, (os.cpu_count() or 1) // workers)}
+
+
 def _dispatched(work: Path, base: Path, threads: int, gpu_workers: int) -> dict:
     port = _port()
     env = _env(threads, PREFECT_HOME=str(base / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
@@ -123,19 +154,25 @@ def _dispatched(work: Path, base: Path, threads: int, gpu_workers: int) -> dict:
         time.sleep(10)  # workers register (the driver checks and names a pool without one)
         run = _timed([sys.executable, "-m", "pipelines.dispatch", "run"], work, env, base / "dispatch.log")
         noop = _timed([sys.executable, "-m", "pipelines.dispatch", "run"], work, env, base / "dispatch-noop.log")
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=work, env=env,
-                            capture_output=True, text=True).stdout.strip()
-    return {**run, "noop_wall_s": noop["wall_s"], "dvc_status_after": json.loads(status or "{}"),
+    return {**run, "noop_wall_s": noop["wall_s"], "dvc_status_after": _status(work, env),
             "workers": {"cpu": 1, "gpu": gpu_workers}}
 
 
+SIDES = ("sequential", "workers", "dispatched")
+
+
 def scaleout_bench(params: Path | None = None, threads: int = 1, gpu_workers: int = 2, keep: Path | None = None,
-                   reuse: Path | None = None) -> dict:
+                   reuse: Path | None = None, sides: tuple[str, ...] = SIDES, out: Path | None = None) -> dict:
     """``reuse``: a workspace of an earlier sequential run (its ``seq/`` and ``sequential.json``,
-    as ``--keep`` leaves them) instead of running that side again; the result says so."""
+    as ``--keep`` leaves them) instead of running that side again; the result says so.
+    ``sides``: which of ``workers`` and ``dispatched`` to time against the sequential run.
+    ``out``: the result so far is written there after each side (a long run stopped early keeps
+    what it measured)."""
+    unknown = set(sides) - set(SIDES)
+    if unknown or "sequential" not in sides:
+        raise ValueError(f"--sides {','.join(sides)}: choose sequential and any of workers, dispatched")
     with tempfile.TemporaryDirectory(dir=keep.parent if keep else None) as tmp:
         base = Path(tmp)
-        disp = _clone(base / "disp", params)
         if reuse:
             seq = reuse / "seq"
             sequential = {**json.loads((reuse / "sequential.json").read_text()), "carried_over": str(reuse)}
@@ -143,20 +180,22 @@ def scaleout_bench(params: Path | None = None, threads: int = 1, gpu_workers: in
             seq = _clone(base / "seq", params)
             sequential = _timed([sys.executable, "-m", "pipelines.reproduce"], seq, _env(threads), base / "sequential.log")
             (base / "sequential.json").write_text(json.dumps(sequential))
-        dispatched = _dispatched(disp, base, threads, gpu_workers)
-        a, b = _metrics(seq), _metrics(disp)
-        same = sorted(k for k in a if b.get(k) == a[k])
         result = {
             "params": str(params or "params.yaml"), "commit": subprocess.run(
                 ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-            "cpus": os.cpu_count(), "torch_threads_per_stage": threads,
-            "sequential": sequential, "dispatched": dispatched,
-            "speedup": round(sequential["wall_s"] / dispatched["wall_s"], 3), "target_speedup": 1.4,
-            "noop_dispatch_s": dispatched["noop_wall_s"], "target_noop_s": 30,
-            "metrics_files": len(a), "metrics_identical": len(same),
-            "metrics_differing": sorted(set(a) ^ set(b) | {k for k in a if k in b and a[k] != b[k]}),
+            "cpus": os.cpu_count(), "torch_threads_per_stage": threads, "sequential": sequential,
+            "target_speedup": 1.4, "target_noop_s": 30,
         }
-        result["met"] = result["speedup"] >= 1.4 and result["noop_dispatch_s"] <= 30
+        runners = {"workers": lambda w: _workers(w, base, threads, gpu_workers),
+                   "dispatched": lambda w: _dispatched(w, base, threads, gpu_workers)}
+        for side in (s for s in SIDES[1:] if s in sides):
+            work = _clone(base / side, params)
+            timed = runners[side](work)
+            result[side] = {**timed, "speedup": round(sequential["wall_s"] / timed["wall_s"], 3),
+                            **_compare(seq, work)}
+            result[side]["met"] = result[side]["speedup"] >= 1.4 and timed["noop_wall_s"] <= 30
+            if out is not None:
+                write_json(out, result)
         if keep:
             shutil.rmtree(keep, ignore_errors=True)
             shutil.copytree(base, keep, symlinks=True, ignore=shutil.ignore_patterns("models", ".dvc", "data", ".git"))
@@ -167,16 +206,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", type=Path, default=None, help="params file for both clones (default: HEAD's)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--gpu-workers", type=int, default=2)
+    p.add_argument("--gpu-workers", type=int, default=2, help="gpu workers (dispatched), stages at once (workers)")
+    p.add_argument("--sides", default=",".join(SIDES), help="sequential plus any of workers, dispatched")
     p.add_argument("--keep", type=Path, default=None, help="copy logs and reports here")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "scaleout.json")
     p.add_argument("--reuse-sequential", type=Path, default=None, metavar="DIR",
-                   help="an earlier run's --keep dir: time only the dispatched side (says so in the JSON)")
+                   help="an earlier run's --keep dir: reuse its sequential side (says so in the JSON)")
     args = p.parse_args()
     result = scaleout_bench(args.params and args.params.resolve(), args.threads, args.gpu_workers, args.keep,
-                            args.reuse_sequential and args.reuse_sequential.resolve())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+                            args.reuse_sequential and args.reuse_sequential.resolve(),
+                            tuple(args.sides.split(",")), args.out)
+    write_json(args.out, result)
     print(json.dumps(result, indent=1))
 
 
