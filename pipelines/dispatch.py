@@ -12,8 +12,9 @@ The engine is Prefect's: a ``prefect server`` (PREFECT_API_URL), ``process`` wor
 ``dvc-stage/gpu``). A stage's pool comes from dvc.yaml (``meta: {pool: gpu}``; default ``cpu``).
 Each flow run gets the code by the deployment's pull step (``git clone`` of ``--repo`` into the
 run's own temporary directory) and checks out the commit being reproduced, so a worker never
-shares the driver's path; it writes the driver's dvc.lock over the checkout's, pulls the outputs of
-the stage's upstream stages from the DVC remote, runs ``dvc repro --single-item <stage>``, pushes
+shares the driver's path; it writes the driver's dvc.lock over the checkout's, pulls from the DVC
+remote what the stage reads of other stages' outputs (its deps, not those stages' every output:
+the report pulls metrics, not model weights), runs ``dvc repro --single-item <stage>``, pushes
 its outputs and the run-cache, and hands its dvc.lock entry back as a Prefect artifact. The driver
 merges each entry into its dvc.lock as it arrives (the next stage's checkout gets it) and finally
 ``dvc pull``s the outputs: ``dvc status`` is clean and nothing was computed twice.
@@ -110,10 +111,10 @@ def _use_remote(root: Path, dvc_remote: dict) -> None:
 
 
 @flow(name=FLOW, flow_run_name="{stage}", log_prints=True)
-def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, upstream: list[str] | None = None,
+def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, reads: list[str] | None = None,
               force: bool = False, tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
     """Run one DVC stage in this flow run's checkout (the pull step's clone, at ``commit``): the
-    driver's dvc.lock (``lock``), the ``upstream`` stages' outputs pulled from ``dvc_remote``,
+    driver's dvc.lock (``lock``), the paths it ``reads`` of other stages pulled from ``dvc_remote``,
     ``dvc repro --single-item``, outputs and run-cache pushed. Returns the stage's dvc.lock entry
     and where it ran; the entry is also an artifact of this run, which the driver reads."""
     from prefect.artifacts import create_markdown_artifact
@@ -126,9 +127,9 @@ def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, upstream: li
         (root / "dvc.lock").write_text(lock)
     else:  # the driver has none yet: neither may the checkout (a committed one is the driver's past)
         (root / "dvc.lock").unlink(missing_ok=True)
-    if upstream:
-        logger.info("pulling the outputs of %s", ", ".join(upstream))
-        remote.pull(root, tuple(upstream))
+    if reads:
+        logger.info("pulling %s", ", ".join(reads))
+        remote.pull(root, tuple(reads))
     host, device = socket.gethostname(), _device()
     logger.info("running %s on %s (%s) at %s", stage, host, device, commit[:10])
     started, t0 = time.time(), time.perf_counter()
@@ -185,6 +186,36 @@ def stage_pools(root: Path) -> dict[str, str]:
     if bad := {n: p for n, p in pools.items() if p not in POOLS}:
         raise DispatchError(f"dvc.yaml: meta.pool must be one of {list(POOLS)}, got {bad}")
     return pools
+
+
+def stage_reads(root: Path) -> dict[str, list[str]]:
+    """Per stage, the paths (relative to ``root``) it reads that other stages write: each dep that
+    is or lies inside another stage's output, and each output that lies inside a dep (the report's
+    ``reports/metrics`` gathers many stages' files). A worker pulls these, not its upstream
+    stages' every output: the report needs their metrics, not their model weights."""
+    from pathlib import PurePosixPath
+
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        stages = list(repo.index.stages)
+        written = [(s.name, PurePosixPath(o.def_path)) for s in stages for o in s.outs]
+        reads: dict[str, list[str]] = {}
+        for stage in stages:
+            paths: set[PurePosixPath] = set()
+            for dep in stage.deps:
+                if dep.__class__.__name__ == "ParamsDependency":
+                    continue
+                path = PurePosixPath(dep.def_path)
+                for writer, out in written:
+                    if writer == stage.name:
+                        continue
+                    if path == out or out in path.parents:  # the dep is (inside) an output
+                        paths.add(path)
+                    elif path in out.parents:  # an output inside the dep: reports/metrics/...
+                        paths.add(out)
+            reads[stage.name] = sorted(map(str, paths))
+    return reads
 
 
 def dvc_remote_config(root: Path, name: str | None = None) -> dict:
@@ -307,6 +338,7 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
     with get_client(sync_client=True) as client:
         _check_workers(client, {pools[s.name] for s in todo}, api_url)
         upstream = {s.name: list(s.upstream) for s in stages}  # all of it; todo's keeps only todo
+        reads = stage_reads(root_path)
         upstream_done = sorted({u for t in todo for u in upstream[t.name]} - {t.name for t in todo})
         if upstream_done:  # up to date here: their outputs must be on the remote for the workers
             logger.info("pushing the outputs of %s", ", ".join(upstream_done))
@@ -326,7 +358,7 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
                 f"{FLOW}/{pools[info.name]}", timeout=0, as_subflow=True,
                 parameters={"stage": info.name, "commit": commit, "lock": (root_path / "dvc.lock").read_text()
                             if (root_path / "dvc.lock").exists() else "", "dvc_remote": dvc_remote,
-                            "upstream": upstream[info.name], "force": force,
+                            "reads": reads[info.name], "force": force,
                             "tracking_uri": tracker.uri if workers_log else None,
                             "parent_run_id": tracker.parent_run_id if workers_log else None})
             running[info.name] = _Submitted(run.id, tries)

@@ -84,6 +84,20 @@ def _lock_outs(root: Path) -> dict[str, str]:
     return {f"{name}:{o['path']}": o["md5"] for name, s in stages.items() for o in s.get("outs", [])}
 
 
+def test_a_worker_pulls_what_its_stage_reads_not_every_upstream_output(tmp_path):
+    """train reads the prepared data; the report one metrics file of train's (not its model or
+    checkpoints); a stage reading a folder gets the other stages' outputs inside it."""
+    from pipelines.dispatch import stage_reads
+
+    summary = "  summary:\n    cmd: python step.py summary\n    deps: [reports/metrics]\n    outs: [reports/summary.md]\n"
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML + summary)
+    (tmp_path / "params.yaml").write_text("prepare: {n: 3}\nreport: {title: a}\n")
+    sh(sys.executable, "-m", "dvc", "init", "-q", "--no-scm", cwd=tmp_path, env=dict(os.environ))
+    assert stage_reads(tmp_path) == {
+        "prepare": [], "train": ["data/prepared"], "report": ["reports/metrics/sft.json"],
+        "summary": ["reports/metrics/prepare.json", "reports/metrics/sft.json"]}
+
+
 BUCKET = "beyondlm-dispatch"
 
 
