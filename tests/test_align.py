@@ -20,7 +20,7 @@ from beyondlm.align.data import (
     unpair,
     unpaired_examples,
 )
-from beyondlm.align.evaluate import best_of_n_kl, win_rate
+from beyondlm.align.evaluate import PolicySamples, best_of_n_kl, win_rate
 from beyondlm.align.config import (
     METHODS,
     AlignConfig,
@@ -45,6 +45,7 @@ from beyondlm.align.train import online_loss_fn, prompt_collate
 from beyondlm.objectives.preference import rloo_advantages, rloo_loss, simpo_loss
 from beyondlm.objectives.preference import grpo_loss, resolve_preference_loss
 from beyondlm.config import ConfigError, ModelConfig, TrainConfig, load_section
+from beyondlm.convergence import HeldOutValue
 from beyondlm.data import tokenization
 from beyondlm.logprobs import sequence_logps
 from beyondlm.models import build_model, save_model
@@ -129,6 +130,21 @@ def test_online_objective_weighs_the_kl_as_each_loss_does():
     assert online_objective("rloo", {"beta": 0.05}, e, 64) == pytest.approx(-(2.0 - 0.05 * 8.0))
     assert online_objective("grpo", {"beta": 0.04, "unbiased": 0.0}, e, 64) == pytest.approx(-(2.0 - 0.04 * 0.5))
     assert online_objective("dr_grpo", {"beta": 0.04, "unbiased": 1.0}, e, 64) == pytest.approx(-(2.0 - 0.04 * 0.125))
+
+
+def test_online_objective_with_samples_has_per_prompt_parts_and_the_same_mean():
+    """Given the evaluation's scored samples, the objective comes with one chunk per prompt
+    (−(r_i − β·kl_i/per)), whose mean is the scalar objective, so the verdict's noise clause applies."""
+    samples = PolicySamples(conts=[[5] * 8, [5] * 24], scores={"rm": np.array([1.0, 3.0])}, kl=np.array([4.0, 12.0]))
+    e = {"rm_reward": 2.0, "kl": 8.0, "length": 16.0}
+    v = online_objective("grpo", {"beta": 0.04, "unbiased": 0.0}, e, 64, samples)
+    assert isinstance(v, HeldOutValue) and v.units == (1.0, 1.0)
+    assert v.sums == pytest.approx((-(1.0 - 0.04 * 4 / 16), -(3.0 - 0.04 * 12 / 16)))
+    assert v.value == pytest.approx(online_objective("grpo", {"beta": 0.04, "unbiased": 0.0}, e, 64))
+    rloo = online_objective("rloo", {"beta": 0.05}, e, 64, samples)
+    assert rloo.sums == pytest.approx((-(1.0 - 0.05 * 4), -(3.0 - 0.05 * 12)))
+    no_kl = PolicySamples(samples.conts, samples.scores, None)  # no log-probs: the scalar
+    assert online_objective("rloo", {"beta": 0.05}, e, 64, no_kl) == pytest.approx(-(2.0 - 0.05 * 8.0))
 
 
 def test_win_rate_and_best_of_n_kl():

@@ -76,31 +76,55 @@ class ReferenceSet:
         return cls(prompts, {k: v[:, 0] for k, v in two.items()}, {k: v[rows, pick] for k, v in two.items()})
 
 
-def evaluate_policy(policy, judges: Judges, ref: ReferenceSet, cfg: SamplingConfig, seed: int,
-                    *, logps: np.ndarray | None = None, conts=None) -> dict:
-    """Metrics of one policy on the reference set's prompts (see the module docstring).
+@dataclass(frozen=True)
+class PolicySamples:
+    """One policy's samples on the reference prompts, scored: ``scores`` (``rm``, and ``oracle``
+    where one exists) and ``kl`` = log π_θ(y|x) − log π_sft(y|x) per sample (None without the
+    policy's log-probs), all (N,) in prompt order."""
 
-    ``conts``/``logps`` let a caller pass samples it already has (best-of-N); by default the policy
+    conts: list
+    scores: dict
+    kl: np.ndarray | None
+
+
+def sample_policy(policy, judges: Judges, ref: ReferenceSet, cfg: SamplingConfig, seed: int,
+                  *, logps: np.ndarray | None = None, conts=None) -> PolicySamples:
+    """``conts``/``logps`` let a caller pass samples it already has (best-of-N); by default the policy
     samples here and its log-probs are read off the sampling pass."""
     if conts is None:
         conts, sc = sample_scored(policy, ref.prompts, cfg, eos_id=judges.eos_id, pad_id=judges.pad_id,
                                   seed=seed)
         logps = sc.logps
-    s = judges.scores(ref.prompts, conts)
-    out: dict = {"rm_reward": mean_se(s["rm"])[0],
-                 "length": float(np.mean([len(c) for c in conts])),
-                 "win_vs_sft/rm": win_rate(s["rm"], ref.sft["rm"]),
-                 "win_vs_chosen/rm": win_rate(s["rm"], ref.chosen["rm"])}
+    kl = None
     if logps is not None:
         ref_lp, _ = sequence_logps(judges.sft, [p + list(c) for p, c in zip(ref.prompts, conts)],
                                    pad_id=judges.pad_id, starts=[len(p) for p in ref.prompts],
                                    batch_size=judges.batch_size)
-        out["kl"], out["kl_se"] = mean_se(np.asarray(logps) - ref_lp.numpy())
+        kl = np.asarray(logps, dtype=np.float64) - ref_lp.numpy()
+    return PolicySamples(list(conts), judges.scores(ref.prompts, conts), kl)
+
+
+def policy_metrics(ps: PolicySamples, ref: ReferenceSet) -> dict:
+    """The metrics of the module docstring from one policy's scored samples."""
+    s = ps.scores
+    out: dict = {"rm_reward": mean_se(s["rm"])[0],
+                 "length": float(np.mean([len(c) for c in ps.conts])),
+                 "win_vs_sft/rm": win_rate(s["rm"], ref.sft["rm"]),
+                 "win_vs_chosen/rm": win_rate(s["rm"], ref.chosen["rm"])}
+    if ps.kl is not None:
+        out["kl"], out["kl_se"] = mean_se(ps.kl)
     if "oracle" in s:
         out["oracle_reward"], out["oracle_reward_se"] = mean_se(s["oracle"])
         out["win_vs_sft/oracle"] = win_rate(s["oracle"], ref.sft["oracle"])
         out["win_vs_chosen/oracle"] = win_rate(s["oracle"], ref.chosen["oracle"])
     return out
+
+
+def evaluate_policy(policy, judges: Judges, ref: ReferenceSet, cfg: SamplingConfig, seed: int,
+                    *, logps: np.ndarray | None = None, conts=None) -> dict:
+    """Metrics of one policy on the reference set's prompts (see the module docstring;
+    ``conts``/``logps`` as in ``sample_policy``)."""
+    return policy_metrics(sample_policy(policy, judges, ref, cfg, seed, logps=logps, conts=conts), ref)
 
 
 def implicit_reward_accuracy(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float) -> float:

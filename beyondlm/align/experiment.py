@@ -36,15 +36,19 @@ from beyondlm.align.data import (
 from beyondlm.align.evaluate import (
     Judges,
     ReferenceSet,
+    PolicySamples,
     best_of_n_kl,
     evaluate_policy,
     implicit_reward_accuracy,
     mean_se,
+    policy_metrics,
+    sample_policy,
 )
 from beyondlm.align.store import load_pairs, load_table, save_groups, save_pairs
 from beyondlm.align.train import OFFLINE_COLLATE, offline_loss_fn, online_loss_fn, prompt_collate
 from beyondlm import distributed
 from beyondlm.config import ConfigError, record
+from beyondlm.convergence import HeldOutValue
 from beyondlm.data.sources import clean_text
 from beyondlm.inputs import read_json
 from beyondlm.intervals import proportion
@@ -326,12 +330,20 @@ def run_align(method: str, cfg: AlignConfig, *, sft_dir: Path, reward_model, tok
             "final": summary, "runs": per_seed}
 
 
-def online_objective(method: str, hyper: dict, e: dict, max_tokens: int) -> float:
+def online_objective(method: str, hyper: dict, e: dict, max_tokens: int,
+                     samples: PolicySamples | None = None) -> float | HeldOutValue:
     """−(RM reward − β·KL) of an online method's held-out samples (evaluation ``e``), the sequence
     KL weighted as the method's loss weighs it: per sequence (RLOO's reward), per token of each
-    sample (GRPO: KL/|o|), per token of the generation budget (Dr. GRPO: KL/max_tokens)."""
+    sample (GRPO: KL/|o|), per token of the generation budget (Dr. GRPO: KL/max_tokens).
+
+    With the evaluation's scored ``samples`` the same mean comes with its per-sample parts (one
+    chunk per held-out prompt, the same prompts at every evaluation), so the convergence verdict
+    can tell a gain from the sampling noise of the evaluation (``convergence.paired_se``)."""
     per = (max_tokens if hyper.get("unbiased") else max(e["length"], 1.0)) if PREFERENCE_LOSSES[method].tokens else 1.0
-    return -(e["rm_reward"] - hyper["beta"] * e["kl"] / per)
+    if samples is None or samples.kl is None:
+        return -(e["rm_reward"] - hyper["beta"] * e["kl"] / per)
+    parts = -(np.asarray(samples.scores["rm"], np.float64) - hyper["beta"] * samples.kl / per)
+    return HeldOutValue.from_chunks(parts.tolist(), [1.0] * len(parts))
 
 
 def _validation(method: str, cfg: AlignConfig, hyper, loss_fn, valid, collate, evals, judges, ref_set, pure, ckpt,
@@ -339,16 +351,20 @@ def _validation(method: str, cfg: AlignConfig, hyper, loss_fn, valid, collate, e
     """``validate(policy, step)`` for the loop: evaluates the policy on the held-out prompts
     (appended to ``evals`` and saved for resuming) and returns the held-out objective: the
     method's loss on held-out pairs or groups, or for an online method (no offline data)
-    ``online_objective`` of its own samples."""
+    ``online_objective`` of its own samples (a scalar for an evaluation read back after a crash)."""
     heldout = heldout_loss(loss_fn, valid, collate) if valid else None
 
     def validate(policy, step: int):
         e = next((e for e in evals if e["step"] == step), None)  # step 0, or evaluated before a crash
+        samples = None
         if e is None:
-            e = {"step": step, **evaluate_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)}
+            samples = sample_policy(policy, judges, ref_set, pure, seed=cfg.eval.seed)
+            e = {"step": step, **policy_metrics(samples, ref_set)}
             evals.append(e)
             write_json(ckpt / EVALS, {"fingerprint": fingerprint, "evals": evals[1:]})
-        return heldout(policy, step) if heldout is not None else online_objective(method, hyper, e, pure.max_new_tokens)
+        if heldout is not None:
+            return heldout(policy, step)
+        return online_objective(method, hyper, e, pure.max_new_tokens, samples)
 
     return validate
 
