@@ -2,12 +2,11 @@
 
 Two ways, both need a Prefect server (``prefect server start``) and PREFECT_API_URL pointing at it:
 
-1. Serve from this process (simplest; runs flows here, on this machine):
+1. Serve from this process (simplest; the nightly run reproduces this workspace, here):
        python -m pipelines.deploy --cron "0 3 * * *"
-2. Dispatch to a worker on a GPU machine through a process work pool (see prefect.yaml):
-       prefect work-pool create gpu --type process
-       prefect deploy --all                      # registers the deployments in prefect.yaml
-       prefect worker start --pool gpu           # on the GPU machine, inside the project checkout
+2. On the workers (README "Scale out"): ``BEYONDLM_REPO=<git url> prefect deploy --all`` registers
+   prefect.yaml's ``reproduce-dispatched/nightly``, which clones the repository and dispatches
+   every stale stage to the ``cpu``/``gpu`` pools (``pipelines/dispatch.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""End to end with the real tools: `dvc repro` / `dvc exp run` in a temp copy of the repo on
-micro params, a killed stage resuming, and the Prefect flow logging into a real MLflow server."""
+"""End to end with the real tools in a temp copy of the repo on micro params: `make repro`'s
+reproduction (`pipelines.reproduce --workers 2`, after which `dvc repro` finds nothing to do),
+`dvc repro` / `dvc exp run`, a killed stage resuming, and the Prefect flow logging into a real
+MLflow server."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO = ROOT / "tests" / "data" / "micro_params.yaml"
 # written by the tools themselves, not by stages
 TOOL_FILES = {"dvc.lock", ".gitignore", "mlflow.db"}
-UNTRACKED = "reports/timing/"  # wall times and rates: kept out of DVC's hashes on purpose
+UNTRACKED = ("reports/timing/",  # wall times and rates: kept out of DVC's hashes on purpose
+             "mlartifacts/")  # the local MLflow store's copies of the outputs
 
 
 def edit_params(path: Path, section: str, **updates) -> dict:
@@ -47,8 +50,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def sh(*args: str, cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), cwd=cwd, env=_env(), capture_output=True, text=True, **kw)
+def sh(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), cwd=cwd, env={**_env(), **(env or {})}, capture_output=True, text=True, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -77,7 +80,8 @@ def _files(root: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """A committed temp copy of the project, reproduced once with `dvc repro`."""
+    """A committed temp copy of the project, reproduced once as `make repro` does (two stages at a
+    time, each mirrored into the project's local MLflow store)."""
     root = tmp_path_factory.mktemp("e2e") / "project"
     root.mkdir()
     _copy_repo(root)
@@ -86,7 +90,7 @@ def repo(tmp_path_factory) -> Path:
     sh("git", "add", "-A", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project", cwd=root)
     before = _files(root)
-    dvc("repro", cwd=root)
+    sh(sys.executable, "-m", "pipelines.reproduce", "--workers", "2", cwd=root)
     root.joinpath(".files_before.json").write_text(json.dumps(sorted(before)))
     return root
 
@@ -125,7 +129,10 @@ def test_rerunning_the_same_work_leaves_dvc_lock_unchanged(repo):
     # one stage of each kind that trains, samples or writes the report (knnlm and vq left out for
     # the suite's time: `make bench` scaleout found all 50 metrics files byte-identical across runs)
     forced = ["prepare", "sft@mle-0", "evaluate@mle-0", "align@exo_pref", "report"]
-    dvc("repro", "--force", "--single-item", *forced, cwd=repo)
+    # on as many torch threads as the fixture's two workers used: float sums depend on the count
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    sh(sys.executable, "-m", "dvc", "repro", "--force", "--single-item", *forced, cwd=repo,
+       env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
     assert (repo / "dvc.lock").read_text() == lock
     assert json.loads(dvc("status", "--json", cwd=repo).stdout) == {}
     timing = json.loads((repo / "reports/timing/sft/mle-s0.json").read_text())

@@ -175,3 +175,41 @@ def test_a_run_drops_lock_entries_of_stages_no_longer_defined(project):
     after = lock.read_text()
     assert "gone@x" in before and "gone@x" not in after
     assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=project).stdout) == {}
+
+
+def test_the_nightly_deployment_is_served_on_its_schedule_and_a_run_of_it_reproduces(project, tmp_path):
+    """``python -m pipelines.deploy`` (README "Schedule") serves the reproduce flow on the Prefect
+    server with its cron schedule; a run of the deployment, as the schedule starts one, runs the
+    stale stage in the workspace it names."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import _kill_group
+
+    set_params(project, n=2, k=5, m=3)
+    env = {**_env(), "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.deploy", "--cron", "15 4 * * *", "--name",
+                                 "nightly-test"], cwd=Path(__file__).resolve().parents[1], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    deployment = client.read_deployment_by_name("reproduce/nightly-test")
+                    break
+                except ObjectNotFound:
+                    assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                    time.sleep(1)
+        assert [s.schedule.cron for s in deployment.schedules] == ["15 4 * * *"]
+        assert {"beyondlm", "nightly"} <= set(deployment.tags)
+        run = run_deployment("reproduce/nightly-test", parameters={"root": str(project)}, timeout=300)
+        assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
+    finally:
+        _kill_group(proc)
+    assert json.loads((project / "reports/metrics/b.json").read_text())["k"] == 5
+    assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=project).stdout) == {}
