@@ -168,6 +168,15 @@ def test_diverged_seed_rule_and_equal_kl_seed_means():
     va, vb, grid = seed_means_at_equal_kl(a, b, n_grid=3)  # common range [0, 1], interior 0.25, 0.5, 0.75
     np.testing.assert_allclose(grid, [0.25, 0.5, 0.75])
     assert va == pytest.approx([0.5]) and vb == pytest.approx([1.0])
+    # per token: each evaluation's mean r* and KL over its mean length (a's second point: 20 tokens)
+    a = {"runs": {"s0": {"evals": [{"kl": 0.0, "oracle_reward": 0.0, "length": 10.0},
+                                   {"kl": 4.0, "oracle_reward": 4.0, "length": 20.0}]}}}
+    b = {"runs": {"s0": {"evals": [{"kl": 0.0, "oracle_reward": 0.0, "length": 10.0},
+                                   {"kl": 2.0, "oracle_reward": 1.0, "length": 10.0},
+                                   {"kl": 9.0, "oracle_reward": 9.0}]}}}  # no length: left out per token
+    va, vb, grid = seed_means_at_equal_kl(a, b, n_grid=3, per_token=True)  # range [0, 0.2] per token
+    np.testing.assert_allclose(grid, [0.05, 0.1, 0.15])
+    assert va == pytest.approx([0.1]) and vb == pytest.approx([0.05])
 
 
 def test_claims_rows_for_align_ebm_knnlm_vq(tmp_path):
@@ -195,6 +204,9 @@ def test_claims_rows_for_align_ebm_knnlm_vq(tmp_path):
     # per seed, reward = scale·KL/2·... on the common grid: exo seeds 2.0, 2.2, 2.4 vs dpo 1.0, 1.2, 1.4 (× mean KL)
     assert exo.effect.n == 3 and exo.effect.value > 0 and exo.verdict == "supports"
     assert exo.effect.basis == "Welch over 3 + 3 seeds"
+    per_token = found["exo_pref − dpo_pref: mean r*/token over the common KL/token range"]
+    assert per_token.claim.endswith("per token (length-normalised)")
+    assert per_token.effect.value == pytest.approx(exo.effect.value / 9.0)  # every sample 9 tokens long
     xent = found["p* − p_θ: nats/token on test"]
     assert (str(xent.effect), xent.effect.n, xent.verdict) == ("-0.02 ± 0.005", 100, "supports")
     assert xent.effect.basis == "100 test texts, 1 run (base `mle-s0`)"

@@ -6,6 +6,11 @@ interpolated (points sorted by KL) on a grid inside the KL range every seed of b
 covers, and the difference of the seed means is reported with its standard error (seeds of the
 two methods are independent runs).
 
+Both axes are per sequence, so a method whose samples are longer gains both reward and KL (r* is a
+sequence log-odds: evidence adds up token by token). ``per_token=True`` divides each evaluation's
+mean r* and mean KL by its mean sample length (ratio estimators), so the same comparison can be
+read length-normalised.
+
 A seed whose final KL runs far beyond its siblings' (``diverged_seeds``) is shown but excluded from
 means and comparisons (``without``), and the report lists it: one runaway seed must not set the
 mean, nor the error bars that squash every other method into a corner of the frontier.
@@ -16,12 +21,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def seed_points(result: dict, y: str = "oracle_reward") -> list[np.ndarray]:
-    """Per seed, its evaluations as an (n, 2) array of (kl, y) sorted by kl."""
+def seed_points(result: dict, y: str = "oracle_reward", per_token: bool = False) -> list[np.ndarray]:
+    """Per seed, its evaluations as an (n, 2) array of (kl, y) sorted by kl; ``per_token``: both
+    divided by the evaluation's mean sample length (evaluations without one are left out)."""
     out = []
     for run in result["runs"].values():
-        p = np.array([(e["kl"], e[y]) for e in run["evals"] if e.get("kl") is not None and e.get(y) is not None],
-                     dtype=float)
+        evals = [e for e in run["evals"] if e.get("kl") is not None and e.get(y) is not None
+                 and (not per_token or (e.get("length") or 0) > 0)]
+        p = np.array([(e["kl"], e[y]) for e in evals], dtype=float).reshape(-1, 2)
+        if per_token:
+            p = p / np.array([e["length"] for e in evals], dtype=float)[:, None]
         out.append(p[np.argsort(p[:, 0])] if len(p) else np.zeros((0, 2)))
     return out
 
@@ -70,12 +79,12 @@ def _equal_kl_grid(curves: list[list[np.ndarray]], n_grid: int) -> np.ndarray | 
     return np.linspace(lo, hi, n_grid + 2)[1:-1] if hi > lo else None
 
 
-def seed_means_at_equal_kl(a: dict, b: dict, n_grid: int = 4,
-                           y: str = "oracle_reward") -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def seed_means_at_equal_kl(a: dict, b: dict, n_grid: int = 4, y: str = "oracle_reward",
+                           per_token: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(per seed of ``a``, per seed of ``b``, the KL grid): each seed's interpolated ``y`` averaged
     over the grid of the KL range every seed of both reaches (one number per seed: the frontier's
-    mean height there); None when the ranges do not overlap."""
-    curves = [seed_points(a, y), seed_points(b, y)]
+    mean height there); None when the ranges do not overlap. ``per_token``: as in ``seed_points``."""
+    curves = [seed_points(a, y, per_token), seed_points(b, y, per_token)]
     grid = _equal_kl_grid(curves, n_grid)
     if grid is None:
         return None

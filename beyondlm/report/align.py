@@ -50,6 +50,9 @@ ALIGN_CLAIMS = [
     ("dr_grpo", "grpo", "Dr. GRPO's unbiased normalisation beats GRPO at equal KL"),
     ("bond", "best_of_n", "BOND's single sample reaches best-of-N's reward at equal KL"),
 ]
+# the same claims length-normalised (r*/token at equal KL/token): policies whose samples differ in
+# length differ in both per-sequence axes (the default's DPO-pref writes 40 tokens, EXO-pref 26)
+PER_TOKEN_CLAIMS = [(a, b, f"{claim}, per token (length-normalised)") for a, b, claim in ALIGN_CLAIMS[:2]]
 
 
 WIN_KEYS = ("win_vs_sft/oracle", "win_vs_chosen/oracle", "win_vs_sft/rm", "win_vs_chosen/rm")
@@ -259,11 +262,12 @@ def _bon_var(bon: dict, grid: np.ndarray) -> float:
 
 
 def _claim(a: str, b: str, claim: str, kept: dict, diverged: dict, bon: dict | None, verdicts: Verdicts,
-           base: str | None = None) -> Claim:
+           base: str | None = None, per_token: bool = False) -> Claim:
     """One claim row: a − b in mean oracle reward over the KL range both reach; either side may be
-    best-of-N (one run with an SE over prompts instead of seeds)."""
+    best-of-N (one run with an SE over prompts instead of seeds); ``per_token``: r*/token over the
+    KL/token range (trained methods only)."""
     res = {m: _as_result(bon) if m == "best_of_n" else kept[m] for m in (a, b)}
-    means = seed_means_at_equal_kl(res[a], res[b])
+    means = seed_means_at_equal_kl(res[a], res[b], per_token=per_token)
     note = "".join(f"; {m} {', '.join(diverged[m])} diverged, excluded" for m in (a, b) if m in diverged)
     if means is None:
         effect = Effect(None, None, 0, "KL ranges do not overlap" + note)
@@ -275,7 +279,8 @@ def _claim(a: str, b: str, claim: str, kept: dict, diverged: dict, bon: dict | N
         effect = welch(means[0], means[1], basis=f"Welch over {len(means[0])} + {len(means[1])} seeds" + note)
     failing = dict.fromkeys(involved(a, res[a]["runs"], verdicts) + involved(b, res[b]["runs"], verdicts)
                             + (verdicts.failing("sft", [base]) if base else []))  # π_sft: every method's start
-    return Claim(claim, f"{a} − {b}: mean oracle r* over the common KL range", effect, +1, tuple(failing))
+    measured = "r*/token over the common KL/token range" if per_token else "oracle r* over the common KL range"
+    return Claim(claim, f"{a} − {b}: mean {measured}", effect, +1, tuple(failing))
 
 
 def claims(metrics: Path, verdicts: Verdicts, base: str | None = None) -> list[Claim]:
@@ -287,4 +292,6 @@ def claims(metrics: Path, verdicts: Verdicts, base: str | None = None) -> list[C
         return []
     kept, diverged = split(results)
     have = set(kept) | ({"best_of_n"} if bon and bon.get("rows") else set())
-    return [_claim(a, b, c, kept, diverged, bon, verdicts, base) for a, b, c in ALIGN_CLAIMS if a in have and b in have]
+    return ([_claim(a, b, c, kept, diverged, bon, verdicts, base) for a, b, c in ALIGN_CLAIMS if a in have and b in have]
+            + [_claim(a, b, c, kept, diverged, bon, verdicts, base, per_token=True)
+               for a, b, c in PER_TOKEN_CLAIMS if a in kept and b in kept])
