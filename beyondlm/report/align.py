@@ -292,6 +292,6 @@ def claims(metrics: Path, verdicts: Verdicts, base: str | None = None) -> list[C
         return []
     kept, diverged = split(results)
     have = set(kept) | ({"best_of_n"} if bon and bon.get("rows") else set())
-    return ([_claim(a, b, c, kept, diverged, bon, verdicts, base) for a, b, c in ALIGN_CLAIMS if a in have and b in have]
-            + [_claim(a, b, c, kept, diverged, bon, verdicts, base, per_token=True)
-               for a, b, c in PER_TOKEN_CLAIMS if a in kept and b in kept])
+    rows = [_claim(a, b, c, kept, diverged, bon, verdicts, base) for a, b, c in ALIGN_CLAIMS if a in have and b in have]
+    return rows + [_claim(a, b, c, kept, diverged, bon, verdicts, base, per_token=True)
+                   for a, b, c in PER_TOKEN_CLAIMS if a in kept and b in kept]
