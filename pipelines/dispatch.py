@@ -199,22 +199,22 @@ def stage_reads(root: Path) -> dict[str, list[str]]:
 
     with Repo(str(root)) as repo:
         stages = list(repo.index.stages)
-        written = [(s.name, PurePosixPath(o.def_path)) for s in stages for o in s.outs]
-        reads: dict[str, list[str]] = {}
-        for stage in stages:
-            paths: set[PurePosixPath] = set()
-            for dep in stage.deps:
-                if dep.__class__.__name__ == "ParamsDependency":
-                    continue
-                path = PurePosixPath(dep.def_path)
-                for writer, out in written:
-                    if writer == stage.name:
-                        continue
-                    if path == out or out in path.parents:  # the dep is (inside) an output
-                        paths.add(path)
-                    elif path in out.parents:  # an output inside the dep: reports/metrics/...
-                        paths.add(out)
-            reads[stage.name] = sorted(map(str, paths))
+    writer = {PurePosixPath(o.def_path): s.name for s in stages for o in s.outs}
+    below: dict[PurePosixPath, list[PurePosixPath]] = {}  # folder → the outputs inside it
+    for out in writer:
+        for folder in out.parents:
+            below.setdefault(folder, []).append(out)
+    reads: dict[str, list[str]] = {}
+    for stage in stages:
+        paths: set[PurePosixPath] = set()
+        for dep in stage.deps:
+            if dep.__class__.__name__ == "ParamsDependency":
+                continue
+            path = PurePosixPath(dep.def_path)
+            if any(writer.get(p, stage.name) != stage.name for p in (path, *path.parents)):
+                paths.add(path)  # the dep is (inside) another stage's output
+            paths.update(o for o in below.get(path, ()) if writer[o] != stage.name)  # reports/metrics/...
+        reads[stage.name] = sorted(map(str, paths))
     return reads
 
 
