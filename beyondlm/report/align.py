@@ -52,7 +52,8 @@ ALIGN_CLAIMS = [
 ]
 # the same claims length-normalised (r*/token at equal KL/token): policies whose samples differ in
 # length differ in both per-sequence axes (the default's DPO-pref writes 40 tokens, EXO-pref 26)
-PER_TOKEN_CLAIMS = [(a, b, f"{claim}, per token (length-normalised)") for a, b, claim in ALIGN_CLAIMS[:2]]
+PER_TOKEN_CLAIMS = [(a, b, f"{claim}, per token (length-normalised)") for a, b, claim in ALIGN_CLAIMS
+                    if (a, b) in {("exo_pref", "dpo_pref"), ("exo_rw", "dpo_rw")}]
 
 
 WIN_KEYS = ("win_vs_sft/oracle", "win_vs_chosen/oracle", "win_vs_sft/rm", "win_vs_chosen/rm")
