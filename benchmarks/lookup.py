@@ -9,7 +9,7 @@ interleaved ``repeats`` times (alternating who goes first) and reports medians a
 
 Inputs: the default pipeline's ``models/sft/mle-s0``, ``data/graph`` and ``data/prepared``
 (the ``grf`` params section's paths); the GRF modules are freshly initialised (the cost does not
-depend on their weights), with the section's γ, H, max_per_hop and layers.
+depend on their weights), with the section's γ, H, max_per_hop, edge caps and layers.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def decode_cost(impl: str, steps: int, batch: int, threads: int, root: Path = Pa
     from beyondlm.data.config import prepared_data
     from beyondlm.data.prepare import load_split
     from beyondlm.graph import load_graph
-    from beyondlm.lookup.grf import Grounder, generate, graph_batch
-    from beyondlm.lookup.grf_experiment import GRFConfig, build
+    from beyondlm.lookup.grf import generate, graph_batch
+    from beyondlm.lookup.grf_experiment import GRFConfig, build, grounder_for
     from beyondlm.models import load_model
 
     torch.set_num_threads(threads)
@@ -41,7 +41,7 @@ def decode_cost(impl: str, steps: int, batch: int, threads: int, root: Path = Pa
     graph, lm = load_graph(root / cfg.graph), load_model(root / cfg.model)
     model = build(cfg, lm, graph, seed=0).eval()
     prompts = [list(p) for p in load_split(root / prep.data_dir, "prompts_test")["prompt_ids"]][:batch]
-    grounder = Grounder(graph, lm.config.vocab_size, hops=cfg.hops, max_per_hop=cfg.max_per_hop)
+    grounder = grounder_for(cfg, graph, lm.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
     load_before = os.getloadavg()
 
@@ -59,7 +59,8 @@ def decode_cost(impl: str, steps: int, batch: int, threads: int, root: Path = Pa
     return {"impl": impl, "seconds_per_token": wall / n_tok, "grounding_seconds_per_token": ground / n_tok,
             "decode_seconds_per_token": (wall - ground) / n_tok, "steps": steps, "batch": len(prompts),
             "threads": threads, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-            "hops": cfg.hops, "max_per_hop": cfg.max_per_hop}
+            "hops": cfg.hops, "max_per_hop": cfg.max_per_hop, "max_in_edges": cfg.max_in_edges,
+            "max_triples": cfg.max_triples}
 
 
 def lookup_bench(repeats: int, threads: int, steps: int = 56, batch: int = 64) -> dict:
@@ -81,7 +82,7 @@ def lookup_bench(repeats: int, threads: int, steps: int = 56, batch: int = 64) -
             "target_ratio": TARGET_RATIO, "met": ratio <= TARGET_RATIO,
             "load_average_1min": {"min": min(loads), "max": max(loads)}, "runs": runs,
             "settings": {"repeats": repeats, "threads": threads, "steps": steps, "batch": batch,
-                         "hops": runs["grf"][0]["hops"], "max_per_hop": runs["grf"][0]["max_per_hop"]}}
+                         **{k: runs["grf"][0][k] for k in ("hops", "max_per_hop", "max_in_edges", "max_triples")}}}
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ import torch
 from beyondlm.config import ConfigError, load_section
 from beyondlm.graph import build_graph
 from beyondlm.lookup.grf import (
-    GRF, Grounder, concept_logprobs, graph_batch, grf_loss, mixture_logprobs, node_logits, position_scores,
-    propagate, propagate_by_winners, triple_scores, generate,
+    GRF, Grounder, concept_logprobs, concept_support, graph_batch, grf_loss, mixture_logprobs, position_scores, propagate,
+    first_of_runs, pair_index, triple_scores, generate,
 )
 from beyondlm.lookup.grf_experiment import GRFConfig
 from tests.helpers import tiny_setup
@@ -22,49 +22,103 @@ EDGES = [(0, 1), (0, 2), (1, 3), (2, 3), (2, 4), (1, 4)]
 R = [0.5, 0.2, 0.4, 0.9, 0.1, 0.3]  # R_t(u, r, v) of each edge, one position
 
 
+def _slots(edges, values, n, k, rels=None):
+    """Edge list over n nodes → in-edge slots (1, K, N + 1) (source, relation: −1 when empty)
+    and the values (1, 1, K, N + 1), slots filled in edge order; empty slots point at the sink
+    node N (s0 = 0, no in-edges) with R = 0, as graph_batch and triple_scores make them."""
+    src, rel = torch.full((1, k, n + 1), n, dtype=torch.long), torch.full((1, k, n + 1), -1, dtype=torch.long)
+    val = torch.zeros((1, 1, k, n + 1), dtype=torch.float64)
+    fill = [0] * n
+    for j, ((u, v), x) in enumerate(zip(edges, values)):
+        src[0, fill[v], v], rel[0, fill[v], v], val[0, 0, fill[v], v] = u, rels[j] if rels else 0, x
+        fill[v] += 1
+    return src, rel, val
+
+
 def test_propagation_on_a_five_node_graph_by_hand():
     # γ = 0.5, s0 = (1, 0, 0, 0, 0); s^{h+1}(v) = max(0, max_{u→v} γ s^h(u) + R(u, v)):
     # s1 = (0, 0.5+0.5, 0.5+0.2, max(0+0.4, 0+0.9), max(0+0.1, 0+0.3)) = (0, 1.0, 0.7, 0.9, 0.3)
     # s2 = (0, 0+0.5, 0+0.2, max(0.5·1.0+0.4, 0.5·0.7+0.9), max(0.5·0.7+0.1, 0.5·1.0+0.3))
     #    = (0, 0.5, 0.2, 1.25, 0.8);  score = s1 + s2
-    want = torch.tensor([0.0, 1.5, 0.9, 2.15, 1.1], dtype=torch.float64)
-    src = torch.tensor([[u for u, _ in EDGES] + [0]])  # one padding edge into the sink (dst = N)
-    dst = torch.tensor([[v for _, v in EDGES] + [5]])
-    r = torch.tensor([R + [0.99]], dtype=torch.float64)[:, None, :]  # (B=1, T=1, E)
-    s0 = torch.tensor([[1.0, 0, 0, 0, 0]], dtype=torch.float64)
-    got = propagate(r, src, dst, s0, gamma=0.5, hops=2)[0, 0]
+    want = torch.tensor([0.0, 1.5, 0.9, 2.15, 1.1, 0.0], dtype=torch.float64)  # the sink stays 0
+    src, _, r = _slots(EDGES, R, n=5, k=3)  # 3 slots: one more than the largest in-degree
+    s0 = torch.tensor([[1.0, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    got = propagate(r, src, s0, gamma=0.5, hops=2)[0, 0]
     assert torch.allclose(got, want, atol=1e-12, rtol=0)
     # one hop: s1 only
-    assert torch.allclose(propagate(r, src, dst, s0, gamma=0.5, hops=1)[0, 0],
-                          torch.tensor([0.0, 1.0, 0.7, 0.9, 0.3], dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.allclose(propagate(r, src, s0, gamma=0.5, hops=1)[0, 0],
+                          torch.tensor([0.0, 1.0, 0.7, 0.9, 0.3, 0.0], dtype=torch.float64), atol=1e-12, rtol=0)
 
 
-def test_decomposed_triple_scores_and_winner_gradients_match_the_direct_forms():
+def test_decomposed_triple_scores_and_their_gradients_match_the_direct_forms():
     torch.manual_seed(0)
-    b, t, n, d, n_rel = 2, 3, 5, 4, 2
+    b, t, n, g, d, n_rel = 2, 3, 5, 7, 4, 2
     query = torch.randn(b, t, 3 * d, dtype=torch.float64, requires_grad=True)
-    node_h, rel_h = torch.randn(b, n, d, dtype=torch.float64), torch.randn(n_rel, d, dtype=torch.float64)
-    src = torch.tensor([[u for u, _ in EDGES]] * b)
-    dst = torch.tensor([[v for _, v in EDGES]] * b)
-    rel = torch.tensor([[0, 1, 0, 1, 0, 1]] * b)
-    got = triple_scores(query, node_h, rel_h, src, rel, dst)
-    trip = torch.cat([node_h[0][src[0]], rel_h[rel[0]], node_h[0][dst[0]]], -1)  # (E, 3d) [h_u; h_r; h_v]
-    direct = torch.sigmoid(query[0] @ trip.T)  # (T, E): [h_u; h_r; h_v]ᵀ (W s_t)
-    assert torch.allclose(got[0], direct, atol=1e-12)
-    s0 = torch.zeros(b, n, dtype=torch.float64)
+    graph_h, rel_h = torch.randn(g, d, dtype=torch.float64), torch.randn(n_rel, d, dtype=torch.float64)
+    node_ids = torch.stack([torch.randperm(g)[: n + 1] for _ in range(b)])  # subgraphs + sink, graph ids
+    rels = [0, 1, 0, 1, 0, 1]
+    src, in_rel, _ = _slots(EDGES, [0.0] * len(EDGES), n, 2, rels)
+    src, in_rel = src.expand(b, -1, -1), in_rel.expand(b, -1, -1)
+    got = triple_scores(query, graph_h, rel_h, node_ids, pair_index(node_ids, src, in_rel, n_rel))  # (B, T, K, N+1)
+    assert bool((got[:, :, in_rel[0] < 0] == 0).all())  # empty slots: σ(−∞) = 0
+    s0 = torch.zeros(b, n + 1, dtype=torch.float64)
     s0[:, 0] = 1
-    ref = propagate(got, src, dst, s0, gamma=0.5, hops=2)
-    fast = propagate_by_winners(node_logits(query, node_h, rel_h), src, rel, dst, s0, gamma=0.5, hops=2)
+    fast = propagate(got, src, s0, gamma=0.5, hops=2)[..., :n]
+    # the direct form, edge by edge: R = σ([h_u; h_r; h_v]ᵀ (W s_t)), s^{h+1}(v) = max over in-edges
+    ref_rows = []
+    for i in range(b):
+        node_h = graph_h[node_ids[i]]  # (N, d)
+        trip = torch.cat([node_h[[u for u, _ in EDGES]], rel_h[rels], node_h[[v for _, v in EDGES]]], -1)
+        direct = torch.sigmoid(query[i] @ trip.T)  # (T, E)
+        for j, (u, v) in enumerate(EDGES):
+            slot = [e for e in EDGES if e[1] == v].index((u, v))
+            assert torch.allclose(got[i, :, slot, v], direct[:, j], atol=1e-12)
+        s, total = s0[i, :n].expand(t, n), 0
+        for _ in range(2):
+            s = torch.stack([torch.stack([0.5 * s[:, u] + direct[:, j] for j, (u, w) in enumerate(EDGES) if w == v]
+                                         ).amax(0).clamp_min(0) if any(w == v for _, w in EDGES)
+                             else torch.zeros(t, dtype=torch.float64) for v in range(n)], -1)
+            total = total + s
+        ref_rows.append(total)
+    ref = torch.stack(ref_rows)
     assert torch.allclose(fast, ref, atol=1e-12)
-    g_ref, = torch.autograd.grad(ref.sum(), query)
+    g_ref, = torch.autograd.grad(ref.sum(), query, retain_graph=True)
     g_fast, = torch.autograd.grad(fast.sum(), query)
     assert torch.allclose(g_fast, g_ref, atol=1e-10)  # random scores: no ties
 
 
+def test_grounder_keeps_the_strongest_in_edges_and_caps_the_total():
+    # node 0 grounded; 1, 2, 3 at hop 1; 4 at hop 2 with in-edges from 1 (w 1), 2 (w 5), 3 (w 3)
+    edges = {(0, 1, "precedes"): 9, (0, 2, "precedes"): 8, (0, 3, "precedes"): 7,
+             (1, 4, "precedes"): 1, (2, 4, "precedes"): 5, (3, 4, "co_occurs"): 3}
+    _, graph, v = _tiny_grf(edges)
+    name, n = dict(enumerate(graph.names)), _names()  # n: the names the edge keys index
+    prompt = [int(graph.tokens[graph.node_ids([n[0]])[0]])]
+
+    def kept(**caps):
+        sub = Grounder(graph, v, hops=2, max_per_hop=10, **caps)(prompt)
+        return [(name[int(sub.nodes[a])], name[int(sub.nodes[b])]) for a, b in zip(sub.src, sub.dst)]
+
+    into4 = [(n[2], n[4]), (n[3], n[4]), (n[1], n[4])]  # heaviest first
+    hop1 = {(n[0], n[1]), (n[0], n[2]), (n[0], n[3])}
+    assert set(kept()[:3]) == hop1 and kept()[3:] == into4  # hop 1's nodes first (local order)
+    assert kept(max_in_edges=2)[3:] == into4[:2]
+    assert set(kept(max_in_edges=1, max_triples=3)) == hop1  # the cap takes the earlier hop's edges first
+
+
+def test_first_of_runs_marks_the_head_of_each_run():
+    assert first_of_runs(np.array([3, 3, 3, 1, 1, 2]), 2).tolist() == [True, True, False, True, True, True]
+
+
+def _names() -> list[str]:
+    """The six node names of :func:`_tiny_grf`'s graph (its edge keys index this list)."""
+    return [tiny_setup()[0].vocab[i] for i in range(2, 8)]
+
+
 def _tiny_grf(edges: dict, *, grounded="exclude", seed=0):
-    language, tok, lm = tiny_setup()
+    _, tok, lm = tiny_setup()
     v = len(tok)
-    names = [language.vocab[i] for i in range(2, 8)]
+    names = _names()
     graph = build_graph(names, [10] * 6, list(range(2, 8)), edges)
     return GRF(lm.eval(), graph, gamma=0.5, hops=2, grounded=grounded, seed=seed), graph, v
 
@@ -135,8 +189,10 @@ def test_concept_distribution_maps_nodes_to_their_tokens():
     scores = torch.tensor([[[0.0, math.log(3.0), 5.0]]])  # node 2 cannot take mass
     can = torch.tensor([[True, True, False]])
     tok = torch.tensor([[4, 1, 2]])
-    p = concept_logprobs(scores, can, tok, 6).exp()[0, 0]
+    p = concept_logprobs(scores, concept_support(can, tok, 6), 6).exp()[0, 0]
     assert torch.allclose(p, torch.tensor([0.0, 0.75, 0.0, 0.0, 0.25, 0.0]))
+    none = concept_logprobs(scores, concept_support(can & False, tok, 6), 6)  # no node can: −inf everywhere
+    assert bool(torch.isneginf(none).all())
 
 
 def test_training_step_moves_every_graph_parameter_and_sampling_runs():
@@ -161,6 +217,9 @@ def test_grounder_expands_hops_and_keeps_forward_edges():
     tok_of = dict(zip(graph.names, graph.tokens))
     sub = Grounder(graph, v, hops=2, max_per_hop=10)([graph.tokens[graph.node_ids([graph.names[0]])[0]]])
     assert len(sub.nodes) >= 1 and (sub.hop[sub.src] < sub.hop[sub.dst]).all()  # no backward edge
+    gb = graph_batch([sub], graph.tokens)  # the slots hold exactly the subgraph's edges
+    held = {(int(gb.in_src[0, k, v]), int(gb.in_rel[0, k, v]), v) for k, v in zip(*np.nonzero(gb.in_rel[0].numpy() >= 0))}
+    assert held == set(zip(sub.src.tolist(), sub.rel.tolist(), sub.dst.tolist())) and len(held) == len(sub.src)
     assert tok_of  # graph tokens are the language's ids
 
 

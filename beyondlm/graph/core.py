@@ -215,9 +215,11 @@ def neighbours(graph: ConceptGraph, nodes: Sequence[int], hops: int, cap: int,
     out = [frontier]
     for _ in range(hops):
         rows = csr_rows(indptr, frontier)
-        rows = rows[allowed[graph.rel[rows]] & ~seen[graph.dst[rows]]]
-        score = np.bincount(graph.dst[rows], weights=graph.weight[rows], minlength=graph.n_nodes)
-        cand = np.unique(graph.dst[rows])
+        keep = ~seen[graph.dst[rows]]
+        rows = rows[keep & allowed[graph.rel[rows]] if relations is not None else keep]
+        dst = graph.dst[rows]
+        score = np.bincount(dst, weights=graph.weight[rows], minlength=graph.n_nodes)
+        cand = np.flatnonzero(np.bincount(dst, minlength=graph.n_nodes))  # the distinct ones, ascending
         cand = cand[np.lexsort((cand, -score[cand]))][:cap]
         frontier = np.sort(cand)
         seen[frontier] = True

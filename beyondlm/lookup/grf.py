@@ -8,7 +8,9 @@ graph grounded in the prompt x (shared/METHODS.md, "Look-up models"):
    ``hops`` hops with ≤ ``max_per_hop`` new nodes a hop (``beyondlm.graph.neighbours``). The
    subgraph's edges are the *forward* ones, (u, r, v) with hop(u) < hop(v): the edges the
    expansion walked, as multigen's ``find_neighbours_frequency`` keeps them (triples from a hop's
-   frontier to nodes not seen before).
+   frontier to nodes not seen before), then, as multigen's ``filter_directed_triple`` and data
+   loader prune them, ≤ ``max_in_edges`` per node (multigen: 5; here the strongest by the edge's
+   weight, multigen's are the first found) and ≤ ``max_triples`` in all (multigen: 800).
 2. Encoding (:class:`CompGCN`, multigen's ``comp_gcn``): node embeddings start from the LM's token
    embeddings (a trainable copy; random for nodes without a token), relations from a table; each
    layer h_v ← ReLU(W_s h_v + W_n mean_{(u,r,v) or (v,r,u)} (h_u − h_r)), h_r ← W_r h_r
@@ -35,8 +37,9 @@ graph grounded in the prompt x (shared/METHODS.md, "Look-up models"):
    produce). multigen adds a triple-classification loss (β) from path supervision: not used.
 
 Scored positions: only the continuation after the prompt (the grounding needs the whole prompt).
-Shapes: B rows, T scored positions, N subgraph nodes (+1 sink for padding), E subgraph edges,
-V vocabulary, d hidden size.
+Layout: each node's in-edges are K slots (B, K, N), K = the batch's largest in-degree (≤
+``max_in_edges``), so a hop is one gather and a max over K rows of N, autograd included.
+Shapes: B rows, T scored positions, N subgraph nodes, K in-edge slots, V vocabulary, d hidden size.
 """
 
 from __future__ import annotations
@@ -61,93 +64,86 @@ GATE_BIAS0 = -2.0
 
 
 # ----------------------------------------------------------------------------- pure functions
-def propagate(triple_score: Tensor, src: Tensor, dst: Tensor, s0: Tensor, *, gamma: float, hops: int) -> Tensor:
-    """Node scores Σ_{h=1..H} s^h (B, T, N) of the max-propagation (module docstring, 4.).
+def _slots(values: Tensor, idx: Tensor) -> Tensor:
+    """values (B, T, M) gathered at idx (B, K, N) → (B, T, K, N)."""
+    b, t, _ = values.shape
+    k, n = idx.shape[1], idx.shape[2]
+    return values.gather(2, idx.reshape(b, 1, k * n).expand(b, t, k * n)).view(b, t, k, n)
 
-    triple_score (B, T, E) R_t per edge; src, dst (B, E) local node ids, dst = N for padding
-    edges (a sink column dropped at the end); s0 (B, N) initial scores (1 grounded, 0 else)."""
-    b, t, _ = triple_score.shape
-    n = s0.shape[1]
-    src_i = src[:, None, :].expand(b, t, -1)  # (B, T, E)
-    dst_i = dst[:, None, :].expand(b, t, -1)
-    s = s0[:, None, :].expand(b, t, n).to(triple_score.dtype)  # (B, T, N)
-    total = torch.zeros_like(s)
-    for _ in range(hops):
-        update = gamma * s.gather(2, src_i) + triple_score  # (B, T, E)
-        floor = triple_score.new_zeros(b, t, n + 1)  # s = 0 for nodes without in-edges; column N: sink
-        s = floor.scatter_reduce(2, dst_i, update, reduce="amax", include_self=True)[..., :n]
+
+def propagate(triple_score: Tensor, in_src: Tensor, s0: Tensor, *, gamma: float, hops: int,
+              start: Tensor | None = None) -> Tensor:
+    """Node scores Σ_{h=1..H} s^h (B, T, N) of the max-propagation (module docstring, 4.), over
+    each node's in-edge slots: triple_score (B, T, K, N) R_t of slot k of node v, in_src (B, K, N)
+    its source node; s0 (B, N) initial scores; ``start`` (B, 1, K, N) γ·s^0 at the slots when
+    the caller keeps it (constant over a batch's steps; computed here when None). An empty slot
+    must carry R = 0 and point at a node whose score stays 0 (no in-edges, s0 = 0:
+    :func:`graph_batch`'s sink column): every real update γ·s(u) + R is ≥ 0, so it never beats
+    the floor 0, and a node without in-edges scores 0. Autograd goes through the max (to the
+    winning slot)."""
+    if start is None:
+        start = gamma * _slots(s0[:, None, :].to(triple_score.dtype), in_src)
+    s = (triple_score + start).amax(2)  # (B, T, N): max over K rows of N
+    total = s
+    for _ in range(hops - 1):
+        s = torch.add(triple_score, _slots(s, in_src), alpha=gamma).amax(2)
         total = total + s
     return total
 
 
-def node_logits(query: Tensor, node_h: Tensor, rel_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def node_logits(query: Tensor, graph_h: Tensor, rel_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The three parts of the triple logit [h_u; h_r; h_v]ᵀ W s_t: from query = W s_t (B, T, 3d)
-    split in (q_u, q_r, q_v), q_u·h_n and q_v·h_n per node (B, T, N) and q_r·h_r per relation
-    (B, T, R); node_h (B, N, d), rel_h (R, d). Each dot is taken once per node or relation."""
+    split in (q_u, q_r, q_v), q_u·h_n and q_v·h_n for every graph node (B, T, G) and q_r·h_r per
+    relation (B, T, R); graph_h (G, d) the encoded graph, rel_h (R, d). One product against the
+    whole (small) graph instead of one per row against its subgraph's copies: the graph's states
+    stay in cache, and each dot is taken once per node or relation."""
     q_u, q_r, q_v = query.chunk(3, dim=-1)  # (B, T, d) each
-    return (torch.einsum("btd,bnd->btn", q_u, node_h), q_r @ rel_h.T, torch.einsum("btd,bnd->btn", q_v, node_h))
+    t = query.shape[1]
+    a_uv = torch.cat([q_u, q_v], 1) @ graph_h.T  # (B, 2T, G)
+    return a_uv[:, :t], q_r @ rel_h.T, a_uv[:, t:]
 
 
-def _edges(idx: Tensor, t: int) -> Tensor:
-    """(B, E) edge indices → (B, T, E), for gathers along the last dim."""
-    return idx[:, None, :].expand(idx.shape[0], t, idx.shape[1])
+def pair_index(node_ids: Tensor, in_src: Tensor, in_rel: Tensor, n_rel: int) -> Tensor:
+    """(B, K, N) each slot's (graph node of u, relation r) as one index u·(R+1) + r into the
+    (G·(R+1)) table of :func:`triple_scores`; an empty slot (in_rel −1) gets the padding relation
+    R, whose logit is −∞. node_ids (B, N) the subgraph's graph ids, in_src/in_rel (B, K, N)."""
+    b, k, n = in_src.shape
+    rel = torch.where(in_rel < 0, n_rel, in_rel)
+    return node_ids.gather(1, in_src.reshape(b, k * n)).view(b, k, n) * (n_rel + 1) + rel
 
 
-def triple_scores(query: Tensor, node_h: Tensor, rel_h: Tensor, src: Tensor, rel: Tensor, dst: Tensor) -> Tensor:
-    """R_t(u,r,v) = σ([h_u; h_r; h_v]ᵀ W s_t) (B, T, E), decomposed (:func:`node_logits`): the
-    per-node and per-relation dots gathered per edge, O(B·T·(N+R)·d + B·T·E), no per-edge
-    concatenation. src/rel/dst (B, E); dst may be N (padding: scored against node N−1, dropped
-    by :func:`propagate`)."""
-    a_u, a_r, a_v = node_logits(query, node_h, rel_h)
-    t, n = query.shape[1], node_h.shape[1]
-    return torch.sigmoid(a_u.gather(2, _edges(src, t)) + a_r.gather(2, _edges(rel, t))
-                         + a_v.gather(2, _edges(dst.clamp(max=n - 1), t)))
+def triple_scores(query: Tensor, graph_h: Tensor, rel_h: Tensor, node_ids: Tensor, pairs: Tensor) -> Tensor:
+    """R_t(u,r,v) = σ([h_u; h_r; h_v]ᵀ W s_t) (B, T, K, N) of every in-edge slot (u, r) of every
+    subgraph node v (``pairs``: :func:`pair_index`, 0 in empty slots; node_ids (B, N) the nodes'
+    graph ids), decomposed (:func:`node_logits`): the per-node and per-relation dots, summed per
+    (u, r) pair (B, T, G·(R+1)) and gathered once per slot, O(B·T·((G+R)·d + G·R + K·N)), no
+    per-edge concatenation."""
+    a_u, a_r, a_v = node_logits(query, graph_h, rel_h)
+    b, t, _ = a_u.shape
+    a_r = torch.cat([a_r, a_r.new_full((b, t, 1), -math.inf)], -1)  # the padding relation: σ = 0
+    pair = (a_u[..., None] + a_r[:, :, None, :]).reshape(b, t, -1)  # (B, T, G·(R+1)): u·(R+1) + r
+    a_v = a_v.gather(2, node_ids[:, None, :].expand(b, t, -1))  # (B, T, N)
+    return torch.sigmoid(_slots(pair, pairs) + a_v[:, :, None, :])
 
 
-def propagate_by_winners(parts: tuple[Tensor, Tensor, Tensor], src: Tensor, rel: Tensor, dst: Tensor, s0: Tensor,
-                         *, gamma: float, hops: int) -> Tensor:
-    """:func:`propagate` of the triple scores of ``parts`` (:func:`node_logits`), the same values,
-    with gradients that cost O(B·T·N) instead of O(B·T·E): the max over in-edges is found
-    without autograd (scatter_reduce amax), then each node's score is recomputed along its
-    winning edge, s^{h+1}(v) = γ·s^h(u*) + σ(a_u(u*) + a_r(r*) + a_v(v)). The gradient is amax's
-    subgradient through one winner (ties: the highest edge index) instead of split evenly."""
-    a_u, a_r, a_v = parts
-    b, t, n = a_u.shape
-    e_src, e_rel, e_dst = _edges(src, t), _edges(rel, t), _edges(dst, t)
-    wins = []
-    with torch.no_grad():
-        r = torch.sigmoid(a_u.gather(2, e_src) + a_r.gather(2, e_rel) + a_v.gather(2, _edges(dst.clamp(max=n - 1), t)))
-        s = s0[:, None, :].expand(b, t, n).to(r.dtype)
-        edge_id = torch.arange(src.shape[1], device=src.device).expand(b, t, -1)  # (B, T, E)
-        for _ in range(hops):
-            update = gamma * s.gather(2, e_src) + r  # (B, T, E), > 0
-            best = r.new_zeros(b, t, n + 1).scatter_reduce(2, e_dst, update, reduce="amax", include_self=True)
-            mine = torch.where(update == best.gather(2, e_dst), edge_id, -1)
-            wins.append(edge_id.new_full((b, t, n + 1), -1).scatter_reduce(2, e_dst, mine, reduce="amax",
-                                                                           include_self=True)[..., :n])
-            s = best[..., :n]
-    s = s0[:, None, :].expand(b, t, n).to(a_u.dtype)
-    total = torch.zeros_like(s)
-    for win in wins:  # (B, T, N) winning edge per node, −1: no in-edge
-        w = win.clamp(min=0)
-        u, r_id = e_src.gather(2, w), e_rel.gather(2, w)  # (B, T, N)
-        value = gamma * s.gather(2, u) + torch.sigmoid(a_u.gather(2, u) + a_r.gather(2, r_id) + a_v)
-        s = torch.where(win >= 0, value, 0.0)
-        total = total + s
-    return total
+def concept_support(can_take: Tensor, node_tok: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """What :func:`concept_logprobs` needs of a batch, computed once: an additive mask (B, N)
+    (0 on nodes that ``can_take`` mass, −inf elsewhere; all 0 in a row where none can, so its
+    softmax stays finite) and each node's vocabulary column (B, N) (``node_tok``; the sink
+    column V for nodes that cannot take mass, dropped)."""
+    has = can_take.any(1, keepdim=True)  # (B, 1)
+    bias = torch.where(can_take | ~has, 0.0, -math.inf)
+    return bias, torch.where(can_take, node_tok, vocab_size)
 
 
-def concept_logprobs(scores: Tensor, can_take: Tensor, node_tok: Tensor, vocab_size: int) -> Tensor:
+def concept_logprobs(scores: Tensor, support: tuple[Tensor, Tensor], vocab_size: int) -> Tensor:
     """log P_c over the vocabulary (B, T, V): log-softmax of node scores (B, T, N) over the nodes
-    ``can_take`` (B, N), scattered to their tokens ``node_tok`` (B, N); −inf elsewhere and in
-    rows where no node can take mass."""
+    that can take mass, scattered to their tokens; −inf elsewhere and in rows where no node can
+    (all their nodes go to the sink column). ``support``: :func:`concept_support` of the batch."""
+    bias, col = support
     b, t, n = scores.shape
-    has = can_take.any(1)  # (B,)
-    masked = torch.where(can_take[:, None, :], scores, -math.inf)
-    masked = torch.where(has[:, None, None], masked, 0.0)  # an empty row: finite, discarded below
-    logp = torch.where(can_take[:, None, :], masked.log_softmax(-1), -math.inf)  # (B, T, N)
-    col = torch.where(can_take, node_tok, vocab_size)[:, None, :].expand(b, t, n)  # sink column V
-    out = logp.new_full((b, t, vocab_size + 1), -math.inf).scatter(2, col, logp)
+    logp = (scores + bias[:, None, :]).log_softmax(-1)  # (B, T, N)
+    out = logp.new_full((b, t, vocab_size + 1), -math.inf).scatter(2, col[:, None, :].expand(b, t, n), logp)
     return out[..., :vocab_size]
 
 
@@ -173,7 +169,8 @@ def grf_loss(mix_logp_y: Tensor, gate_logit: Tensor, in_graph: Tensor, mask: Ten
 @dataclass(frozen=True)
 class Subgraph:
     """One prompt's subgraph: ``nodes`` (n,) global ids with ``hop`` (n,); forward edges as local
-    indices ``src``, ``dst`` (e,) and relation ids ``rel`` (e,)."""
+    indices ``src``, ``dst`` (e,) and relation ids ``rel`` (e,), grouped by ``dst`` (ascending),
+    the strongest (largest weight) first within a group."""
 
     nodes: np.ndarray
     hop: np.ndarray
@@ -182,15 +179,31 @@ class Subgraph:
     rel: np.ndarray
 
 
-class Grounder:
-    """Prompt tokens → :class:`Subgraph` (cached per set of grounded nodes)."""
+def first_of_runs(keys: np.ndarray, k: int) -> np.ndarray:
+    """Mask (len(keys),) of the first ``k`` entries of every run of equal consecutive ``keys``."""
+    if not len(keys):
+        return np.zeros(0, dtype=bool)
+    first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])  # where each run starts
+    rank = np.arange(len(keys)) - np.repeat(first, np.diff(np.r_[first, len(keys)]))
+    return rank < k
 
-    def __init__(self, graph: ConceptGraph, vocab_size: int, *, hops: int, max_per_hop: int):
+
+class Grounder:
+    """Prompt tokens → :class:`Subgraph` (cached per set of grounded nodes): ``hops`` hops of ≤
+    ``max_per_hop`` new nodes, then the forward edges, ≤ ``max_in_edges`` per node (the strongest:
+    the largest edge weight) and ≤ ``max_triples`` in all (multigen keeps ≤ 5 and ≤ 800; 0 = all)."""
+
+    def __init__(self, graph: ConceptGraph, vocab_size: int, *, hops: int, max_per_hop: int,
+                 max_in_edges: int = 0, max_triples: int = 0):
         self.graph, self.hops, self.cap = graph, hops, max_per_hop
+        self.max_in_edges, self.max_triples = max_in_edges, max_triples
         self.token_node = np.full(max(vocab_size, int(graph.tokens.max(initial=-1)) + 1), -1, dtype=np.int64)
         has = np.flatnonzero(graph.tokens >= 0)
         self.token_node[graph.tokens[has][::-1]] = has[::-1]  # a token shared by nodes: the first node
-        self.indptr = graph.out_slice()
+        # every node's in-edges, the strongest first (weight descending, then source id): CSR by dst
+        order = np.lexsort((graph.src, -graph.weight, graph.dst))
+        self.in_src, self.in_dst, self.in_rel = graph.src[order], graph.dst[order], graph.rel[order]
+        self.in_indptr = np.searchsorted(self.in_dst, np.arange(graph.n_nodes + 1), side="left")
         self._cached = functools.lru_cache(maxsize=65536)(self._subgraph)
 
     def __call__(self, prompt: Sequence[int]) -> Subgraph:
@@ -204,27 +217,32 @@ class Grounder:
         per_hop = neighbours(g, list(grounded), self.hops, self.cap) if grounded else [np.zeros(0, np.int64)]
         nodes = np.concatenate(per_hop)
         hop = np.concatenate([np.full(len(h), i, dtype=np.int64) for i, h in enumerate(per_hop)])
-        local = np.full(g.n_nodes, -1, dtype=np.int64)
-        local[nodes] = np.arange(len(nodes))
-        rows = csr_rows(self.indptr, nodes)
-        rows = rows[local[g.dst[rows]] >= 0]
-        s, d = local[g.src[rows]], local[g.dst[rows]]
-        fwd = hop[s] < hop[d]
-        return Subgraph(nodes, hop, s[fwd], d[fwd], g.rel[rows][fwd])
+        local, hop_of = np.full(g.n_nodes, -1, dtype=np.int64), np.full(g.n_nodes, -1, dtype=np.int64)
+        local[nodes], hop_of[nodes] = np.arange(len(nodes)), hop
+        # in-edges of the subgraph's nodes in local order, the strongest first; keep forward ones
+        rows = csr_rows(self.in_indptr, nodes[hop > 0])  # hop-0 nodes take no forward edge
+        src_hop = hop_of[self.in_src[rows]]
+        rows = rows[(src_hop >= 0) & (src_hop < np.repeat(hop[hop > 0], np.diff(self.in_indptr)[nodes[hop > 0]]))]
+        if self.max_in_edges:
+            rows = rows[first_of_runs(self.in_dst[rows], self.max_in_edges)]
+        if self.max_triples:
+            rows = rows[: self.max_triples]  # the first nodes' (the earlier hops') edges first
+        return Subgraph(nodes, hop, local[self.in_src[rows]], local[self.in_dst[rows]], self.in_rel[rows])
 
 
 @dataclass
 class GraphBatch:
     """Padded subgraphs of B rows: node_ids/node_tok/node_hop/node_mask (B, N) (padding: id 0,
-    token −1, hop −1, False); src/dst/rel (B, E) (padding: dst = N, the sink)."""
+    token −1, hop −1, False; the last column is always padding, the sink of empty slots); each
+    node's in-edges as K slots in_src/in_rel (B, K, N) (source node, relation; an empty slot: the
+    sink and relation −1; K = the batch's largest in-degree)."""
 
     node_ids: Tensor
     node_tok: Tensor
     node_hop: Tensor
     node_mask: Tensor
-    src: Tensor
-    dst: Tensor
-    rel: Tensor
+    in_src: Tensor
+    in_rel: Tensor
 
     def to(self, device) -> "GraphBatch":
         return GraphBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
@@ -232,17 +250,19 @@ class GraphBatch:
 
 def graph_batch(subgraphs: Sequence[Subgraph], node_tokens: np.ndarray) -> GraphBatch:
     """Pad ``subgraphs`` into one :class:`GraphBatch`; ``node_tokens`` (graph nodes,) token ids."""
-    n = max(1, max(len(s.nodes) for s in subgraphs))
-    e = max(1, max(len(s.src) for s in subgraphs))
+    n = max(len(s.nodes) for s in subgraphs) + 1  # + the sink
+    k = max([1, *(int(np.bincount(s.dst).max()) for s in subgraphs if len(s.dst))])
     b = len(subgraphs)
     ids, tok, hop = np.zeros((b, n), np.int64), np.full((b, n), -1, np.int64), np.full((b, n), -1, np.int64)
-    src, dst, rel = np.zeros((b, e), np.int64), np.full((b, e), n, np.int64), np.zeros((b, e), np.int64)
+    src, rel = np.full((b, k, n), n - 1, np.int64), np.full((b, k, n), -1, np.int64)
     for i, s in enumerate(subgraphs):
-        k, m = len(s.nodes), len(s.src)
-        ids[i, :k], tok[i, :k], hop[i, :k] = s.nodes, node_tokens[s.nodes], s.hop
-        src[i, :m], dst[i, :m], rel[i, :m] = s.src, s.dst, s.rel
+        ids[i, : len(s.nodes)], tok[i, : len(s.nodes)], hop[i, : len(s.nodes)] = s.nodes, node_tokens[s.nodes], s.hop
+        order = np.argsort(s.dst, kind="stable")  # slot = rank among the node's in-edges
+        d = s.dst[order]
+        slot = np.arange(len(d)) - np.searchsorted(d, d, side="left")
+        src[i, slot, d], rel[i, slot, d] = s.src[order], s.rel[order]
     t = torch.from_numpy
-    return GraphBatch(t(ids), t(tok), t(hop), t(hop >= 0), t(src), t(dst), t(rel))
+    return GraphBatch(t(ids), t(tok), t(hop), t(hop >= 0), t(src), t(rel))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -315,8 +335,8 @@ class GRF(torch.nn.Module):
 
     def context(self, gb: GraphBatch) -> dict:
         """What every step of a batch shares (computed once per batch, not per step): the
-        encoded graph gathered to each row's nodes (B, N, d), relation states, s^0 (B, N), the
-        nodes P_c may put mass on (B, N) and whether a row has any (B,). In eval mode without
+        encoded graph (G, d), relation states, each slot's (u, r) index (:func:`pair_index`), s^0
+        (B, N) and γ·s^0 at the slots, the nodes P_c may put mass on (B, N), whether a row has any (B,) and P_c's support. In eval mode without
         gradients the graph's encoding is computed once and kept until ``train()``."""
         if self.training or torch.is_grad_enabled():
             node_all, rel_h = self.encode()
@@ -325,24 +345,23 @@ class GRF(torch.nn.Module):
                 self._encoded = self.encode()
             node_all, rel_h = self._encoded
         can = self.can_take(gb)
-        return {"gb": gb, "node_h": node_all[gb.node_ids], "rel_h": rel_h, "s0": (gb.node_hop == 0).float(),
-                "can": can, "has": can.any(1)}
+        s0 = (gb.node_hop == 0).float()
+        return {"gb": gb, "graph_h": node_all, "rel_h": rel_h, "s0": s0,
+                "start": self.gamma * _slots(s0[:, None, :], gb.in_src),
+                "pairs": pair_index(gb.node_ids, gb.in_src, gb.in_rel, rel_h.shape[0]),
+                "can": can, "has": can.any(1), "support": concept_support(can, gb.node_tok, self.config.vocab_size)}
 
     def head(self, hidden: Tensor, logits: Tensor, ctx: dict) -> dict[str, Tensor]:
         """Per position: ``lm`` log P_LM (B, T, V), ``concept`` log P_c (B, T, V), ``gate`` logit z
         (B, T) (−∞ where the row has no concept), ``mix`` log P (B, T, V). hidden (B, T, d);
         ``ctx``: :meth:`context` of the batch."""
         gb, query = ctx["gb"], self.triple(hidden)  # (B, T, 3d)
-        if torch.is_grad_enabled():  # training: gradients through the winning edges only
-            parts = node_logits(query, ctx["node_h"], ctx["rel_h"])
-            scores = propagate_by_winners(parts, gb.src, gb.rel, gb.dst, ctx["s0"], gamma=self.gamma, hops=self.hops)
-        else:
-            r = triple_scores(query, ctx["node_h"], ctx["rel_h"], gb.src, gb.rel, gb.dst)  # (B, T, E)
-            scores = propagate(r, gb.src, gb.dst, ctx["s0"], gamma=self.gamma, hops=self.hops)
+        r = triple_scores(query, ctx["graph_h"], ctx["rel_h"], gb.node_ids, ctx["pairs"])  # (B, T, K, N)
+        scores = propagate(r, gb.in_src, ctx["s0"], gamma=self.gamma, hops=self.hops, start=ctx["start"])
         if self.log_scale is not None:
             scores = scores * self.log_scale.exp()
         lm = logits.float().log_softmax(-1)
-        concept = concept_logprobs(scores, ctx["can"], gb.node_tok, lm.shape[-1])
+        concept = concept_logprobs(scores, ctx["support"], lm.shape[-1])
         z = self.gate(hidden).squeeze(-1).float()
         z = torch.where(ctx["has"][:, None], z, -math.inf)
         return {"lm": lm, "concept": concept, "gate": z, "mix": mixture_logprobs(lm, concept, z)}

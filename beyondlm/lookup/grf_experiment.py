@@ -48,6 +48,8 @@ class GRFConfig:
     gamma: float = 0.5  # γ: decay of a node's score along a path (paper: 0.5)
     hops: int = 2  # H: hops of expansion and of propagation (paper: 2)
     max_per_hop: int = 100  # new nodes per hop (paper: 100)
+    max_in_edges: int = 5  # in-edges kept per node, the strongest (multigen: 5; 0 = all)
+    max_triples: int = 800  # edges kept per subgraph (multigen: 800; 0 = all)
     gnn_layers: int = 2  # CompGCN layers
     grounded: str = "exclude"  # hop-0 nodes in P_c: exclude (multigen) | keep
     alpha: float = 0.1  # weight of the gate BCE (multigen: 1)
@@ -66,6 +68,8 @@ class GRFConfig:
         check_param("grf.gamma", 0.0 <= self.gamma <= 1.0, self.gamma, "must be in [0, 1] (paper: 0.5)")
         check_range("grf.hops", self.hops, 1, 8)
         check_range("grf.max_per_hop", self.max_per_hop, 1, 10**6)
+        check_range("grf.max_in_edges", self.max_in_edges, 0, 10**6)
+        check_range("grf.max_triples", self.max_triples, 0, 10**9)
         check_range("grf.gnn_layers", self.gnn_layers, 0, 8)
         check_choice("grf.grounded", self.grounded, GROUNDED)
         check_param("grf.alpha", self.alpha >= 0, self.alpha, "must be >= 0 (0 = no gate loss)")
@@ -205,6 +209,12 @@ def sample_stats(model: GRF, prompts: list[list[int]], collate, *, graph: bool, 
 
 
 # ----------------------------------------------------------------------------- the run
+def grounder_for(cfg: GRFConfig, graph: ConceptGraph, vocab_size: int) -> Grounder:
+    """The section's grounding: ``hops`` hops of ≤ ``max_per_hop`` nodes, pruned edges."""
+    return Grounder(graph, vocab_size, hops=cfg.hops, max_per_hop=cfg.max_per_hop,
+                    max_in_edges=cfg.max_in_edges, max_triples=cfg.max_triples)
+
+
 def build(cfg: GRFConfig, lm, graph: ConceptGraph, seed: int) -> GRF:
     return GRF(lm, graph, gamma=cfg.gamma, hops=cfg.hops, gnn_layers=cfg.gnn_layers, grounded=cfg.grounded,
                learn_scale=cfg.learn_scale, seed=seed)
@@ -217,7 +227,7 @@ def run_grf(cfg: GRFConfig, seed: int, *, graph: ConceptGraph, lm, start_lm, spl
     ``splits``: {train, valid, test: [BOS] x id lists}, ``splits["logp_data"]``: test log p_d or None."""
     t0 = time.perf_counter()
     vocab = lm.get_input_embeddings().num_embeddings
-    grounder = Grounder(graph, vocab, hops=cfg.hops, max_per_hop=cfg.max_per_hop)
+    grounder = grounder_for(cfg, graph, vocab)
     collate = collate_fn(grounder, graph.tokens, prompt_len, pad)
     train = with_continuation(splits["train"], prompt_len)[: cfg.max_train or None]
     valid = with_continuation(splits["valid"], prompt_len)[: cfg.max_valid]
