@@ -262,6 +262,16 @@ def test_vq_and_knnlm_sections(tmp_path):
     text = "\n".join(vq_section(tmp_path / "metrics"))
     assert "perplexity 23.1, 11 dead codes" in text and "baseline `models/sft/mle-s0` 3.380" in text
     assert "| prior → decoder | 0.0100 | 0.700 | 0.100 | 12.0 | 0.000 | 0.500 | -2.500 |" in text
+    assert "Codebook collapsed" not in text
+    # one effective code on test: the section says so, and no latent-plan claim stands
+    v = json.loads((tmp_path / "metrics" / "vq.json").read_text())
+    _write(tmp_path / "metrics" / "vq.json", {**v, "codebook": {"perplexity": 1.0, "dead_codes": 63},
+                                              "convergence": {"posterior": _conv(), "prior": _conv()}})
+    _write(tmp_path / "metrics" / "sft/mle-s0.json", {"objective": "mle", "convergence": _conv()})
+    assert "**Codebook collapsed**: test perplexity 1.00" in "\n".join(vq_section(tmp_path / "metrics"))
+    from beyondlm.report import vq as vq_report
+    rows = vq_report.claims(tmp_path / "metrics", Verdicts(collect(tmp_path / "metrics")))
+    assert [c.verdict for c in rows] == ["inconclusive: codebook collapsed; 1 run; no SE"] * 3
     _write(tmp_path / "metrics" / "knnlm.json", {
         "index": {"cfg/kind": "ivfpq", "recall@256": 0.95},
         "valid": {"lm_ppl": 40.0, "best": {"ppl": 33.5, "k": 256, "lambda": 0.25}}})

@@ -3,7 +3,8 @@
 Verdict rule (`verdict`): with the effect measured as (method − baseline) and the claim's sign,
 - supports: effect in the claimed direction and |effect| ≥ 2 SE;
 - contradicts: effect in the opposite direction and |effect| ≥ 2 SE;
-- inconclusive, with every reason that applies: a run involved did not converge, fewer than 3
+- inconclusive, with every reason that applies: a run involved did not converge, the comparison
+  cannot test the claim (``Claim.blocked``: e.g. a latent plan whose codebook collapsed), fewer than 3
   independent units behind the SE (seeds; or one run without an SE of its own), no data or no SE,
   |effect| < 2 SE.
 SE over seeds (`seed_effect`): paired by seed when both arms ran the same seeds (std/√n of the
@@ -23,10 +24,12 @@ from beyondlm.report.common import get, load_runs
 from beyondlm.report.convergence import Verdicts
 
 
-def verdict(effect: float | None, se: float | None, *, claimed_sign: int, n: int, converged: bool) -> str:
+def verdict(effect: float | None, se: float | None, *, claimed_sign: int, n: int, converged: bool,
+            blocked: tuple[str, ...] = ()) -> str:
     """supports / contradicts / "inconclusive: <reasons>" (module docstring); ``n``: independent
-    units behind ``se`` (seeds, or samples when the SE is over samples)."""
-    reasons = [] if converged else ["not converged"]
+    units behind ``se`` (seeds, or samples when the SE is over samples); ``blocked``: reasons the
+    comparison cannot test the claim at all (e.g. "codebook collapsed"), each one inconclusive."""
+    reasons = ([] if converged else ["not converged"]) + list(blocked)
     if effect is None or not math.isfinite(effect):
         return "inconclusive: " + "; ".join(reasons + ["no data"])
     if n < 3:
@@ -89,11 +92,12 @@ class Claim:
     effect: Effect
     claimed_sign: int  # the sign of (method − baseline) the claim predicts
     failing: tuple[str, ...] = ()  # involved runs that did not converge
+    blocked: tuple[str, ...] = ()  # why the comparison cannot test the claim (verdict: inconclusive)
 
     @property
     def verdict(self) -> str:
         return verdict(self.effect.value, self.effect.se, claimed_sign=self.claimed_sign, n=self.effect.n,
-                       converged=not self.failing)
+                       converged=not self.failing, blocked=self.blocked)
 
 
 # ----------------------------------------------------------------------------- SFT objectives
