@@ -29,6 +29,7 @@ from beyondlm.latent import (
     gumbel_tau,
     load_latent,
     mean_code_entropy,
+    mean_slot_entropy,
     nll_bound,
     plan_lengths,
     plan_loss,
@@ -130,6 +131,15 @@ def test_mean_code_entropy_and_gumbel_bonus_by_hand():
     posterior = (-torch.cdist(z, q.codebook.detach()[None]) ** 2).softmax(-1)
     out = q(z, mask)
     assert out.aux_loss.item() == pytest.approx(-0.1 * mean_code_entropy(posterior, mask).item(), rel=1e-5)
+    # mutual information H(q̄) − E H(q): slot entropies (log 2, 0) over the valid slots → mean log 2 / 2
+    assert mean_slot_entropy(probs, mask).item() == pytest.approx(math.log(2) / 2)
+    assert mean_slot_entropy(uniform, torch.ones(2, 3)).item() == pytest.approx(math.log(4))  # I = 0: says nothing
+    q_mi = GumbelQuantizer(3, 2, GumbelConfig(entropy_weight=0.1, bonus="mutual_info"))
+    q_mi.load_state_dict(q.state_dict())
+    want = mean_code_entropy(posterior, mask) - mean_slot_entropy(posterior, mask)
+    assert q_mi(z, mask).aux_loss.item() == pytest.approx(-0.1 * want.item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="vq.model.gumbel.bonus"):
+        GumbelConfig(bonus="mi")
 
 
 def test_codebook_usage_by_hand():

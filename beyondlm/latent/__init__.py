@@ -23,6 +23,7 @@ from beyondlm.latent.quantizers import (
     ema_update,
     gumbel_tau,
     mean_code_entropy,
+    mean_slot_entropy,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "gumbel_tau",
     "load_latent",
     "mean_code_entropy",
+    "mean_slot_entropy",
     "nll_bound",
     "plan_lengths",
     "plan_loss",

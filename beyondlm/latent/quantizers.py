@@ -9,7 +9,10 @@ no part in the auxiliary losses, the EMA update or the usage statistics.
   ℓ_k = −‖z_e − e_k‖²; training feeds y·E with y = softmax((ℓ + g)/τ), g ~ Gumbel(0, 1), and τ
   annealed as τ(step) = max(τ_min, τ0·exp(−r·step)) (authors: τ_min 0.1, τ0 0.9). The auxiliary
   loss −α·H(q̄) (authors: α = 0.1) rewards spreading q̄, the posterior averaged over the batch and
-  its code slots, over the codebook. Eval: argmax ℓ (the nearest code), one-hot.
+  its code slots, over the codebook; with ``bonus: mutual_info`` it is −α·(H(q̄) − E H(q)), the
+  mutual information between slot and code, which also asks each slot's posterior to be
+  confident (H(q̄) alone is maximal for a posterior that is uniform at every slot, a plan that
+  says nothing). Eval: argmax ℓ (the nearest code), one-hot.
   Why distance logits rather than a free linear head: both discretizers then share one geometry
   (argmax q = nearest code), so a codebook vector given as z_e comes back as itself in both.
 - **Nearest-neighbour VQ** (van den Oord et al. 2017, "Neural Discrete Representation Learning",
@@ -29,6 +32,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from beyondlm.config import check_choice
+
+BONUSES = ("entropy", "mutual_info")  # the Gumbel discretizer's auxiliary bonus (GumbelConfig.bonus)
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -51,6 +58,14 @@ def mean_code_entropy(probs: Tensor, mask: Tensor) -> Tensor:
     m = mask.to(probs.dtype).unsqueeze(-1)  # (B, L, 1)
     q = (probs * m).sum((0, 1)) / m.sum().clamp_min(1.0)  # (K,)
     return -(q * torch.log(q.clamp_min(1e-30))).sum()
+
+
+def mean_slot_entropy(probs: Tensor, mask: Tensor) -> Tensor:
+    """E[H(q)] in nats: the entropy of ``probs`` (B, L, K) at each valid slot of ``mask`` (B, L),
+    averaged over them → scalar. 0·log 0 = 0."""
+    h = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (B, L)
+    m = mask.to(probs.dtype)
+    return (h * m).sum() / m.sum().clamp_min(1.0)
 
 
 def commitment_loss(z_e: Tensor, z_q: Tensor, mask: Tensor) -> Tensor:
@@ -104,8 +119,15 @@ class GumbelConfig:
     tau0: float = 0.9
     tau_min: float = 0.1
     rate: float = 0.02  # per optimizer step: τ reaches τ_min after ln(τ0/τ_min)/rate ≈ 110 steps
-    entropy_weight: float = 0.1  # α of the bonus α·H(q̄)
+    entropy_weight: float = 0.1  # α of the bonus
+    # the bonus: "entropy" α·H(q̄) (the authors': codes used evenly, but also maximal for a posterior
+    # that is uniform everywhere, i.e. says nothing) | "mutual_info" α·(H(q̄) − E H(q)) = α·I(slot; code):
+    # codes used evenly *and* each slot's posterior confident
+    bonus: str = "entropy"
     hard: bool = False  # straight-through one-hot samples in training (soft y·E when false)
+
+    def __post_init__(self) -> None:
+        check_choice("vq.model.gumbel.bonus", self.bonus, BONUSES)
 
 
 @dataclass(frozen=True)
@@ -145,7 +167,9 @@ class GumbelQuantizer(nn.Module):
 
     def forward(self, z_e: Tensor, mask: Tensor) -> Quantized:
         logits = -squared_distances(z_e, self.codebook)  # (B, L, K)
-        entropy = mean_code_entropy(logits.softmax(-1), mask)
+        probs = logits.softmax(-1)
+        entropy = mean_code_entropy(probs, mask)
+        bonus = entropy - mean_slot_entropy(probs, mask) if self.cfg.bonus == "mutual_info" else entropy
         if self.training:
             y = F.gumbel_softmax(logits, tau=self.tau, hard=self.cfg.hard)  # (B, L, K)
             codes, vectors = y.argmax(-1), y @ self.codebook
@@ -153,7 +177,7 @@ class GumbelQuantizer(nn.Module):
             codes = logits.argmax(-1)
             vectors = self.codebook[codes]
         vectors = vectors * mask.unsqueeze(-1).to(vectors.dtype)
-        return Quantized(codes, vectors, -self.cfg.entropy_weight * entropy, entropy.detach())
+        return Quantized(codes, vectors, -self.cfg.entropy_weight * bonus, entropy.detach())
 
 
 class NearestQuantizer(nn.Module):
