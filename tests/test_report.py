@@ -240,6 +240,18 @@ def test_best_of_n_claim_uses_its_se_over_prompts(tmp_path):
     # SE² = var(dpo seeds)/3 + 0.1² (BoN's SE over prompts)
     assert bon.effect.n == 3 and bon.effect.value > 0 and bon.effect.se > 0.1
     assert bon.failing == ("reward/reward",) and bon.verdict == "inconclusive: not converged"
+    # per token: best-of-N's rows 4 tokens long, the policies' 9: r*/token at equal KL/token, its SE over
+    # prompts divided by the length too
+    bon_rows = json.loads((m / "align" / "best_of_n.json").read_text())["rows"]
+    _write(m / "align" / "best_of_n.json", {"rows": [{**r, "length": 4.0} for r in bon_rows]})
+    found = {c.comparison: c for c in all_claims(m, Verdicts(collect(m)), None)}
+    tok = found["best_of_n − dpo_rw: mean r*/token over the common KL/token range"]
+    # BoN: r* = 3·KL, so r*/token = 3·(KL/token); dpo_rw seed j: (1 + 0.1j)·(KL/token), KL/token up to
+    # 2/9; grid = the 4 interior points of [0, 2/9], mean 1/9 → effect (3 − 1.1)/9; SE² = (0.1/4)² (BoN's
+    # SE over prompts, per token) + var(dpo_rw seed means)/3 = (0.1/9)²/3
+    assert tok.claim.endswith("per token (length-normalised)")
+    assert tok.effect.value == pytest.approx(1.9 / 9)
+    assert tok.effect.se == pytest.approx(math.sqrt((0.1 / 4) ** 2 + (0.1 / 9) ** 2 / 3))
 
 
 def test_ebm_eval_imports_only_its_figure_module():

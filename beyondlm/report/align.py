@@ -51,9 +51,8 @@ ALIGN_CLAIMS = [
     ("bond", "best_of_n", "BOND's single sample reaches best-of-N's reward at equal KL"),
 ]
 # the same claims length-normalised (r*/token at equal KL/token): policies whose samples differ in
-# length differ in both per-sequence axes (the default's DPO-pref writes 40 tokens, EXO-pref 26)
-PER_TOKEN_CLAIMS = [(a, b, f"{claim}, per token (length-normalised)") for a, b, claim in ALIGN_CLAIMS
-                    if (a, b) in {("exo_pref", "dpo_pref"), ("exo_rw", "dpo_rw")}]
+# length differ in both per-sequence axes (the default's DPO-pref writes 40 tokens, EXO-pref 26, RLOO 36)
+PER_TOKEN_CLAIMS = [(a, b, f"{claim}, per token (length-normalised)") for a, b, claim in ALIGN_CLAIMS]
 
 
 WIN_KEYS = ("win_vs_sft/oracle", "win_vs_chosen/oracle", "win_vs_sft/rm", "win_vs_chosen/rm")
@@ -254,26 +253,30 @@ def _as_result(bon: dict) -> dict:
     return {"runs": {"bon": {"evals": bon["rows"]}}}
 
 
-def _bon_var(bon: dict, grid: np.ndarray) -> float:
+def _bon_var(bon: dict, grid: np.ndarray, per_token: bool = False) -> float:
     """Variance of best-of-N's mean reward over ``grid``, from its SE over prompts (taken as fully
-    correlated along the curve: the mean of the interpolated SEs, squared; nan without SEs)."""
-    kl = np.array([r["kl"] for r in bon["rows"]], float)
-    se = np.array([r.get("oracle_reward_se", np.nan) for r in bon["rows"]], float)
-    return float(np.interp(grid, kl, se).mean() ** 2)
+    correlated along the curve: the mean of the interpolated SEs, squared; nan without SEs);
+    ``per_token``: KL and SE divided by each row's mean length (the length taken as fixed)."""
+    div = np.array([r.get("length", np.nan) if per_token else 1.0 for r in bon["rows"]], float)
+    kl = np.array([r["kl"] for r in bon["rows"]], float) / div
+    se = np.array([r.get("oracle_reward_se", np.nan) for r in bon["rows"]], float) / div
+    order = np.argsort(kl)
+    return float(np.interp(grid, kl[order], se[order]).mean() ** 2)
 
 
 def _claim(a: str, b: str, claim: str, kept: dict, diverged: dict, bon: dict | None, verdicts: Verdicts,
            base: str | None = None, per_token: bool = False) -> Claim:
     """One claim row: a − b in mean oracle reward over the KL range both reach; either side may be
     best-of-N (one run with an SE over prompts instead of seeds); ``per_token``: r*/token over the
-    KL/token range (trained methods only)."""
+    KL/token range."""
     res = {m: _as_result(bon) if m == "best_of_n" else kept[m] for m in (a, b)}
     means = seed_means_at_equal_kl(res[a], res[b], per_token=per_token)
     note = "".join(f"; {m} {', '.join(diverged[m])} diverged, excluded" for m in (a, b) if m in diverged)
     if means is None:
         effect = Effect(None, None, 0, "KL ranges do not overlap" + note)
     elif "best_of_n" in (a, b):
-        own = {f"var_{side}": _bon_var(bon, means[2]) for side, m in (("a", a), ("b", b)) if m == "best_of_n"}
+        own = {f"var_{side}": _bon_var(bon, means[2], per_token) for side, m in (("a", a), ("b", b))
+               if m == "best_of_n"}
         seeds = len(means[1] if a == "best_of_n" else means[0])
         effect = welch(means[0], means[1], **own, basis=f"best-of-N's SE over prompts + {seeds} seeds" + note)
     else:
@@ -295,4 +298,4 @@ def claims(metrics: Path, verdicts: Verdicts, base: str | None = None) -> list[C
     have = set(kept) | ({"best_of_n"} if bon and bon.get("rows") else set())
     rows = [_claim(a, b, c, kept, diverged, bon, verdicts, base) for a, b, c in ALIGN_CLAIMS if a in have and b in have]
     return rows + [_claim(a, b, c, kept, diverged, bon, verdicts, base, per_token=True)
-                   for a, b, c in PER_TOKEN_CLAIMS if a in kept and b in kept]
+                   for a, b, c in PER_TOKEN_CLAIMS if a in have and b in have]
