@@ -50,6 +50,11 @@ def squared_distances(z: Tensor, codebook: Tensor) -> Tensor:
     return d.clamp_min(0.0)  # expanded form can dip below 0 by rounding
 
 
+def _entropy(p: Tensor) -> Tensor:
+    """Entropy in nats over the last axis; 0·log 0 = 0."""
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+
 def mean_code_entropy(probs: Tensor, mask: Tensor) -> Tensor:
     """H(q̄) in nats, q̄ = the mean of ``probs`` over the valid slots of the whole batch.
 
@@ -57,13 +62,13 @@ def mean_code_entropy(probs: Tensor, mask: Tensor) -> Tensor:
     """
     m = mask.to(probs.dtype).unsqueeze(-1)  # (B, L, 1)
     q = (probs * m).sum((0, 1)) / m.sum().clamp_min(1.0)  # (K,)
-    return -(q * torch.log(q.clamp_min(1e-30))).sum()
+    return _entropy(q)
 
 
 def mean_slot_entropy(probs: Tensor, mask: Tensor) -> Tensor:
     """E[H(q)] in nats: the entropy of ``probs`` (B, L, K) at each valid slot of ``mask`` (B, L),
     averaged over them → scalar. 0·log 0 = 0."""
-    h = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (B, L)
+    h = _entropy(probs)  # (B, L)
     m = mask.to(probs.dtype)
     return (h * m).sum() / m.sum().clamp_min(1.0)
 

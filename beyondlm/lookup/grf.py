@@ -179,13 +179,17 @@ class Subgraph:
     rel: np.ndarray
 
 
+def run_ranks(keys: np.ndarray) -> np.ndarray:
+    """Each entry's rank (0, 1, …) within its run of equal consecutive ``keys``."""
+    if not len(keys):
+        return np.zeros(0, dtype=np.int64)
+    first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])  # where each run starts
+    return np.arange(len(keys)) - np.repeat(first, np.diff(np.r_[first, len(keys)]))
+
+
 def first_of_runs(keys: np.ndarray, k: int) -> np.ndarray:
     """Mask (len(keys),) of the first ``k`` entries of every run of equal consecutive ``keys``."""
-    if not len(keys):
-        return np.zeros(0, dtype=bool)
-    first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])  # where each run starts
-    rank = np.arange(len(keys)) - np.repeat(first, np.diff(np.r_[first, len(keys)]))
-    return rank < k
+    return run_ranks(keys) < k
 
 
 class Grounder:
@@ -220,9 +224,11 @@ class Grounder:
         local, hop_of = np.full(g.n_nodes, -1, dtype=np.int64), np.full(g.n_nodes, -1, dtype=np.int64)
         local[nodes], hop_of[nodes] = np.arange(len(nodes)), hop
         # in-edges of the subgraph's nodes in local order, the strongest first; keep forward ones
-        rows = csr_rows(self.in_indptr, nodes[hop > 0])  # hop-0 nodes take no forward edge
+        reached = hop > 0  # hop-0 nodes take no forward edge
+        rows = csr_rows(self.in_indptr, nodes[reached])
+        dst_hop = np.repeat(hop[reached], np.diff(self.in_indptr)[nodes[reached]])  # rows come node by node
         src_hop = hop_of[self.in_src[rows]]
-        rows = rows[(src_hop >= 0) & (src_hop < np.repeat(hop[hop > 0], np.diff(self.in_indptr)[nodes[hop > 0]]))]
+        rows = rows[(src_hop >= 0) & (src_hop < dst_hop)]
         if self.max_in_edges:
             rows = rows[first_of_runs(self.in_dst[rows], self.max_in_edges)]
         if self.max_triples:
@@ -257,9 +263,9 @@ def graph_batch(subgraphs: Sequence[Subgraph], node_tokens: np.ndarray) -> Graph
     src, rel = np.full((b, k, n), n - 1, np.int64), np.full((b, k, n), -1, np.int64)
     for i, s in enumerate(subgraphs):
         ids[i, : len(s.nodes)], tok[i, : len(s.nodes)], hop[i, : len(s.nodes)] = s.nodes, node_tokens[s.nodes], s.hop
-        order = np.argsort(s.dst, kind="stable")  # slot = rank among the node's in-edges
+        order = np.argsort(s.dst, kind="stable")
         d = s.dst[order]
-        slot = np.arange(len(d)) - np.searchsorted(d, d, side="left")
+        slot = run_ranks(d)  # rank among the node's in-edges
         src[i, slot, d], rel[i, slot, d] = s.src[order], s.rel[order]
     t = torch.from_numpy
     return GraphBatch(t(ids), t(tok), t(hop), t(hop >= 0), t(src), t(rel))
@@ -336,8 +342,9 @@ class GRF(torch.nn.Module):
     def context(self, gb: GraphBatch) -> dict:
         """What every step of a batch shares (computed once per batch, not per step): the
         encoded graph (G, d), relation states, each slot's (u, r) index (:func:`pair_index`), s^0
-        (B, N) and γ·s^0 at the slots, the nodes P_c may put mass on (B, N), whether a row has any (B,) and P_c's support. In eval mode without
-        gradients the graph's encoding is computed once and kept until ``train()``."""
+        (B, N) and γ·s^0 at the slots, the nodes P_c may put mass on (B, N), whether a row has any
+        (B,) and P_c's support. In eval mode without gradients the graph's encoding is computed
+        once and kept until ``train()``."""
         if self.training or torch.is_grad_enabled():
             node_all, rel_h = self.encode()
         else:
