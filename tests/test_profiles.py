@@ -53,5 +53,5 @@ def test_imdb_profile_fits_params_yaml_and_loads():
     prep = load_section(PrepareConfig, params["prepare"], "prepare")
     oracle = load_section(OracleConfig, params["oracle"], "oracle")
     assert prep.source == "local" and prep.prompt_len == 10 and prep.tokenizer.kind == "bpe"
-    assert prep.n_train == 0  # the IMDB file is sorted by label: a cap would keep one class
+    assert prep.n_train == 3000 and prep.local.valid is None and prep.local.test is None  # carved: a random cap
     assert oracle.kind == "classifier" and oracle.classifier.train.startswith("inputs/oracle/")

@@ -53,6 +53,15 @@ def test_local_splits_carved_and_disjoint(tmp_path):
     assert sorted(sum(splits.values(), [])) == sorted(TEXTS)
 
 
+def test_carving_shuffles_train_so_a_cap_keeps_both_labels(tmp_path):
+    """The IMDB file is sorted by label; the IMDB profile caps train (prepare.n_train) after carving."""
+    by_label = sorted(TEXTS, key=lambda t: t.endswith("good"))  # every 'bad' review first
+    path = _write(tmp_path / "sorted.jsonl", "jsonl", by_label)
+    train = sources.load_local(LocalSourceConfig(train=str(path), valid_fraction=0.1, test_fraction=0.1), seed=0)["train"]
+    head = train[:10]  # what prepare keeps at n_train=10
+    assert any(t.endswith("good") for t in head) and any(t.endswith("bad") for t in head)
+
+
 def test_local_errors_name_the_file_and_fix(tmp_path):
     path = _write(tmp_path / "train.jsonl", "jsonl", TEXTS, column="body")
     with pytest.raises(ConfigError, match=r"text_column='text' is not a column .*columns: body, id"):
