@@ -39,9 +39,9 @@ class RemoteError(RuntimeError):
 
 
 def _dvc(root: Path, verb: str, targets: tuple[str, ...], remote: str | None,
-         timeout_s: float | None) -> str:
-    cmd = [sys.executable, "-m", "dvc", verb, "--run-cache", *(["-r", remote] if remote else []),
-           *targets]
+         timeout_s: float | None, run_cache: bool = True) -> str:
+    cmd = [sys.executable, "-m", "dvc", verb, *(["--run-cache"] if run_cache else []),
+           *(["-r", remote] if remote else []), *targets]
     env = {**S3_FAIL_FAST, **os.environ}
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
@@ -63,9 +63,11 @@ def push(root: str | Path = ".", targets: tuple[str, ...] = (), *, remote: str |
 
 
 def pull(root: str | Path = ".", targets: tuple[str, ...] = (), *, remote: str | None = None,
-         timeout_s: float | None = None) -> str:
-    """``dvc pull --run-cache`` of ``targets`` (all when empty): fetch, then check out."""
-    return _dvc(Path(root), "pull", tuple(targets), remote, timeout_s)
+         timeout_s: float | None = None, run_cache: bool = True) -> str:
+    """``dvc pull --run-cache`` of ``targets`` (all when empty): fetch, then check out.
+    ``run_cache=False``: the outputs only (a dispatched stage's checkout and the driver take what
+    dvc.lock names; the remote's every run-cache record would be read each time for nothing)."""
+    return _dvc(Path(root), "pull", tuple(targets), remote, timeout_s, run_cache)
 
 
 def main(argv: list[str] | None = None) -> int:

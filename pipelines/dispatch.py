@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, reads: list[
         (root / "dvc.lock").unlink(missing_ok=True)
     if reads:
         logger.info("pulling %s", ", ".join(reads))
-        remote.pull(root, tuple(reads))
+        remote.pull(root, tuple(reads), run_cache=False)
     host, device = socket.gethostname(), _device()
     logger.info("running %s on %s (%s) at %s", stage, host, device, commit[:10])
     started, t0 = time.time(), time.perf_counter()
@@ -290,14 +291,16 @@ def _read_entry(client, run_id) -> dict:
 
 
 def _merge_lock(root: Path, stage: str, entry: dict) -> None:
-    """Write ``stage``'s entry into the workspace's dvc.lock (DVC's own YAML writer)."""
+    """Write ``stage``'s entry into the workspace's dvc.lock (DVC's own YAML writer), replacing the
+    file in one step."""
     from dvc.utils.serialize import modify_yaml
 
     lock = root / "dvc.lock"
-    if not lock.exists():
-        lock.write_text("schema: '2.0'\nstages: {}\n")
-    with modify_yaml(str(lock)) as data:
+    tmp = lock.with_name(f".{lock.name}.merge.tmp")
+    tmp.write_text(lock.read_text() if lock.exists() else "schema: '2.0'\nstages: {}\n")
+    with modify_yaml(str(tmp)) as data:
         data.setdefault("stages", {})[stage] = entry
+    os.replace(tmp, lock)  # whole: a `dvc pull` of a finished stage may be reading it meanwhile
 
 
 @flow(name="reproduce-dispatched", log_prints=True)
@@ -352,6 +355,16 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
         done: list[str] = []
         ran: dict[str, dict] = {}  # what each worker reported: lock entry, host, device, times
         failure: str | None = None
+        collector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect")
+        collected: list[Future] = []
+
+        def collect(name: str) -> None:
+            """A finished stage's outputs into the workspace (and its MLflow mirror with a local
+            store) while the other stages run: nothing is left to pull at the end."""
+            remote.pull(root_path, (name,), run_cache=False)
+            if not workers_log:  # a local store: the stage's files are here now
+                _mirror(by_name[name], tracker, True, ran[name]["started"], ran[name]["wall_s"],
+                        tags=_worker_tags(ran[name]))
 
         def submit(info, tries: int) -> None:
             run = run_deployment(
@@ -385,6 +398,7 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
                         _merge_lock(root_path, name, entry["lock"])
                         settled.add(name)
                         done.append(name)
+                        collected.append(collector.submit(collect, name))
                         logger.info("%s done on %s (%s) in %.1f s", name, entry["host"], entry["device"], entry["wall_s"])
                     elif state.type == StateType.CRASHED and sub.tries < retries and failure is None:
                         logger.warning("%s crashed (%s): submitting it again", name, state.message)
@@ -393,16 +407,14 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
                         why = (state.message or "").split("RuntimeError: ", 1)[-1]  # the worker's words
                         failure = failure or f"{why}\n  (stage {name}: flow run {sub.run_id} {state.type.value.lower()})"
                         logger.error(failure)
-            if done:  # also after a failure: dvc.lock names them, so their outputs belong here
-                logger.info("pulling the outputs of %d stages into %s", len(done), root_path)
-                remote.pull(root_path, tuple(done))
+            # also after a failure: dvc.lock names the stages that finished, so their outputs belong here
+            collector.shutdown(wait=True)
+            for pulled in collected:
+                pulled.result()  # the first pull that failed, raised
             if failure:
                 raise DispatchError(failure)
-            if not workers_log:  # a local store: the stages' files are here now
-                for name in done:
-                    _mirror(by_name[name], tracker, True, ran[name]["started"], ran[name]["wall_s"],
-                            tags=_worker_tags(ran[name]))
         except BaseException:
+            collector.shutdown(wait=True, cancel_futures=True)
             tracker.end_pipeline("FAILED")
             raise
     prune_lock(str(root_path), None if targets else stages)

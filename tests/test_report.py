@@ -8,6 +8,7 @@ import pytest
 
 from beyondlm.align.analysis import diverged_seeds, seed_means_at_equal_kl
 from beyondlm.report import all_claims, build_report, collect, seed_effect, verdict, Verdicts
+from beyondlm.report.convergence import table
 
 
 def _write(path, data):
@@ -117,6 +118,17 @@ def test_convergence_table_and_not_converged_comparisons(tmp_path):
     assert tvd.effect.value == pytest.approx(-0.1) and tvd.effect.se == pytest.approx(0.0, abs=1e-12)
     assert tvd.verdict == "supports" and fkl.verdict == "contradicts"  # TaiLr claims no coverage cost
     assert claims["tailr-g1 − mle: `exact.reverse_kl_cond`"].verdict == "inconclusive: no data"
+
+
+def test_a_run_that_never_improved_is_not_converged(tmp_path):
+    """Best held-out value at step 0: the rule's ratio is 0, but the kept checkpoint is the start."""
+    _write(tmp_path / "metrics/align/method/dpo_pref.json",
+           {"runs": {"s0": {"evals": [], "convergence": _conv(True, rel=0.0, best=0)},
+                     "s1": {"evals": [], "convergence": _conv(True, rel=0.0, best=30)}}})
+    rows = collect(tmp_path / "metrics")
+    assert [r.converged for r in rows] == [False, True] and rows[0].never_improved
+    assert Verdicts(rows).failing("align", ["dpo_pref-s0", "dpo_pref-s1"]) == ["align/dpo_pref-s0"]
+    assert "| align | dpo_pref-s0 | no: never improved (best at step 0) | 0.00% |" in "\n".join(table(rows))
 
 
 def _align_run(scale, final_kl=2.0, converged=True):

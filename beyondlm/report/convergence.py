@@ -27,8 +27,16 @@ class RunVerdict:
     verdict: dict | None  # the contract's dict; None = no verdict recorded
 
     @property
+    def never_improved(self) -> bool:
+        """Its best held-out value is the one before training (step 0), so the kept checkpoint is
+        its start: the rule's ratio is 0 there, yet nothing was learned that generalises (e.g. a
+        DPO held-out loss rising from log 2 at the first step: lr too high)."""
+        v = self.verdict or {}
+        return v.get("best_step") == 0 and (v.get("n_evals") or 0) > 1
+
+    @property
     def converged(self) -> bool:
-        return bool(self.verdict and self.verdict.get("converged"))
+        return bool(self.verdict and self.verdict.get("converged")) and not self.never_improved
 
 
 def _matrix(metrics: Path, stage: str) -> list[RunVerdict]:
@@ -75,7 +83,8 @@ def table(rows: list[RunVerdict]) -> list[str]:
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         v = r.verdict or {}
-        conv = "yes" if r.converged else ("no" if r.verdict else "no (no verdict recorded)")
+        conv = ("yes" if r.converged else "no: never improved (best at step 0)" if r.never_improved
+                else "no" if r.verdict else "no (no verdict recorded)")
         losses = f"{fmt(v.get('best_valid_loss'), '.4f')} / {fmt(v.get('final_valid_loss'), '.4f')}"
         noise = f"{fmt(v.get('gain'), '.4f')} / {fmt(v.get('noise'), '.4f')}"
         out.append(f"| {r.stage} | {r.run} | {conv} | {fmt(v.get('rel_improvement'), '.2%')} | {noise} | "
@@ -92,6 +101,7 @@ def section(rows: list[RunVerdict]) -> list[str]:
             f"default) of the held-out improvement the whole run made, (L_cut − L_best)/(L_0 − L_best) "
             f"(`beyondlm/convergence.py`), or when that last-quarter gain is within twice its paired standard "
             f"error over the held-out chunks (the noise column; – where the evaluation has no chunks); the best "
-            f"checkpoint by held-out loss is kept. "
+            f"checkpoint by held-out loss is kept. A run whose best held-out value is the one at step 0 never "
+            f"improved (its kept checkpoint is its start) and does not count as converged. "
             f"{n_ok} of {len(rows)} runs converged. Any comparison built on a run that did not converge reads "
             f"\"{NOT_CONVERGED}\" instead of a verdict.", "", *table(rows), ""]
