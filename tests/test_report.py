@@ -462,3 +462,18 @@ def test_data_section_says_what_r_star_is_and_how_many_texts_were_cut(tmp_path):
     assert "test accuracy 0.902 on 25000 held-out labelled texts" in text
     _write(tmp_path / "metrics/oracle.json", {"kind": "language", "exact": True})
     assert "exact posterior log-odds" in build_report(tmp_path, n_examples=1)
+
+
+def test_loss_plot_draws_each_runs_held_out_curve_in_its_colour(tmp_path, monkeypatch):
+    from beyondlm.report import lm
+
+    for split, rows in (("train", "10\t5.0\n20\t4.0\n30\t3.5"), ("valid", "0\t6.0\n30\t4.2")):
+        path = tmp_path / "mle-s0" / "plots" / "metrics" / split / "loss.tsv"
+        path.parent.mkdir(parents=True)
+        path.write_text(f"step\tloss\n{rows}\n")
+    figs = []
+    monkeypatch.setattr(lm, "save_fig", lambda fig, out: figs.append(fig) or out)
+    lm.plot_losses(tmp_path, tmp_path / "loss.png")
+    train, valid = figs[0].axes[0].get_lines()
+    assert list(valid.get_xdata()) == [0.0, 30.0] and list(valid.get_ydata()) == [6.0, 4.2]
+    assert valid.get_color() == train.get_color() and valid.get_linestyle() == "None"

@@ -86,17 +86,26 @@ def reference_row(runs: dict[str, dict[int, dict]]) -> str:
     return "Reference (the test data itself): " + ", ".join(parts) + "."
 
 
+def _tsv_curve(tsv: Path) -> tuple[list[float], list[float]]:
+    lines = tsv.read_text().splitlines()
+    header, rows = lines[0].split("\t"), [ln.split("\t") for ln in lines[1:]]
+    s, v = header.index("step"), header.index("loss")
+    return [float(r[s]) for r in rows], [float(r[v]) for r in rows]
+
+
 def plot_losses(live_root: Path, out: Path) -> Path | None:
+    """Each SFT run's training loss (line) and held-out loss (dots, same colour): a held-out curve
+    that turns up is over-fitting, and the kept checkpoint is its lowest point."""
     curves = [p for p in sorted(live_root.glob("*/plots/metrics/train/loss.tsv")) if readable(p)]
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for tsv in curves:
-        lines = tsv.read_text().splitlines()
-        header, rows = lines[0].split("\t"), [ln.split("\t") for ln in lines[1:]]
-        s, v = header.index("step"), header.index("loss")
-        ax.plot([float(r[s]) for r in rows], [float(r[v]) for r in rows], label=tsv.parents[3].name, lw=1)
-    ax.set(xlabel="optimizer step", ylabel="training loss (nats/token)", title="SFT training curves")
+        (line,) = ax.plot(*_tsv_curve(tsv), label=tsv.parents[3].name, lw=1)
+        if readable(valid := tsv.parents[1] / "valid" / "loss.tsv"):
+            ax.plot(*_tsv_curve(valid), ls="none", marker="o", ms=3, color=line.get_color())
+    ax.set(xlabel="optimizer step", ylabel="loss (nats/token)",
+           title="SFT training curves (lines: train; dots: held-out)")
     ax.legend(fontsize=7)
     return save_fig(fig, out)
 
