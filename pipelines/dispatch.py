@@ -16,8 +16,9 @@ shares the driver's path; it writes the driver's dvc.lock over the checkout's, p
 remote what the stage reads of other stages' outputs (its deps, not those stages' every output:
 the report pulls metrics, not model weights), runs ``dvc repro --single-item <stage>``, pushes
 its outputs and the run-cache, and hands its dvc.lock entry back as a Prefect artifact. The driver
-merges each entry into its dvc.lock as it arrives (the next stage's checkout gets it) and finally
-``dvc pull``s the outputs: ``dvc status`` is clean and nothing was computed twice.
+merges each entry into its dvc.lock as it arrives (the next stage's checkout gets it) and ``dvc
+pull``s that stage's outputs in the background while others run: at the end ``dvc status`` is clean
+and nothing was computed twice.
 
 Faults: a flow run that crashes (its process killed, its machine lost: the deployments send flow
 heartbeats and ``setup`` adds an automation marking a run silent for ``--zombie-after`` seconds
@@ -295,12 +296,13 @@ def _merge_lock(root: Path, stage: str, entry: dict) -> None:
     file in one step."""
     from dvc.utils.serialize import modify_yaml
 
+    from beyondlm.io import atomic_path
+
     lock = root / "dvc.lock"
-    tmp = lock.with_name(f".{lock.name}.merge.tmp")
-    tmp.write_text(lock.read_text() if lock.exists() else "schema: '2.0'\nstages: {}\n")
-    with modify_yaml(str(tmp)) as data:
-        data.setdefault("stages", {})[stage] = entry
-    os.replace(tmp, lock)  # whole: a `dvc pull` of a finished stage may be reading it meanwhile
+    with atomic_path(lock) as tmp:  # whole: a `dvc pull` of a finished stage may be reading it meanwhile
+        tmp.write_text(lock.read_text() if lock.exists() else "schema: '2.0'\nstages: {}\n")
+        with modify_yaml(str(tmp)) as data:
+            data.setdefault("stages", {})[stage] = entry
 
 
 @flow(name="reproduce-dispatched", log_prints=True)
