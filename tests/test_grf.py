@@ -211,6 +211,34 @@ def test_training_step_moves_every_graph_parameter_and_sampling_runs():
     assert len(out) == 2 and all(1 <= len(r) <= 5 for r in out)
 
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scoring_and_sampling_run_where_the_model_is(device):
+    """After training the model sits on accelerate's device (a GPU where there is one) while the
+    texts, prompts, graph batches and the seeded generator are made on the CPU: scores and samples
+    equal those of the model on the CPU (sampling draws on the CPU whatever the device)."""
+    import copy
+
+    from beyondlm.lookup.grf_experiment import collate_fn, score_lm, score_texts
+
+    edges = {(0, 1, "precedes"): 3, (0, 2, "co_occurs"): 2, (1, 3, "precedes"): 1, (2, 4, "precedes"): 1}
+    model, graph, v = _tiny_grf(edges, grounded="keep")
+    rows = [[0, 2, 3, 4, 5, 6, 0], [0, 2, 1, 7, 0]]
+    ids, _, gb = _batch(graph, v, rows)
+    collate = collate_fn(Grounder(graph, v, hops=2, max_per_hop=10), graph.tokens, 2, 0)
+    moved = copy.deepcopy(model).to(device)
+    for name, on_cpu in score_texts(model, rows, collate, 2, 8).items():
+        np.testing.assert_allclose(score_texts(moved, rows, collate, 2, 8)[name], on_cpu, rtol=1e-5, atol=1e-6, err_msg=name)
+    for name, on_cpu in score_lm(model.lm, rows, 2, 0, 8).items():
+        np.testing.assert_allclose(score_lm(moved.lm, rows, 2, 0, 8)[name], on_cpu, rtol=1e-5, atol=1e-6, err_msg=name)
+    for graph_batch_or_none in (gb, None):
+        samples = [generate(m, ids[:, :3], graph_batch_or_none, max_new_tokens=5, eos_id=0,
+                            generator=torch.Generator().manual_seed(0)) for m in (model, moved)]
+        assert samples[0] == samples[1]
+
+
 def test_grounder_expands_hops_and_keeps_forward_edges():
     edges = {(0, 1, "precedes"): 3, (1, 0, "precedes"): 3, (1, 2, "precedes"): 1, (2, 3, "precedes"): 1}
     _, graph, v = _tiny_grf(edges)

@@ -103,7 +103,7 @@ def _synthetic_pairs(n: int, seed: int) -> list[Pair]:
 
 def test_training_smoke_learns_marker_and_moves_every_parameter(tok):
     model = _model(tok, seed=1)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     train, held_out = _synthetic_pairs(64, seed=0), _synthetic_pairs(64, seed=1)
     cfg = TrainConfig(lr=3e-3, batch_size=16, max_steps=30, warmup_steps=3, ckpt_every=0, log_every=10)
     model, result = train_loop(model, train, reward_loss_fn, cfg, collate=pair_collate(tok.pad_token_id),
@@ -114,11 +114,12 @@ def test_training_smoke_learns_marker_and_moves_every_parameter(tok):
     assert acc > 0.9, acc
     # BT is invariant to a constant shift of r, and the head has no bias, so the final LayerNorm's
     # bias (which adds w·b to every reward) gets an exactly-cancelling gradient: it alone may stay.
-    unmoved = {n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p.detach(), before[n])}
+    unmoved = {n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p.detach().cpu(), before[n])}
     assert unmoved <= {"transformer.ln_f.bias"}, unmoved
     # ... and that is the reason: its gradient is zero up to rounding (Adam may still amplify noise).
     model.zero_grad()
-    reward_loss_fn(model, pair_collate(tok.pad_token_id)(train[:16]))[0].backward()
+    batch = pair_collate(tok.pad_token_id)(train[:16])
+    reward_loss_fn(model, {k: v.to(model.device) for k, v in batch.items()})[0].backward()
     assert model.transformer.ln_f.bias.grad.abs().max() < 1e-6 * model.score.weight.grad.abs().max() + 1e-9
 
 

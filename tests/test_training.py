@@ -32,7 +32,8 @@ def _run(model, examples, tok, cfg: TrainConfig, **kw):
 
 
 def _params(model):
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
+    """CPU copies: training moves the model to accelerate's device (a GPU where there is one)."""
+    return {k: v.detach().cpu().clone() for k, v in model.named_parameters()}
 
 
 def test_every_trainable_parameter_moves():
@@ -177,7 +178,7 @@ def _epoch_mean_grad(cfg: TrainConfig, examples, tok, model, **kw) -> dict[str, 
         _run(model, examples, tok, cfg, **kw)
     finally:
         handle.remove()
-    return {k: v / cfg.max_steps for k, v in total.items()}
+    return {k: (v / cfg.max_steps).cpu() for k, v in total.items()}  # trained on accelerate's device
 
 
 def test_grouped_batches_give_the_corpus_token_mean_gradient():

@@ -405,18 +405,22 @@ def generate(model: GRF, prompts: Tensor, gb: GraphBatch | None, *, max_new_toke
              generator: torch.Generator | None = None) -> list[list[int]]:
     """Ancestral sampling with a KV cache: each step draws y_t from the same mixture P as
     training (``gb`` None: from the LM alone, the baseline of the same loop). ``prompts`` (B, P):
-    equal-length rows, BOS first. Returns each row's new tokens up to and including EOS."""
+    equal-length rows, BOS first. Returns each row's new tokens up to and including EOS. Runs on
+    the model's device; draws on the CPU (``generator`` a CPU one), so a seed gives the same
+    samples wherever the model is, up to the device's arithmetic."""
     model.eval()
-    ctx = model.context(gb) if gb is not None else None  # once per batch
+    device = next(model.parameters()).device
+    prompts = prompts.to(device)
+    ctx = model.context(gb.to(device)) if gb is not None else None  # once per batch
     b = prompts.shape[0]
     out = model.lm.transformer(input_ids=prompts, use_cache=True)
     hidden, past = out.last_hidden_state[:, -1:], out.past_key_values  # (B, 1, d)
-    rows = torch.zeros(b, 0, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
+    rows = torch.zeros(b, 0, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         logits = model.lm.lm_head(hidden)  # (B, 1, V)
         logp = model.head(hidden, logits, ctx)["mix"] if ctx is not None else logits.float().log_softmax(-1)
-        y = torch.multinomial(logp[:, 0].exp(), 1, generator=generator)[:, 0]  # (B,)
+        y = torch.multinomial(logp[:, 0].exp().cpu(), 1, generator=generator)[:, 0].to(device)  # (B,)
         y = torch.where(done, eos_id, y)
         rows = torch.cat([rows, y[:, None]], 1)
         done |= y == eos_id

@@ -97,6 +97,11 @@ def collate_fn(grounder: Grounder, node_tokens: np.ndarray, prompt_len: int, pad
     return collate
 
 
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A tensor on whichever device the model is, as NumPy."""
+    return t.detach().cpu().numpy()
+
+
 def _graph_batch(batch):
     from beyondlm.lookup.grf import GraphBatch
 
@@ -120,23 +125,24 @@ def score_texts(model: GRF, seqs: list[list[int]], collate, prompt_len: int, bat
     (``lm``), Σ log P (``mix``), token count (``n``); per scored position (flat, text order):
     gate g, target, c_t."""
     model.eval()
+    device = next(model.parameters()).device
     out = {k: np.zeros(len(seqs)) for k in ("prompt", "lm", "mix", "n")}
     flat: dict[str, list] = {"gate": [], "label": [], "in_graph": []}
     for lo in range(0, len(seqs), batch_size):
-        batch = collate(seqs[lo : lo + batch_size])
+        batch = {k: v.to(device) for k, v in collate(seqs[lo : lo + batch_size]).items()}
         ids, attn = batch["input_ids"], batch["attention_mask"]
         sc = position_scores(model, ids, attn, _graph_batch(batch), prompt_len)
         logits = model.lm(input_ids=ids[:, : prompt_len + 1]).logits[:, :-1].float()  # prompt positions
         pl = logits.log_softmax(-1).gather(2, ids[:, 1 : prompt_len + 1, None])[..., 0]  # (B, P)
         m = sc["mask"]
         idx = slice(lo, lo + len(ids))
-        out["prompt"][idx] = pl.double().sum(1).numpy()
-        out["lm"][idx] = torch.where(m, sc["lm"], 0.0).double().sum(1).numpy()
-        out["mix"][idx] = torch.where(m, sc["mix"], 0.0).double().sum(1).numpy()
-        out["n"][idx] = m.sum(1).numpy()
-        flat["gate"].append(torch.sigmoid(sc["gate"])[m].numpy())
-        flat["label"].append(batch["input_ids"][:, prompt_len + 1 :][m].numpy())
-        flat["in_graph"].append(sc["in_graph"][m].numpy())
+        out["prompt"][idx] = _np(pl.double().sum(1))
+        out["lm"][idx] = _np(torch.where(m, sc["lm"], 0.0).double().sum(1))
+        out["mix"][idx] = _np(torch.where(m, sc["mix"], 0.0).double().sum(1))
+        out["n"][idx] = _np(m.sum(1))
+        flat["gate"].append(_np(torch.sigmoid(sc["gate"])[m]))
+        flat["label"].append(_np(ids[:, prompt_len + 1 :][m]))
+        flat["in_graph"].append(_np(sc["in_graph"][m]))
     return {**out, **{k: np.concatenate(v) for k, v in flat.items()}}
 
 
@@ -144,15 +150,16 @@ def score_texts(model: GRF, seqs: list[list[int]], collate, prompt_len: int, bat
 def score_lm(lm, seqs: list[list[int]], prompt_len: int, pad_id: int, batch_size: int) -> dict[str, np.ndarray]:
     """:func:`score_texts`' ``prompt``, ``lm`` (= ``mix``) and ``n`` for a plain LM (no graph)."""
     lm.eval()
+    device = next(lm.parameters()).device
     out = {k: np.zeros(len(seqs)) for k in ("prompt", "lm", "n")}
     for lo in range(0, len(seqs), batch_size):
-        ids, attn = pad_batch(seqs[lo : lo + batch_size], pad_id)
+        ids, attn = (t.to(device) for t in pad_batch(seqs[lo : lo + batch_size], pad_id))
         lp = token_logps(lm(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])  # (B, L−1)
         m = attn[:, 1:].bool()
         idx = slice(lo, lo + len(ids))
-        out["prompt"][idx] = lp[:, :prompt_len].double().sum(1).numpy()
-        out["lm"][idx] = torch.where(m[:, prompt_len:], lp[:, prompt_len:], 0.0).double().sum(1).numpy()
-        out["n"][idx] = m[:, prompt_len:].sum(1).numpy()
+        out["prompt"][idx] = _np(lp[:, :prompt_len].double().sum(1))
+        out["lm"][idx] = _np(torch.where(m[:, prompt_len:], lp[:, prompt_len:], 0.0).double().sum(1))
+        out["n"][idx] = _np(m[:, prompt_len:].sum(1))
     return {**out, "mix": out["lm"]}
 
 
