@@ -154,8 +154,38 @@ def _dispatched(work: Path, base: Path, threads: int, gpu_workers: int) -> dict:
         time.sleep(10)  # workers register (the driver checks and names a pool without one)
         run = _timed([sys.executable, "-m", "pipelines.dispatch", "run"], work, env, base / "dispatch.log")
         noop = _timed([sys.executable, "-m", "pipelines.dispatch", "run"], work, env, base / "dispatch-noop.log")
+        stats = _flow_run_stats(f"http://127.0.0.1:{port}/api")
     return {**run, "noop_wall_s": noop["wall_s"], "dvc_status_after": _status(work, env),
-            "workers": {"cpu": 1, "gpu": gpu_workers}}
+            "workers": {"cpu": 1, "gpu": gpu_workers}, "stage_flow_runs": stats}
+
+
+def _post(url: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _flow_run_stats(api: str) -> dict:
+    """Where a dispatched stage's time goes, from the Prefect server: per stage flow run, the
+    seconds from its submission to its start (waiting for a free worker, the worker's poll, the
+    run's process and pull step) and, once started, the seconds that are not its stage command
+    (checkout, DVC pull and push, reporting), as median and sum."""
+    import statistics
+    from datetime import datetime
+
+    import yaml
+
+    walls = {}
+    for art in _post(f"{api}/artifacts/filter", {"artifacts": {"key": {"like_": "dvc-lock"}}, "limit": 200}):
+        text = str(art["data"]).strip().removeprefix("```yaml").removesuffix("```")
+        walls[art["flow_run_id"]] = float(yaml.safe_load(text)["wall_s"])
+    runs = [r for r in _post(f"{api}/flow_runs/filter", {"limit": 200}) if r["id"] in walls]
+    t = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
+    waited = [(t(r["start_time"]) - t(r["created"])).total_seconds() for r in runs]
+    around = [(t(r["end_time"]) - t(r["start_time"])).total_seconds() - walls[r["id"]] for r in runs]
+    summary = lambda xs: {"median": round(statistics.median(xs), 2), "sum": round(sum(xs), 1)}  # noqa: E731
+    return {"n": len(runs), "stage_command_s": summary([walls[r["id"]] for r in runs]),
+            "submitted_to_started_s": summary(waited), "started_not_in_command_s": summary(around)}
 
 
 SIDES = ("sequential", "workers", "dispatched")

@@ -24,9 +24,12 @@ its dvc.lock entry only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # An unreachable S3 endpoint fails in seconds instead of botocore's default retries with backoff
@@ -50,10 +53,89 @@ def _dvc(root: Path, verb: str, targets: tuple[str, ...], remote: str | None,
         raise RemoteError(f"dvc {verb} did not finish in {timeout_s:.0f} s in {root} "
                           f"(remote {remote or 'default'} unreachable or too slow)") from exc
     if proc.returncode != 0:
-        errors = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        raise RemoteError(f"dvc {verb} failed (exit {proc.returncode}) in {root}, remote "
-                          f"{remote or 'default'}:\n" + "\n".join(errors[-15:]))
+        raise _failed(verb, proc.returncode, root, remote, proc.stderr + proc.stdout)
     return proc.stdout
+
+
+def _failed(verb: str, code: int, root: Path, remote: str | None, output: str) -> RemoteError:
+    errors = [ln for ln in output.splitlines() if ln.strip()]
+    return RemoteError(f"dvc {verb} failed (exit {code}) in {root}, remote "
+                       f"{remote or 'default'}:\n" + "\n".join(errors[-15:]))
+
+
+@contextlib.contextmanager
+def _captured_output() -> Iterator[list[str]]:
+    """What this process and its children write meanwhile: to file descriptors 1 and 2 (a child
+    such as a stage's command), to ``sys.stdout``/``sys.stderr`` and through DVC's log handlers,
+    which keep the streams they found at import (pytest's, say). DVC's loggers stop passing their
+    records on to the root logger meanwhile (the host's, e.g. Prefect's, would print each error a
+    second time, traceback and all): the text reads as DVC's command line prints it. The yielded
+    list holds it once the block ends."""
+    import logging
+
+    text: list[str] = []
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = os.dup(1), os.dup(2)
+    loggers = [logging.getLogger(name) for name in ("dvc", "dvc_objects", "dvc_data")]
+    with tempfile.TemporaryFile() as tmp, open(tmp.fileno(), "w", closefd=False, buffering=1) as here:
+        handlers = {h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)}
+        streams = {h: h.setStream(here) for h in handlers}
+        propagate = [lg.propagate for lg in loggers]
+        for lg in loggers:
+            lg.propagate = False
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(here), contextlib.redirect_stderr(here):
+                yield text
+        finally:
+            here.flush()
+            for handler, stream in streams.items():
+                handler.setStream(stream)
+            for lg, flag in zip(loggers, propagate):
+                lg.propagate = flag
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            tmp.seek(0)
+            text.append(tmp.read().decode(errors="replace"))
+
+
+def dvc_here(*args: str) -> tuple[int, str]:
+    """``dvc <args>`` run by DVC's own CLI inside this process, in its working directory: its exit
+    code and its output, with that of the commands it runs (a stage's). A dispatched stage runs
+    three DVC commands (pull, repro, push); a fresh ``python -m dvc`` for each costs a start and
+    DVC's imports, ~0.5 s of a core, which a small machine running stages side by side feels.
+    Unbounded in time: for a remote that may not answer, ``push``/``pull`` with ``timeout_s``."""
+    from dvc.cli import main
+
+    added = {key: value for key, value in S3_FAIL_FAST.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        with _captured_output() as out:
+            code = main(list(args))
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+    return code, out[0]
+
+
+def pull_here(targets: tuple[str, ...]) -> str:
+    """:func:`pull` of the working directory (outputs only, no run-cache) by :func:`dvc_here`."""
+    code, output = dvc_here("pull", *targets)
+    if code != 0:
+        raise _failed("pull", code, Path.cwd(), None, output)
+    return output
+
+
+def push_here(targets: tuple[str, ...]) -> str:
+    """:func:`push` of the working directory (outputs and run-cache) by :func:`dvc_here`."""
+    code, output = dvc_here("push", "--run-cache", *targets)
+    if code != 0:
+        raise _failed("push", code, Path.cwd(), None, output)
+    return output
 
 
 def push(root: str | Path = ".", targets: tuple[str, ...] = (), *, remote: str | None = None,

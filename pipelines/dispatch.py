@@ -12,13 +12,14 @@ The engine is Prefect's: a ``prefect server`` (PREFECT_API_URL), ``process`` wor
 ``dvc-stage/gpu``). A stage's pool comes from dvc.yaml (``meta: {pool: gpu}``; default ``cpu``).
 Each flow run gets the code by the deployment's pull step (``git clone`` of ``--repo`` into the
 run's own temporary directory) and checks out the commit being reproduced, so a worker never
-shares the driver's path; it writes the driver's dvc.lock over the checkout's, pulls from the DVC
-remote what the stage reads of other stages' outputs (its deps, not those stages' every output:
-the report pulls metrics, not model weights), runs ``dvc repro --single-item <stage>``, pushes
-its outputs and the run-cache, and hands its dvc.lock entry back as a Prefect artifact. The driver
-merges each entry into its dvc.lock as it arrives (the next stage's checkout gets it) and ``dvc
-pull``s that stage's outputs in the background while others run: at the end ``dvc status`` is clean
-and nothing was computed twice.
+shares the driver's path; it writes the driver's dvc.lock entries that it needs over the
+checkout's (its stage's and those of the stages it reads from), pulls from the DVC remote what the
+stage reads of other stages' outputs (its deps, not those stages' every output: the report pulls
+metrics, not model weights), runs ``dvc repro --single-item <stage>``, pushes its outputs and the
+run-cache (the three by DVC's CLI in the flow run's own process), and hands its dvc.lock entry back,
+as DVC wrote it, in a Prefect artifact. The driver splices each entry into its dvc.lock as it
+arrives (the next stage's checkout gets it) and ``dvc pull``s that stage's outputs in the
+background while others run: at the end ``dvc status`` is clean and nothing was computed twice.
 
 Faults: a flow run that crashes (its process killed, its machine lost: the deployments send flow
 heartbeats and ``setup`` adds an automation marking a run silent for ``--zombie-after`` seconds
@@ -52,7 +53,7 @@ import yaml  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 
 from beyondlm import remote  # noqa: E402
-from beyondlm.config import ConfigError, load_yaml  # noqa: E402
+from beyondlm.config import ConfigError  # noqa: E402
 
 FLOW = "dvc-stage"
 POOLS = ("cpu", "gpu")
@@ -112,13 +113,15 @@ def _use_remote(root: Path, dvc_remote: dict) -> None:
     (root / ".dvc" / "config.local").write_text("\n".join(lines) + "\n")
 
 
-@flow(name=FLOW, flow_run_name="{stage}", log_prints=True)
+@flow(name=FLOW, flow_run_name="{stage}")
 def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, reads: list[str] | None = None,
               force: bool = False, tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
-    """Run one DVC stage in this flow run's checkout (the pull step's clone, at ``commit``): the
-    driver's dvc.lock (``lock``), the paths it ``reads`` of other stages pulled from ``dvc_remote``,
-    ``dvc repro --single-item``, outputs and run-cache pushed. Returns the stage's dvc.lock entry
-    and where it ran; the entry is also an artifact of this run, which the driver reads."""
+    """Run one DVC stage in this flow run's checkout (the pull step's clone, at ``commit``): a
+    dvc.lock of the entries it needs (``lock``: its own and those of the stages it reads from),
+    the paths it ``reads`` of other stages pulled from ``dvc_remote``, ``dvc repro --single-item``,
+    outputs and run-cache pushed; DVC runs in this process (one import for the three commands).
+    Returns the stage's dvc.lock entry, as DVC wrote it, and where it ran; the same is an
+    artifact of this run, which the driver reads."""
     from prefect.artifacts import create_markdown_artifact
 
     logger = get_run_logger()
@@ -131,22 +134,20 @@ def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, reads: list[
         (root / "dvc.lock").unlink(missing_ok=True)
     if reads:
         logger.info("pulling %s", ", ".join(reads))
-        remote.pull(root, tuple(reads), run_cache=False)
+        remote.pull_here(tuple(reads))
     host, device = socket.gethostname(), _device()
     logger.info("running %s on %s (%s) at %s", stage, host, device, commit[:10])
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # `python` = this one
     started, t0 = time.time(), time.perf_counter()
-    from pipelines.reproduce import _dvc
-
-    proc = _dvc(str(root), "repro", "--single-item", *(["--force"] if force else []), stage)
+    code, output = remote.dvc_here("repro", "--single-item", *(["--force"] if force else []), stage)
     wall = time.perf_counter() - t0
-    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
+    logger.info("%s", output[-8000:])
     where = {"host": host, "device": device, "started": started, "wall_s": round(wall, 3)}
-    _log_stage(root, stage, proc.returncode == 0, where, tracking_uri, parent_run_id)
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed on {host}:\n" + _error_lines(proc.stderr + proc.stdout))
-    remote.push(root, (stage,))
-    entry = load_yaml(root / "dvc.lock")["stages"][stage]
-    result = {"stage": stage, "lock": entry, **where}
+    _log_stage(root, stage, code == 0, where, tracking_uri, parent_run_id)
+    if code != 0:
+        raise RuntimeError(f"stage {stage} failed on {host}:\n" + _error_lines(output))
+    remote.push_here((stage,))
+    result = {"stage": stage, "lock": lock_entries((root / "dvc.lock").read_text())[stage], **where}
     create_markdown_artifact(key=_slug(stage), description=f"dvc.lock entry of {stage}",
                              markdown=f"```yaml\n{yaml.safe_dump(result, sort_keys=False)}```\n")
     return result
@@ -195,6 +196,12 @@ def stage_reads(root: Path) -> dict[str, list[str]]:
     is or lies inside another stage's output, and each output that lies inside a dep (the report's
     ``reports/metrics`` gathers many stages' files). A worker pulls these, not its upstream
     stages' every output: the report needs their metrics, not their model weights."""
+    return {stage: sorted(paths) for stage, paths in stage_inputs(root).items()}
+
+
+def stage_inputs(root: Path) -> dict[str, dict[str, str]]:
+    """Per stage, what :func:`stage_reads` lists, each path with the stage that writes it (whose
+    dvc.lock entry a worker needs to pull it)."""
     from pathlib import PurePosixPath
 
     from dvc.repo import Repo
@@ -206,18 +213,19 @@ def stage_reads(root: Path) -> dict[str, list[str]]:
     for out in writer:
         for folder in out.parents:
             below.setdefault(folder, []).append(out)
-    reads: dict[str, list[str]] = {}
+    inputs: dict[str, dict[str, str]] = {}
     for stage in stages:
-        paths: set[PurePosixPath] = set()
+        paths: dict[str, str] = {}
         for dep in stage.deps:
             if dep.__class__.__name__ == "ParamsDependency":
                 continue
             path = PurePosixPath(dep.def_path)
-            if any(writer.get(p, stage.name) != stage.name for p in (path, *path.parents)):
-                paths.add(path)  # the dep is (inside) another stage's output
-            paths.update(o for o in below.get(path, ()) if writer[o] != stage.name)  # reports/metrics/...
-        reads[stage.name] = sorted(map(str, paths))
-    return reads
+            owner = next((writer[p] for p in (path, *path.parents) if p in writer), stage.name)
+            if owner != stage.name:
+                paths[str(path)] = owner  # the dep is (inside) another stage's output
+            paths.update((str(o), writer[o]) for o in below.get(path, ()) if writer[o] != stage.name)  # reports/metrics/...
+        inputs[stage.name] = paths
+    return inputs
 
 
 def dvc_remote_config(root: Path, name: str | None = None) -> dict:
@@ -291,23 +299,61 @@ def _read_entry(client, run_id) -> dict:
     raise DispatchError(f"flow run {run_id} completed without its dvc.lock artifact")
 
 
-def _merge_lock(root: Path, stage: str, entry: dict) -> None:
-    """Write ``stage``'s entry into the workspace's dvc.lock (DVC's own YAML writer), replacing the
-    file in one step."""
-    from dvc.utils.serialize import modify_yaml
+# --- dvc.lock as text -------------------------------------------------------------------------------
+# DVC rewrites dvc.lock with ruamel's round-trip YAML: ~1.3 s of a core for the default pipeline's
+# 210 KB lock, paid by every `dvc repro` and by each merge of a finished stage. So the driver never
+# round-trips it: a worker's checkout gets a lock holding only the entries it needs (its own and
+# those of the stages whose outputs it pulls), hands back its entry as the text DVC wrote, and the
+# driver splices that text into its lock, which stays byte-for-byte what DVC itself would write.
 
+LOCK_HEADER = "schema: '2.0'\nstages:\n"
+
+
+def lock_entries(text: str) -> dict[str, str]:
+    """The stage entries of a dvc.lock, in file order, each as its exact text (``  name:`` and
+    the lines below it)."""
+    if not text.strip():
+        return {}
+    lines = text.splitlines(keepends=True)
+    try:
+        start = lines.index("stages:\n") + 1
+    except ValueError:
+        if yaml.safe_load(text).get("stages") in (None, {}):
+            return {}  # "stages: {}"
+        raise DispatchError(f"dvc.lock is not in DVC's layout (no 'stages:' line): {text[:200]!r}") from None
+    entries: dict[str, str] = {}
+    name = None
+    for line in lines[start:]:
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            name = str(yaml.safe_load(line.strip()[:-1]))
+            entries[name] = line
+        elif name is None or not (line.startswith("    ") or not line.strip()):
+            raise DispatchError(f"dvc.lock is not in DVC's layout at {line!r}")
+        else:
+            entries[name] += line
+    return entries
+
+
+def lock_text(entries: dict[str, str]) -> str:
+    """A dvc.lock of these entries (as :func:`lock_entries` gives them); empty: no lock."""
+    return LOCK_HEADER + "".join(entries.values()) if entries else ""
+
+
+def _merge_lock(root: Path, stage: str, entry: str) -> None:
+    """Put ``stage``'s entry (its text) into the workspace's dvc.lock in place of the old one, or
+    after the others (where DVC puts a new stage), replacing the file in one step."""
     from beyondlm.io import atomic_path
 
     lock = root / "dvc.lock"
+    entries = lock_entries(lock.read_text() if lock.exists() else "")
+    entries[stage] = entry
     with atomic_path(lock) as tmp:  # whole: a `dvc pull` of a finished stage may be reading it meanwhile
-        tmp.write_text(lock.read_text() if lock.exists() else "schema: '2.0'\nstages: {}\n")
-        with modify_yaml(str(tmp)) as data:
-            data.setdefault("stages", {})[stage] = entry
+        tmp.write_text(lock_text(entries))
 
 
 @flow(name="reproduce-dispatched", log_prints=True)
 def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = False, retries: int = 2,
-             tracking_uri: str | None = None, poll_s: float = 2.0, stale: list[str] | None = None) -> list[str]:
+             tracking_uri: str | None = None, poll_s: float = 1.0, stale: list[str] | None = None) -> list[str]:
     """Run the stale stages (of all, or of ``targets`` and their upstream) and those downstream on
     Prefect workers; the names of the stages that ran, in the order they finished. ``stale``: what
     ``dvc status`` said a moment ago (asked again when not given)."""
@@ -343,7 +389,7 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
     with get_client(sync_client=True) as client:
         _check_workers(client, {pools[s.name] for s in todo}, api_url)
         upstream = {s.name: list(s.upstream) for s in stages}  # all of it; todo's keeps only todo
-        reads = stage_reads(root_path)
+        inputs = stage_inputs(root_path)
         upstream_done = sorted({u for t in todo for u in upstream[t.name]} - {t.name for t in todo})
         if upstream_done:  # up to date here: their outputs must be on the remote for the workers
             logger.info("pushing the outputs of %s", ", ".join(upstream_done))
@@ -369,11 +415,14 @@ def dispatch(targets: list[str] | None = None, root: str = ".", force: bool = Fa
                         tags=_worker_tags(ran[name]))
 
         def submit(info, tries: int) -> None:
+            lock = root_path / "dvc.lock"
+            entries = lock_entries(lock.read_text() if lock.exists() else "")
+            needed = {info.name, *inputs[info.name].values()}  # its own entry, and those it pulls by
             run = run_deployment(
                 f"{FLOW}/{pools[info.name]}", timeout=0, as_subflow=True,
-                parameters={"stage": info.name, "commit": commit, "lock": (root_path / "dvc.lock").read_text()
-                            if (root_path / "dvc.lock").exists() else "", "dvc_remote": dvc_remote,
-                            "reads": reads[info.name], "force": force,
+                parameters={"stage": info.name, "commit": commit,
+                            "lock": lock_text({k: v for k, v in entries.items() if k in needed}),
+                            "dvc_remote": dvc_remote, "reads": sorted(inputs[info.name]), "force": force,
                             "tracking_uri": tracker.uri if workers_log else None,
                             "parent_run_id": tracker.parent_run_id if workers_log else None})
             running[info.name] = _Submitted(run.id, tries)
@@ -493,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("targets", nargs="*")
     r.add_argument("--force", action="store_true")
     r.add_argument("--retries", type=int, default=2, help="resubmissions of a crashed stage (default 2)")
-    r.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the flow runs (default 2)")
+    r.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the flow runs (default 1)")
     args = p.parse_args(argv)
     from beyondlm.dvcgraph import pipeline_stages
     from pipelines.reproduce import _status

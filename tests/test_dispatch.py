@@ -87,7 +87,7 @@ def _lock_outs(root: Path) -> dict[str, str]:
 def test_a_worker_pulls_what_its_stage_reads_not_every_upstream_output(tmp_path):
     """train reads the prepared data; the report one metrics file of train's (not its model or
     checkpoints); a stage reading a folder gets the other stages' outputs inside it."""
-    from pipelines.dispatch import stage_reads
+    from pipelines.dispatch import stage_inputs, stage_reads
 
     summary = "  summary:\n    cmd: python step.py summary\n    deps: [reports/metrics]\n    outs: [reports/summary.md]\n"
     (tmp_path / "dvc.yaml").write_text(DVC_YAML + summary)
@@ -96,6 +96,39 @@ def test_a_worker_pulls_what_its_stage_reads_not_every_upstream_output(tmp_path)
     assert stage_reads(tmp_path) == {
         "prepare": [], "train": ["data/prepared"], "report": ["reports/metrics/sft.json"],
         "summary": ["reports/metrics/prepare.json", "reports/metrics/sft.json"]}
+    assert stage_inputs(tmp_path)["summary"] == {"reports/metrics/prepare.json": "prepare",
+                                                 "reports/metrics/sft.json": "train"}
+
+
+def test_lock_entries_splice_as_dvc_writes_them(tmp_path):
+    """A worker's dvc.lock entry, as DVC wrote it, spliced into the driver's lock (in place, or
+    after the others for a new stage) gives the file DVC itself writes for the merged data."""
+    from dvc.utils.serialize import dump_yaml, parse_yaml
+
+    from pipelines.dispatch import DispatchError, lock_entries, lock_text
+
+    def dvc_writes(data: dict) -> str:
+        dump_yaml(tmp_path / "lock.yaml", data)
+        return (tmp_path / "lock.yaml").read_text()
+
+    long_cmd = "python -m stages.sft " + " ".join(f"--flag{i} value{i}" for i in range(12))  # DVC folds it
+    stage = lambda md5: {"cmd": long_cmd, "deps": [{"path": "data", "md5": md5, "size": 3}],  # noqa: E731
+                         "params": {"params.yaml": {"a": None, "b": [1, 2]}}, "outs": [{"path": "out", "md5": md5}]}
+    driver = {"schema": "2.0", "stages": {"prepare": stage("a" * 32), "sft@mle-0": stage("b" * 32)}}
+    text = dvc_writes(driver)
+    entries = lock_entries(text)
+    assert list(entries) == ["prepare", "sft@mle-0"] and lock_text(entries) == text
+    assert lock_text({"sft@mle-0": entries["sft@mle-0"]}) == dvc_writes(
+        {"schema": "2.0", "stages": {"sft@mle-0": driver["stages"]["sft@mle-0"]}})  # a worker's checkout
+    for name, md5 in (("prepare", "c" * 32), ("report", "d" * 32)):  # a rerun, then a new stage
+        worker = lock_entries(dvc_writes({"schema": "2.0", "stages": {name: stage(md5)}}))[name]
+        entries[name] = worker
+        driver["stages"][name] = stage(md5)
+        assert lock_text(entries) == dvc_writes(driver)
+    assert parse_yaml(lock_text(entries), "dvc.lock") == driver
+    assert lock_entries("") == {} and lock_entries("schema: '2.0'\nstages: {}\n") == {} and lock_text({}) == ""
+    with pytest.raises(DispatchError, match="DVC's layout"):
+        lock_entries("schema: '2.0'\nstages:\n  a:\n    cmd: x\nmore: 1\n")
 
 
 BUCKET = "beyondlm-dispatch"

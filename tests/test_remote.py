@@ -209,6 +209,48 @@ def test_unreachable_s3_fails_fast_with_a_clear_error(tmp_path):
     assert not (root / "f.txt").exists()
 
 
+def test_dvc_in_this_process_captures_its_output_and_a_stage_error(tmp_path, monkeypatch, capfd):
+    """``dvc_here`` (a dispatched stage's pull, repro and push without a new interpreter each):
+    the exit code, DVC's words and the stage command's own stderr come back as text, nothing
+    reaches this process's stdout/stderr, and both streams work as before afterwards; a push to a
+    remote that does not answer is a RemoteError in seconds, as from a subprocess."""
+    env = _env(tmp_path / "runs.log")
+    root = tmp_path / "p"
+    root.mkdir()
+    sh("git", "init", "-q", cwd=root, env=env)
+    dvc("init", "-q", cwd=root, env=env)
+    (root / "dvc.yaml").write_text("stages:\n  ok:\n    cmd: echo made > out.txt\n    outs: [out.txt]\n"
+                                   "  bad:\n    cmd: python -c \"raise SystemExit('bad.n must be positive')\"\n")
+    monkeypatch.chdir(root)
+    import logging
+
+    seen: list[logging.LogRecord] = []
+    host = logging.Handler()  # the host process's own logging (a Prefect flow run's console)
+    host.emit = seen.append
+    logging.getLogger().addHandler(host)
+    capfd.readouterr()
+    try:
+        code, output = remote.dvc_here("repro", "--single-item", "ok")
+        assert code == 0 and "Running stage 'ok'" in output and (root / "out.txt").read_text() == "made\n"
+        code, output = remote.dvc_here("repro", "--single-item", "bad")
+    finally:
+        logging.getLogger().removeHandler(host)
+    assert code != 0 and "bad.n must be positive" in output and "failed to reproduce 'bad'" in output
+    assert "Traceback" not in output and not [r for r in seen if r.name.startswith("dvc")]
+    print("after")
+    assert capfd.readouterr().out == "after\n"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (root / ".dvc" / "config.local").write_text(
+        f"[core]\n    remote = s3\n['remote \"s3\"']\n    url = s3://{BUCKET}/dvc\n"
+        f"    endpointurl = http://127.0.0.1:{port}\n    access_key_id = testing\n    secret_access_key = testing\n")
+    start = time.monotonic()
+    with pytest.raises(remote.RemoteError, match=r"dvc push failed .*\n(.*\n)*.*Could not connect"):
+        remote.push_here(("ok",))
+    assert time.monotonic() - start < 20 and "AWS_MAX_ATTEMPTS" not in os.environ
+
+
 def test_every_output_is_cached_and_a_default_remote_is_committed():
     """A `cache: false` output would be missing from a fresh clone after `dvc pull`."""
     from dvc.repo import Repo
