@@ -69,15 +69,21 @@ def _captured_output() -> Iterator[list[str]]:
     such as a stage's command), to ``sys.stdout``/``sys.stderr`` and through DVC's log handlers,
     which keep the streams they found at import (pytest's, say). DVC's loggers stop passing their
     records on to the root logger meanwhile (the host's, e.g. Prefect's, would print each error a
-    second time, traceback and all): the text reads as DVC's command line prints it. The yielded
-    list holds it once the block ends."""
+    second time, traceback and all) and are enabled if the host's logging set-up disabled them
+    (``dictConfig`` disables the loggers that exist unless told not to): the text reads as DVC's
+    command line prints it. The yielded list holds it once the block ends."""
     import logging
 
     text: list[str] = []
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = os.dup(1), os.dup(2)
-    loggers = [logging.getLogger(name) for name in ("dvc", "dvc_objects", "dvc_data")]
+    roots = ("dvc", "dvc_objects", "dvc_data")
+    loggers = [logging.getLogger(name) for name in roots]
+    silenced = [lg for name, lg in list(logging.root.manager.loggerDict.items())
+                if isinstance(lg, logging.Logger) and lg.disabled and name.split(".")[0] in roots]
+    for lg in silenced:
+        lg.disabled = False
     with tempfile.TemporaryFile() as tmp, open(tmp.fileno(), "w", closefd=False, buffering=1) as here:
         handlers = {h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)}
         streams = {h: h.setStream(here) for h in handlers}
@@ -95,6 +101,8 @@ def _captured_output() -> Iterator[list[str]]:
                 handler.setStream(stream)
             for lg, flag in zip(loggers, propagate):
                 lg.propagate = flag
+            for lg in silenced:
+                lg.disabled = True
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])

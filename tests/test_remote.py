@@ -224,10 +224,17 @@ def test_dvc_in_this_process_captures_its_output_and_a_stage_error(tmp_path, mon
     monkeypatch.chdir(root)
     import logging
 
+    import importlib
+    import logging.config
+
+    importlib.import_module("dvc.stage.run")  # its logger exists before the host configures logging (a long session)
+
     seen: list[logging.LogRecord] = []
     host = logging.Handler()  # the host process's own logging (a Prefect flow run's console)
     host.emit = seen.append
     logging.getLogger().addHandler(host)
+    before = {n: lg.disabled for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    logging.config.dictConfig({"version": 1, "incremental": False})  # disable_existing_loggers: the default
     capfd.readouterr()
     try:
         code, output = remote.dvc_here("repro", "--single-item", "ok")
@@ -235,6 +242,9 @@ def test_dvc_in_this_process_captures_its_output_and_a_stage_error(tmp_path, mon
         code, output = remote.dvc_here("repro", "--single-item", "bad")
     finally:
         logging.getLogger().removeHandler(host)
+        assert logging.getLogger("dvc.stage.run").disabled  # the host's set-up, left as it was
+        for name, disabled in before.items():
+            logging.getLogger(name).disabled = disabled
     assert code != 0 and "bad.n must be positive" in output and "failed to reproduce 'bad'" in output
     assert "Traceback" not in output and not [r for r in seen if r.name.startswith("dvc")]
     print("after")
