@@ -69,9 +69,10 @@ def _captured_output() -> Iterator[list[str]]:
     such as a stage's command), to ``sys.stdout``/``sys.stderr`` and through DVC's log handlers,
     which keep the streams they found at import (pytest's, say). DVC's loggers stop passing their
     records on to the root logger meanwhile (the host's, e.g. Prefect's, would print each error a
-    second time, traceback and all) and are enabled if the host's logging set-up disabled them
-    (``dictConfig`` disables the loggers that exist unless told not to): the text reads as DVC's
-    command line prints it. The yielded list holds it once the block ends."""
+    second time, traceback and all) and log at DVC's own levels even if the host changed them
+    (``dictConfig`` disables the loggers that exist unless told not to; a library may quieten
+    ``dvc`` to warnings): the text reads as DVC's command line prints it. The yielded list holds it
+    once the block ends."""
     import logging
 
     text: list[str] = []
@@ -80,10 +81,11 @@ def _captured_output() -> Iterator[list[str]]:
     saved = os.dup(1), os.dup(2)
     roots = ("dvc", "dvc_objects", "dvc_data")
     loggers = [logging.getLogger(name) for name in roots]
-    silenced = [lg for name, lg in list(logging.root.manager.loggerDict.items())
-                if isinstance(lg, logging.Logger) and lg.disabled and name.split(".")[0] in roots]
-    for lg in silenced:
+    family = {lg: (lg.disabled, lg.level) for name, lg in list(logging.root.manager.loggerDict.items())
+              if isinstance(lg, logging.Logger) and name.split(".")[0] in roots}
+    for lg in family:  # as `dvc.logger.setup` leaves them (DVC's -q/-v still apply inside the call)
         lg.disabled = False
+        lg.setLevel(logging.INFO if lg.name in roots else logging.NOTSET)
     with tempfile.TemporaryFile() as tmp, open(tmp.fileno(), "w", closefd=False, buffering=1) as here:
         handlers = {h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)}
         streams = {h: h.setStream(here) for h in handlers}
@@ -101,8 +103,9 @@ def _captured_output() -> Iterator[list[str]]:
                 handler.setStream(stream)
             for lg, flag in zip(loggers, propagate):
                 lg.propagate = flag
-            for lg in silenced:
-                lg.disabled = True
+            for lg, (disabled, level) in family.items():
+                lg.disabled = disabled
+                lg.setLevel(level)
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])

@@ -222,9 +222,8 @@ def test_dvc_in_this_process_captures_its_output_and_a_stage_error(tmp_path, mon
     (root / "dvc.yaml").write_text("stages:\n  ok:\n    cmd: echo made > out.txt\n    outs: [out.txt]\n"
                                    "  bad:\n    cmd: python -c \"raise SystemExit('bad.n must be positive')\"\n")
     monkeypatch.chdir(root)
-    import logging
-
     import importlib
+    import logging
     import logging.config
 
     importlib.import_module("dvc.stage.run")  # its logger exists before the host configures logging (a long session)
@@ -233,8 +232,9 @@ def test_dvc_in_this_process_captures_its_output_and_a_stage_error(tmp_path, mon
     host = logging.Handler()  # the host process's own logging (a Prefect flow run's console)
     host.emit = seen.append
     logging.getLogger().addHandler(host)
-    before = {n: lg.disabled for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    before = {n: (lg.disabled, lg.level) for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
     logging.config.dictConfig({"version": 1, "incremental": False})  # disable_existing_loggers: the default
+    logging.getLogger("dvc").setLevel(logging.WARNING)  # as a library quietening DVC would (seen in the suite)
     capfd.readouterr()
     try:
         code, output = remote.dvc_here("repro", "--single-item", "ok")
@@ -242,9 +242,10 @@ def test_dvc_in_this_process_captures_its_output_and_a_stage_error(tmp_path, mon
         code, output = remote.dvc_here("repro", "--single-item", "bad")
     finally:
         logging.getLogger().removeHandler(host)
-        assert logging.getLogger("dvc.stage.run").disabled  # the host's set-up, left as it was
-        for name, disabled in before.items():
+        assert logging.getLogger("dvc.stage.run").disabled and logging.getLogger("dvc").level == logging.WARNING
+        for name, (disabled, level) in before.items():
             logging.getLogger(name).disabled = disabled
+            logging.getLogger(name).setLevel(level)
     assert code != 0 and "bad.n must be positive" in output and "failed to reproduce 'bad'" in output
     assert "Traceback" not in output and not [r for r in seen if r.name.startswith("dvc")]
     print("after")
