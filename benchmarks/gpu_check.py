@@ -7,7 +7,7 @@ smoke through the real stages on whatever device accelerate picks (CUDA on the G
 ``smoke`` builds a throw-away project (params.yaml and dvc.yaml of this repo, smaller data and
 step budgets) in a temp dir and runs ``python -m stages.prepare`` once and ``python -m stages.sft``
 per (variant, precision), each in its own process (accelerate keeps one precision per process).
-It also checks ``pipelines.dispatch._device()`` with and without a visible GPU. (GRF's scoring and
+It also checks ``beyondlm.tracking.worker_device()`` with and without a visible GPU. (GRF's scoring and
 sampling on the model's device: tests/test_grf.py, which gpu_check.sh runs on CUDA.)
 """
 
@@ -179,27 +179,13 @@ def sft_run(work: Path, variant: str, precision: str, *, steps: int, n_train: in
 
 # ----------------------------------------------------------------------------- device checks
 def dispatch_device(cuda_visible: str) -> dict:
-    """``pipelines.dispatch._device()`` in a fresh process with ``CUDA_VISIBLE_DEVICES``. The module
-    imports prefect at the top; without prefect the function is executed from its source alone."""
-    code = f"""
-import ast, os, shutil, sys
-try:
-    from pipelines.dispatch import _device
-    how = "imported"
-except ImportError as err:
-    src = open({str(ROOT / 'pipelines' / 'dispatch.py')!r}).read()
-    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "_device")
-    ns = {{"os": os, "shutil": shutil}}
-    exec(compile(ast.Module([fn], []), "pipelines/dispatch.py", "exec"), ns)
-    _device, how = ns["_device"], f"from source ({{type(err).__name__}}: {{err}})"
-print(repr(_device())); print(how)
-"""
-    proc = subprocess.run([sys.executable, "-c", code], env=_child_env(CUDA_VISIBLE_DEVICES=cuda_visible),
-                          capture_output=True, text=True, timeout=120)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or len(lines) < 2:
+    """``beyondlm.tracking.worker_device()`` (a dispatched stage's ``worker/device`` tag) in a
+    fresh process with ``CUDA_VISIBLE_DEVICES``."""
+    proc = subprocess.run([sys.executable, "-c", "from beyondlm.tracking import worker_device; print(repr(worker_device()))"],
+                          env=_child_env(CUDA_VISIBLE_DEVICES=cuda_visible), capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
         return {"CUDA_VISIBLE_DEVICES": cuda_visible, "error": (proc.stdout + proc.stderr)[-1500:]}
-    return {"CUDA_VISIBLE_DEVICES": cuda_visible, "device": ast.literal_eval(lines[0]), "how": lines[1]}
+    return {"CUDA_VISIBLE_DEVICES": cuda_visible, "device": ast.literal_eval(proc.stdout.strip().splitlines()[-1])}
 
 
 def cmd_smoke(args) -> int:
@@ -260,8 +246,8 @@ def summary(report: dict) -> str:
                      f"{r['heldout_nll_per_token']:.4f}, went down: {r['loss_went_down']}, curves: {r['live_curves_written']}")
     if "mle_bf16_vs_fp32" in report:
         lines.append(f"  mle bf16 vs fp32: {report['mle_bf16_vs_fp32']}")
-    lines += [f"  dispatch._device() with CUDA_VISIBLE_DEVICES={d['CUDA_VISIBLE_DEVICES']!r}: "
-              f"{d.get('device', d.get('error'))!r} ({d.get('how', '')})" for d in report["dispatch_device"]]
+    lines += [f"  worker_device() with CUDA_VISIBLE_DEVICES={d['CUDA_VISIBLE_DEVICES']!r}: "
+              f"{d.get('device', d.get('error'))!r}" for d in report["dispatch_device"]]
     lines.append(f"SMOKE {'OK' if report['ok'] else 'FAILED'}")
     return "\n".join(lines)
 

@@ -64,6 +64,23 @@ ARTIFACT_ROOT_ENV = "MLFLOW_ARTIFACT_ROOT"
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed charset for metric/param/tag keys
 
 
+def worker_device() -> str:
+    """Where this process's stages train, for a dispatched stage's ``worker/device`` tag: the first
+    visible GPU with its name, else ``cpu`` (torch is imported only on a machine with an NVIDIA
+    driver). Here, not in pipelines/dispatch.py, so that it imports without Prefect."""
+    import shutil
+
+    if shutil.which("nvidia-smi") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+        except Exception:  # noqa: BLE001 - a broken CUDA set-up still reports where it ran
+            pass
+    return "cpu"
+
+
 def tracking_uri(root: Path | None = None) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else an absolute ``sqlite:///<root>/mlflow.db``."""
     if os.environ.get("MLFLOW_TRACKING_URI"):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 
 from beyondlm import remote  # noqa: E402
 from beyondlm.config import ConfigError  # noqa: E402
+from beyondlm.tracking import worker_device  # noqa: E402
 
 FLOW = "dvc-stage"
 POOLS = ("cpu", "gpu")
@@ -78,20 +78,6 @@ def _slug(stage: str) -> str:
 
 
 # --- the worker side ------------------------------------------------------------------------------
-
-def _device() -> str:
-    """Where this worker's stages train: the first visible GPU, else ``cpu`` (torch is imported
-    only on a machine with an NVIDIA driver)."""
-    if shutil.which("nvidia-smi") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
-        except Exception:  # noqa: BLE001 - a broken CUDA set-up still reports where it ran
-            pass
-    return "cpu"
-
 
 def _checkout(root: Path, commit: str) -> None:
     """The commit being reproduced in the pull step's clone (a shallow one may lack it)."""
@@ -135,9 +121,11 @@ def dvc_stage(stage: str, commit: str, lock: str, dvc_remote: dict, reads: list[
     if reads:
         logger.info("pulling %s", ", ".join(reads))
         remote.pull_here(tuple(reads))
-    host, device = socket.gethostname(), _device()
+    host, device = socket.gethostname(), worker_device()
     logger.info("running %s on %s (%s) at %s", stage, host, device, commit[:10])
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # `python` = this one
+    from pipelines.reproduce import _stage_env
+
+    os.environ["PATH"] = _stage_env()["PATH"]  # the stage's `python` is this interpreter
     started, t0 = time.time(), time.perf_counter()
     code, output = remote.dvc_here("repro", "--single-item", *(["--force"] if force else []), stage)
     wall = time.perf_counter() - t0
